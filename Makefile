@@ -1,0 +1,53 @@
+# fastmveb: every target sets itself up (make setup is idempotent: seconds when nothing changed).
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.fastmveb-installed
+# make beton: no DATA -> embedded synthetic dataset; DATA=/path/to/imagefolder OUT=dir -> train/val betons.
+DATA      ?=
+OUT       ?= $(if $(DATA),data/imagefolder,data/synthetic)
+FORCE     ?= 0
+BETON_ARGS ?=
+# make bench: BENCH=all|loader|views|entropy|step|train ; BENCH_ARGS e.g. --short
+BENCH     ?= all
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup beton demo test test-all bench wheelhouse clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/system_deps.sh Makefile
+	@bash scripts/system_deps.sh
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	@# torch first, as an exact registry pair: ffcv's deps would otherwise pull the newest build,
+	@# and the machine-local CPU-only torch wheel does not match registry torchvision (NOTES.md).
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	@$(BIN)/python -c "import torch, torchvision, ffcv, kornia, accelerate; print('fastmveb env ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'ffcv', ffcv.__version__, 'kornia', kornia.__version__)"
+	@touch $(STAMP)
+
+beton: setup
+	$(BIN)/python -m dataset_prep $(if $(DATA),imagefolder --data $(DATA),synthetic) --out $(OUT) $(if $(filter 1,$(FORCE)),--force,) $(BETON_ARGS)
+
+data/synthetic/train.beton: | setup
+	$(BIN)/python -m dataset_prep synthetic --out data/synthetic
+
+demo: setup data/synthetic/train.beton
+	$(BIN)/python fastmveb/train.py --rc rcs/tiny.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup data/synthetic/train.beton
+	$(BIN)/python -m fastmveb.bench $(BENCH) $(BENCH_ARGS)
+
+wheelhouse: setup
+	bash scripts/wheelhouse.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,289 @@
+"""Typed run configuration: a dataclass tree, YAML run configs (``rcs/*.yaml``) and CLI overrides.
+
+    cfg = load_config("rcs/tiny.yaml", ["optim.epochs=2", "data.batch_size=64"])
+
+Every key is checked: an unknown key or a value of the wrong type raises ``ConfigError`` naming the key
+and where it came from (the rc file or the command line). ``dump_config`` writes the resolved tree as YAML
+that ``load_config`` reads back to an equal object; the run directory and every checkpoint keep it.
+Defaults are the released MVEB recipe (../shared/MVEB.md) unless a comment says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message is one line that names the key, the source and the fix."""
+
+
+@dataclass
+class DataConfig:
+    train_beton: str = "data/synthetic/train.beton"
+    val_beton: str = "data/synthetic/val.beton"
+    batch_size: int = 128            # per process; global batch = batch_size x processes (released: 128 x 32)
+    num_workers: int = 8             # FFCV threads (also torch's CPU thread count); capped at the core count
+    decode: str = "once"             # "once": decode one square per image, GPU cuts every view; "per_view": FFCV RRC per view
+    decode_size: int = 256           # side of the single decoded square ("once" mode)
+    order: str = "random"            # "random" | "quasi_random" (single process only, see NOTES.md)
+    os_cache: bool = True            # memory-map the whole beton (fits in RAM) vs. process-level page reads
+    drop_last: bool = True
+    eval_size: int = 224             # eval centre crop side
+    eval_crop_ratio: float = 0.875   # centre crop = eval_size / (eval_size / ratio) resize (224 of 256)
+    eval_batch_size: int = 256
+
+
+@dataclass
+class ViewsConfig:
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    n_local: int = 6                 # 0 for a two-view recipe
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)       # global 1, global 2, local
+    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)   # global 1, global 2, local
+    solarize_threshold: float = 0.5
+    antialias: bool = True           # low-pass before downsampling crops (PIL's resize does)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    dtype: str = "float32"           # "float32" | "bfloat16" output
+    channels_last: bool = True
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"           # torchvision ResNets (resnet18/34/50/101/152, wide_resnet50_2, ...) + "resnet10"
+    zero_init_residual: bool = True
+    proj_hidden: int = 2048
+    proj_out: int = 2048
+    proj_layers: int = 3
+    ema_momentum: float = 0.996      # base momentum; cosine schedule to 1.0 over training
+    sync_bn: bool = True             # SyncBatchNorm when more than one process
+    channels_last: bool = True
+
+
+@dataclass
+class LossConfig:
+    lam: float = 0.01                # lambda: weight of the entropy term
+    eta: float = 0.01                # Stein estimator ridge
+    min_tau: float = 0.1             # bandwidth floor
+    group: str = "128"               # entropy group: an int size (released: 128 per GPU) | "local" | "global"
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.3             # peak lr = base_lr * global_batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coef: float = 0.001        # LARS eta
+    epochs: int = 800
+    warmup_epochs: int = 10
+    warmup_start_ratio: float = 1e-3  # warm-up starts at ratio * peak
+    final_lr_ratio: float = 1e-3     # cosine ends at ratio * peak
+    max_bad_steps: int = 20          # stop after this many consecutive non-finite steps
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs"
+    name: str = ""                   # run directory name; empty = rc file stem
+    seed: int = 0
+    mixed_precision: str = "bf16"    # "bf16" | "fp16" | "no" (on CPU bf16 autocast is slow: rcs/tiny uses "no")
+    compile: str = "auto"            # "auto" (on for CUDA) | "true" | "false"
+    compile_backend: str = "inductor"
+    deterministic: bool = False      # torch.use_deterministic_algorithms (exact resume tests)
+    max_steps: int = 0               # stop after this many steps in total (0 = run all epochs)
+    log_every: int = 20              # steps between metric reads (the only host syncs)
+    ckpt_every_steps: int = 0        # 0 = only per epoch / at the end
+    ckpt_every_epochs: int = 1
+    keep_last: int = 3
+    resume: bool = True              # continue from the newest checkpoint in the run directory
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_every_epochs: int = 0        # online kNN monitor during training (0 = off)
+    knn_max_val: int = 10000         # val subset for the online monitor
+    knn_at_end: bool = True          # kNN of trained and random-init encoders after training
+    online_linear: bool = False      # online linear probe on detached features
+    linear_epochs: int = 90
+    linear_base_lr: float = 0.1
+    linear_batch_size: int = 256
+    linear_mode: str = "fast"        # "fast": cached features | "full": augmented protocol
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _coerce(value, tp, key: str, source: str):
+    """Check / convert one value against a field type; YAML lists become tuples."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: '{key}' has type {tp}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"{source}: '{key}' has an unsupported type {tp}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj, tree: dict, source: str, prefix: str = ""):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {tree!r}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"{source}: unknown key '{key}' (valid: {', '.join(names)})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v, source, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key, source))
+
+
+def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists ("0.1", "[1, 2]", "true")."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override '{item}' must look like section.key=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: cannot parse the value of '{path}': {e}".splitlines()[0]) from None
+        tree: dict = {}
+        node = tree
+        parts = path.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        _apply(cfg, tree, source)
+    return cfg
+
+
+def load_config(rc: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- rc YAML file <- overrides. Raises ConfigError with a one-line message."""
+    cfg = Config()
+    if rc is not None:
+        rc = Path(rc)
+        if not rc.is_file():
+            raise ConfigError(f"run config '{rc}' not found (see rcs/ for the provided ones)")
+        try:
+            tree = yaml.safe_load(rc.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{rc}: not valid YAML: {str(e).splitlines()[0]}") from None
+        _apply(cfg, tree, str(rc))
+        if not cfg.train.name:
+            cfg.train.name = rc.stem
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if cfg.loss.group not in ("local", "global"):
+        try:
+            if int(cfg.loss.group) < 2:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"loss.group must be an integer >= 2, 'local' or 'global', got {cfg.loss.group!r}") from None
+    choices = {
+        "data.decode": (cfg.data.decode, ("once", "per_view")),
+        "data.order": (cfg.data.order, ("random", "quasi_random")),
+        "views.dtype": (cfg.views.dtype, ("float32", "bfloat16")),
+        "train.mixed_precision": (cfg.train.mixed_precision, ("bf16", "fp16", "no")),
+        "train.compile": (cfg.train.compile, ("auto", "true", "false")),
+        "eval.linear_mode": (cfg.eval.linear_mode, ("fast", "full")),
+    }
+    for key, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {val!r}")
+    for key, val in (("data.batch_size", cfg.data.batch_size), ("data.num_workers", cfg.data.num_workers),
+                     ("optim.epochs", cfg.optim.epochs)):
+        if val < 1:
+            raise ConfigError(f"{key} must be >= 1, got {val}")
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+
+    def lists(x):
+        if isinstance(x, dict):
+            return {k: lists(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return [lists(v) for v in x]
+        return x
+    return lists(d)
+
+
+def from_dict(tree: dict, source: str = "<dict>") -> Config:
+    cfg = Config()
+    _apply(cfg, tree, source)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
+    """Resolved config as YAML text; written to ``path`` when given."""
+    buf = io.StringIO()
+    yaml.safe_dump(to_dict(cfg), buf, sort_keys=False)
+    text = buf.getvalue()
+    if path is not None:
+        Path(path).write_text(text)
+    return text

@@ -1,0 +1,1 @@
+"""Evaluation: kNN, linear probe (offline and online)."""
