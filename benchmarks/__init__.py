@@ -1,0 +1,1 @@
+"""Reference pipelines that fastmveb's own stages are measured against (not used by training)."""
