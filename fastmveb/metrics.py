@@ -1,0 +1,83 @@
+"""Run metrics: JSONL + TensorBoard on the main process, and the collapse monitors.
+
+The trainer reads device scalars only every ``train.log_every`` steps (one host sync per read); everything
+here runs at those points only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log E_{i != j} exp(-t ||z_i - z_j||^2) for L2-normalised z (Wang & Isola): -4 when spread, 0 when collapsed."""
+    z = z.detach().float()
+    n = z.shape[0]
+    sq = (2 - 2 * z @ z.T).clamp_min(0)            # ||zi - zj||^2 on the sphere
+    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq[off], dim=0) - math.log(n * (n - 1))
+
+
+@torch.no_grad()
+def effective_rank(z: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of the normalised singular values) of the centred embeddings (Roy & Vetterli, 2007).
+
+    1 for a collapse onto one direction, up to min(N, d) for a spread batch.
+    """
+    z = z.detach().float()
+    s = torch.linalg.svdvals(z - z.mean(0, keepdim=True))
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+def collapse_warning(erank: float, unif: float, batch: int, dim: int) -> str | None:
+    """A one-line warning when the embeddings look collapsed (thresholds chosen far from healthy runs)."""
+    if erank < max(2.0, 0.01 * min(batch, dim)):
+        return f"embeddings look collapsed: effective rank {erank:.2f} of at most {min(batch, dim)}"
+    if unif > -0.05:
+        return f"embeddings look collapsed: uniformity {unif:.3f} (0 = all equal, about -4 = spread)"
+    return None
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to run_dir/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines past the checkpoint so the file reads as one uninterrupted run."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, epoch: float, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "epoch": round(float(epoch), 4)}
+        row.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                    for k, v in values.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
