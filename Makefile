@@ -12,6 +12,7 @@ BETON_ARGS ?=
 BENCH     ?= all
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+PYVER     ?= 3.12
 
 .PHONY: setup beton demo test test-all bench wheelhouse clean
 
@@ -47,7 +48,8 @@ bench: setup data/synthetic/train.beton
 	$(BIN)/python -m fastmveb.bench $(BENCH) $(BENCH_ARGS)
 
 wheelhouse: setup
-	bash scripts/wheelhouse.sh
+	@# OUT is shared with `make beton`: only an OUT given on the command line/env is used here.
+	PYVER=$(PYVER) OUT=$(if $(filter command environment,$(origin OUT)),$(OUT),wheelhouse) bash scripts/wheelhouse.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
