@@ -1,0 +1,7 @@
+"""Offline dataset preparation: ImageFolder trees and the embedded synthetic dataset -> FFCV .beton files.
+
+    python -m dataset_prep synthetic --out data/synthetic
+    python -m dataset_prep imagefolder --data /path/to/imagenet --out data/in1k
+"""
+from .writer import PrepError, convert_imagefolder, write_beton  # noqa: F401
+from .synthetic import CLASSES, make_image, make_synthetic, write_jpeg_tree  # noqa: F401

@@ -1,0 +1,108 @@
+"""Command line: ``python -m dataset_prep {synthetic,imagefolder} --out DIR [...]`` (see --help of each).
+
+Fatal problems print one line ``error: ...`` and exit with status 2; nothing partial is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .writer import DEFAULT_MAX_SIDE, WRITE_MODES, PrepError
+
+
+def _common(p: argparse.ArgumentParser, max_side_default, max_side_help):
+    p.add_argument("--out", required=True, help="output folder for train.beton and val.beton")
+    p.add_argument("--max-side", type=int, default=max_side_default, help=max_side_help)
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="processes for checking and writing (default and maximum: the core count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images / the shuffled write order")
+    p.add_argument("--force", action="store_true", help="overwrite existing betons")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dataset_prep", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synthetic", help="the embedded synthetic dataset (seeded) -> OUT/{train,val}.beton",
+                       description="Generate the seeded synthetic texture-family dataset as JPEGs under OUT/jpeg "
+                                   "and write OUT/train.beton and OUT/val.beton from them.")
+    _common(s, 0, "longest side kept in the beton; 0 = as generated (images are already 200-500 px)")
+    s.add_argument("--classes", type=int, default=10, help="number of classes, 2..10 (default 10)")
+    s.add_argument("--train-per-class", type=int, default=300, help="train images per class (default 300)")
+    s.add_argument("--val-per-class", type=int, default=50, help="val images per class (default 50)")
+    s.add_argument("--no-keep-jpeg", action="store_true",
+                   help="delete OUT/jpeg after writing (the loader benchmark reads it; it is regenerated if missing)")
+
+    i = sub.add_parser("imagefolder", help="DATA/{train,val}/<class>/<image> -> OUT/{train,val}.beton",
+                       description="Write an ImageFolder tree (ImageNet layout) to FFCV betons. Train's sorted "
+                                   "class folders define the labels; val uses the same mapping. Unreadable images "
+                                   "and non-image files are skipped and listed in OUT/skipped-<split>.txt.")
+    _common(i, DEFAULT_MAX_SIDE,
+            f"longest side stored (default {DEFAULT_MAX_SIDE}; 0 = keep originals). Decode cost grows with the "
+            "pixel count while the views need little more than the 256-px decode square and 224-px crops: 384 "
+            "keeps ImageNet's short side near 288 px; use 448-512 for per-view decoding of small local crops, "
+            "256 when decoding is the bottleneck")
+    i.add_argument("--data", required=True, help="folder with train/ and val/ ImageFolder subfolders")
+    i.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
+                   help="jpg: JPEG (small, decoded at load); raw: uint8 pixels (no decode, ~10x larger); smart: "
+                        "JPEG only above --smart-threshold bytes; proportion: JPEG with --compress-probability")
+    i.add_argument("--compress-probability", type=float, default=0.5, help="JPEG share for --write-mode proportion")
+    i.add_argument("--smart-threshold", type=int, default=3 * 256 * 256,
+                   help="raw bytes above which --write-mode smart stores JPEG (default 3*256*256)")
+    i.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
+    i.add_argument("--splits", default="train,val", help="comma-separated splits to write (default train,val)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    max_side = args.max_side or None
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"   # also silences ffcv's own writer progress bar
+    try:
+        if args.cmd == "synthetic":
+            from .synthetic import make_synthetic
+            if args.train_per_class < 1 or args.val_per_class < 1:
+                raise PrepError("--train-per-class and --val-per-class must be >= 1")
+            try:
+                make_synthetic(args.out, classes=args.classes, train_per_class=args.train_per_class,
+                               val_per_class=args.val_per_class, seed=args.seed, quality=args.jpeg_quality,
+                               max_side=max_side, num_workers=args.num_workers, force=args.force,
+                               keep_jpeg=not args.no_keep_jpeg, progress=not args.quiet)
+            except ValueError as e:
+                raise PrepError(str(e)) from None
+        else:
+            from .writer import convert_imagefolder
+            splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+            if not splits or any(s not in ("train", "val") for s in splits):
+                raise PrepError(f"--splits must list train and/or val, got {args.splits!r}")
+            classes = None
+            if "train" not in splits:
+                from .writer import list_classes
+                from pathlib import Path
+                classes = list_classes(Path(args.data) / "train")   # val's labels still come from train
+            convert_imagefolder(args.data, args.out, splits=splits, max_side=max_side,
+                                jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                                compress_probability=args.compress_probability,
+                                smart_threshold=args.smart_threshold, shuffle=args.shuffle, seed=args.seed,
+                                num_workers=args.num_workers, force=args.force, progress=not args.quiet,
+                                classes=classes)
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no beton was left half-written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # numba's finalizers can print harmless KeyError tracebacks at interpreter exit (NOTES.md); skip them.
+    os._exit(code)

@@ -1,0 +1,287 @@
+"""ImageFolder tree -> FFCV .beton files (JPEG images + integer labels).
+
+    python -m dataset_prep imagefolder --data /path/to/imagenet --out data/in1k [--max-side 384] [--force]
+
+DATA holds train/ and val/ in the ImageNet layout (DATA/train/<class>/<image>). Train's sorted class folder
+names define the labels 0..K-1; val is written with the same mapping (a val class unknown to train is an error;
+val may lack some classes). The betons land in OUT/train.beton and OUT/val.beton.
+
+What can go wrong, and what happens:
+- a file without an image extension (README, .DS_Store, ...): skipped, counted and listed;
+- an image that PIL cannot decode completely (corrupt, truncated, not really an image): skipped and listed.
+  Every file is decoded once before writing (in parallel, at reduced JPEG scale where possible) because a
+  sample that fails inside FFCV's writer processes would abort, or in 1.0.2 even hang, the whole write;
+- missing DATA/train or DATA/val, a train class folder without images, no images at all, an existing beton
+  without --force: one-line error, exit status 2, nothing written;
+- the beton is written under a temporary name in OUT and renamed when complete, so a crash or Ctrl-C never
+  leaves a partial train.beton behind.
+Skipped files are printed (first 20) and written in full to OUT/skipped-<split>.txt.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+# Default --max-side: the longest side kept in the beton. 384 keeps the short side of a typical 4:3 ImageNet
+# photo at ~288 px, above the 256-px decode-once square and the 224-px global crops of 40% of the area (~210 px
+# of source), while decoding ~1.8x fewer pixels than 512. Raise it (448-512) for per-view decoding fidelity of
+# the small local crops; lower it (256) when JPEG decoding is the bottleneck.
+DEFAULT_MAX_SIDE = 384
+DEFAULT_SMART_THRESHOLD = 3 * 256 * 256   # bytes of raw RGB above which 'smart' stores JPEG (ffcv's default: never)
+MAX_LISTED = 20
+
+
+class PrepError(Exception):
+    """A fatal, user-facing problem; its message is the single line printed before exiting with status 2."""
+
+
+@dataclass
+class Split:
+    name: str
+    samples: list[tuple[str, int]] = field(default_factory=list)      # (path, label)
+    skipped: list[tuple[str, str]] = field(default_factory=list)      # (path, reason)
+    max_pixels: int = 0                                                # largest readable image (w * h)
+
+
+# ------------------------------------------------------------------------------------------------ scanning
+def list_classes(train_dir: Path) -> list[str]:
+    if not train_dir.is_dir():
+        raise PrepError(f"{train_dir} not found: expected the ImageFolder layout DATA/train/<class>/<image> "
+                        f"and DATA/val/<class>/<image>")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise PrepError(f"{train_dir} has no class folders: expected {train_dir}/<class>/<image>")
+    return classes
+
+
+def scan_split(split_dir: Path, classes: list[str], name: str) -> Split:
+    """List one split's image files with labels from ``classes``; non-image files go to ``skipped``."""
+    if not split_dir.is_dir():
+        raise PrepError(f"{split_dir} not found: expected the ImageFolder layout {split_dir}/<class>/<image>")
+    index = {c: i for i, c in enumerate(classes)}
+    split = Split(name)
+    entries = sorted(split_dir.iterdir())
+    unknown = [e.name for e in entries if e.is_dir() and not e.name.startswith(".") and e.name not in index]
+    if unknown:
+        raise PrepError(f"{split_dir} has {len(unknown)} class folder(s) not in train (e.g. '{unknown[0]}'); "
+                        f"val must use train's classes")
+    for e in entries:
+        if not e.is_dir():
+            split.skipped.append((str(e), "not inside a class folder"))
+    for c in classes:
+        cdir = split_dir / c
+        if not cdir.is_dir():
+            continue
+        n_before = len(split.samples)
+        for root, dirs, files in os.walk(cdir, followlinks=True):
+            dirs.sort()
+            for f in sorted(files):
+                p = os.path.join(root, f)
+                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
+                    split.samples.append((p, index[c]))
+                else:
+                    split.skipped.append((p, "not an image file (extension)"))
+        if name == "train" and len(split.samples) == n_before:
+            # An empty train class would get a label no sample carries; almost always a broken copy.
+            raise PrepError(f"class folder {cdir} has no image files ({', '.join(IMG_EXTENSIONS)})")
+    return split
+
+
+def _check_image(path: str) -> tuple[str, str | None, int]:
+    """(path, None, pixels) if PIL decodes the whole image, else (path, reason, 0)."""
+    try:
+        with Image.open(path) as img:
+            pixels = img.width * img.height
+            # draft() lets JPEGs decode at 1/2..1/8 scale: every entropy-coded byte is still read (truncation and
+            # corruption still fail) at a fraction of the IDCT cost.
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        if pixels < 1:
+            return path, "empty image", 0
+        return path, None, pixels
+    except Exception as e:   # noqa: BLE001 -- any decode failure means "skip this file"
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return path, f"unreadable: {type(e).__name__}" + (f": {msg}" if msg else ""), 0
+
+
+def validate(split: Split, num_workers: int, progress: bool = True) -> Split:
+    """Decode every file once (in parallel); move failures from ``samples`` to ``skipped``."""
+    from tqdm import tqdm
+    paths = [p for p, _ in split.samples]
+    bad: dict[str, str] = {}
+    bar = tqdm(total=len(paths), desc=f"check {split.name}", unit="img", disable=not progress, leave=False)
+    pool = mp.get_context("fork").Pool(num_workers) if num_workers > 1 and len(paths) > 256 else None
+    try:
+        results = pool.imap_unordered(_check_image, paths, chunksize=64) if pool else map(_check_image, paths)
+        for p, reason, pixels in results:
+            if reason:
+                bad[p] = reason
+            split.max_pixels = max(split.max_pixels, pixels)
+            bar.update()
+    finally:
+        if pool:
+            pool.terminate()
+    bar.close()
+    if bad:
+        split.samples = [(p, y) for p, y in split.samples if p not in bad]
+        split.skipped.extend(sorted(bad.items()))
+    return split
+
+
+# ------------------------------------------------------------------------------------------------ writing
+class _Samples:
+    """Indexable (image uint8 HxWx3, label) for ffcv's writer processes.
+
+    A failure here cannot raise: ffcv 1.0.2's writer waits forever for a sample a dead worker never reports.
+    Files were validated beforehand, so a failure means the file changed underneath us; it is recorded in
+    ``fail_dir`` and the caller aborts the write (no substitute image ever reaches a finished beton).
+    """
+
+    def __init__(self, samples, max_side: int | None, fail_dir: str):
+        self.samples, self.max_side, self.fail_dir = samples, max_side, fail_dir
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                if self.max_side:
+                    img.draft("RGB", (self.max_side, self.max_side))   # JPEG DCT-domain downscale: cheap
+                arr = np.asarray(img.convert("RGB"))
+        except Exception as e:   # noqa: BLE001
+            Path(self.fail_dir, str(i)).write_text(f"{path}\t{type(e).__name__}: {e}")
+            arr = np.zeros((8, 8, 3), np.uint8)
+        return arr, label
+
+
+def _page_size(max_pixels: int, max_side: int | None) -> int:
+    from ffcv.writer import MIN_PAGE_SIZE
+    if max_pixels <= 0:
+        return 4 * MIN_PAGE_SIZE                      # unknown: ffcv's default (8 MiB)
+    if max_side:
+        max_pixels = min(max_pixels, max_side * max_side)
+    need = 2 * 3 * max_pixels                         # raw RGB, with room for a JPEG larger than raw (noise, q=100)
+    return max(MIN_PAGE_SIZE, 1 << (need - 1).bit_length())
+
+
+def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: int | None = DEFAULT_MAX_SIDE,
+                jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
+                smart_threshold: int = DEFAULT_SMART_THRESHOLD, shuffle: bool = True, seed: int = 0,
+                num_workers: int = 2, force: bool = False, max_pixels: int = 0) -> dict:
+    """Write (path, label) samples to ``out`` atomically; returns a summary dict.
+
+    ``max_pixels`` (largest source image, w * h) sizes ffcv's pages: a sample larger than a page kills a writer
+    process, and every worker leaves its last page part-empty, so small datasets want small pages.
+    """
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    out = Path(out)
+    if write_mode not in WRITE_MODES:
+        raise PrepError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, got {write_mode!r}")
+    if out.exists() and not force:
+        raise PrepError(f"{out} exists; pass --force to overwrite it")
+    if not samples:
+        raise PrepError(f"no readable images to write to {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # ImageFolder order is class-sorted; a shuffled write order lets QUASI_RANDOM (which reads pages in order)
+    # still mix classes. Seeded, so rewriting gives the same sample order.
+    order = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_side, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability, smart_threshold=smart_threshold),
+        "label": IntField(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would make the beton private to its writer
+    with tempfile.TemporaryDirectory(prefix="ffcv-fail-") as fail_dir:
+        try:
+            if write_mode == "proportion":
+                np.random.seed(seed)   # the field draws jpg-vs-raw from numpy's global RNG (inherited by fork)
+            ds = _Samples(samples, max_side, fail_dir)
+            writer = DatasetWriter(tmp, fields, num_workers=max(1, num_workers),
+                                   page_size=_page_size(max_pixels, max_side))
+            writer.from_indexed_dataset(ds, indices=order.tolist(), chunksize=64, shuffle_indices=False)
+            failed = sorted(os.listdir(fail_dir), key=int)
+            if failed:
+                first = Path(fail_dir, failed[0]).read_text().splitlines()[0]
+                raise PrepError(f"{len(failed)} image(s) failed while writing {out} (changed since the check?): "
+                                f"{first}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dt = time.perf_counter() - t0
+    labels = {y for _, y in samples}
+    return {"file": str(out), "images": len(samples), "classes": len(labels), "bytes": out.stat().st_size,
+            "seconds": dt, "images_per_s": len(samples) / dt if dt > 0 else float("inf")}
+
+
+def report_skipped(split: Split, out_dir: Path, stream=sys.stderr) -> None:
+    if not split.skipped:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listing = out_dir / f"skipped-{split.name}.txt"
+    listing.write_text("".join(f"{p}\t{r}\n" for p, r in split.skipped))
+    print(f"{split.name}: skipped {len(split.skipped)} file(s) (full list: {listing})", file=stream)
+    for p, r in split.skipped[:MAX_LISTED]:
+        print(f"  skipped {p}: {r}", file=stream)
+    if len(split.skipped) > MAX_LISTED:
+        print(f"  ... and {len(split.skipped) - MAX_LISTED} more", file=stream)
+
+
+def format_summary(s: dict) -> str:
+    return (f"{s['file']}: {s['images']:,} images, {s['classes']} classes, {s['bytes'] / 2**20:,.1f} MiB, "
+            f"{s['seconds']:.1f} s, {s['images_per_s']:,.0f} images/s")
+
+
+def convert_imagefolder(data: str | Path, out: str | Path, *, splits=("train", "val"),
+                        max_side: int | None = DEFAULT_MAX_SIDE, jpeg_quality: int = 90, write_mode: str = "jpg",
+                        compress_probability: float = 0.5, smart_threshold: int = DEFAULT_SMART_THRESHOLD,
+                        shuffle: bool = True, seed: int = 0, num_workers: int | None = None, force: bool = False,
+                        progress: bool = True, classes: list[str] | None = None) -> list[dict]:
+    """DATA/{train,val}/<class>/* -> OUT/{train,val}.beton; returns one summary dict per split."""
+    data, out = Path(data), Path(out)
+    if not data.is_dir():
+        raise PrepError(f"data folder {data} not found")
+    if not 1 <= jpeg_quality <= 100:
+        raise PrepError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    if max_side is not None and max_side < 16:
+        raise PrepError(f"--max-side must be >= 16 (or 0 for no resizing), got {max_side}")
+    num_workers = max(1, min(num_workers or os.cpu_count() or 1, os.cpu_count() or 1))
+    # Fail on every cheap check before the slow part, so an overwrite error never comes after minutes of work.
+    for name in splits:
+        if (out / f"{name}.beton").exists() and not force:
+            raise PrepError(f"{out / f'{name}.beton'} exists; pass --force to overwrite it")
+    classes = classes or list_classes(data / "train")
+    scanned = [scan_split(data / name, classes, name) for name in splits]
+    summaries = []
+    for split in scanned:
+        validate(split, num_workers, progress)
+        report_skipped(split, out)
+        if not split.samples:
+            raise PrepError(f"{data / split.name} has no readable images")
+        s = write_beton(split.samples, out / f"{split.name}.beton", max_side=max_side, jpeg_quality=jpeg_quality,
+                        write_mode=write_mode, compress_probability=compress_probability,
+                        smart_threshold=smart_threshold, shuffle=shuffle, seed=seed, num_workers=num_workers,
+                        force=force, max_pixels=split.max_pixels)
+        s["skipped"] = len(split.skipped)
+        summaries.append(s)
+        print(format_summary(s) + (f", {len(split.skipped)} skipped" if split.skipped else ""), flush=True)
+    return summaries

@@ -1,0 +1,169 @@
+"""FFCV loaders: uint8 train batches (decode once, or one FFCV crop per view) and centre-crop eval batches.
+
+    loader = train_loader("data/synthetic/train.beton", 128, num_workers=8, device=torch.device("cuda"))
+    for epoch in range(start_epoch, epochs):
+        set_epoch(loader, epoch, skip_batches=resume_step_in_epoch if epoch == start_epoch else 0)
+        for batch in loader:
+            x, y = unpack_train_batch(batch)       # x: (N, 3, S, S) uint8, or a list of them (per_view)
+
+What comes out
+- Train, decode="once": (x, y) with x uint8 (N, 3, S, S), S = decode_size, the centre square of each image
+  (CenterCropRGBImageDecoder, ratio=1: the largest centred square, resized to S). The GPU views code cuts
+  every view from it. A square keeps aspect ratios exact and makes one dense tensor; the price is that a
+  non-square image's edges (12.5% per side of a 4:3 photo) never appear in a crop.
+- Train, decode="per_view": (x_1, ..., x_V, y): one uint8 tensor per view, decoded and cut separately by
+  FFCV's RandomResizedCropRGBImageDecoder at that view's size, scale and ratio (views.ViewsConfig: 2 global +
+  n_local local). Every view decodes the JPEG again; this mode exists for fidelity comparisons.
+- Eval: (x, y) with x uint8 (N, 3, size, size): centre crop of side crop_ratio * short side, resized to size
+  (224 of 256 by default), sequential order, no batch dropped.
+- y is int64 (N,). Images are NCHW in shape and channels_last in memory (a free view of FFCV's NHWC buffer);
+  pass channels_last=False for contiguous NCHW at the cost of one copy.
+- All outputs are views of a small ring of buffers that FFCV reuses a few batches later: clone anything
+  kept past the next iteration (e.g. a fixed batch for visualisation).
+
+Order, epochs, resume. FFCV's order for an epoch is a pure function of (seed, epoch): RANDOM draws
+numpy's default_rng(seed + epoch); distributed RANDOM uses torch's DistributedSampler(seed, epoch) over
+the whole set and gives rank r every world-th index (padded with repeats to equal length). So the same seed
+must be used on every rank, and the loader created after the process group exists. ``set_epoch(loader, e,
+skip_batches=k)`` makes the next iteration epoch e minus its first k batches, i.e. exactly the batches the
+uninterrupted run would still have yielded (on every rank, since each rank drops its own first k batches).
+Per-view crops come from numba's unseeded RNG: the order is reproducible, the per_view crops are not.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+          "sequential": OrderOption.SEQUENTIAL}
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
+class ResumableLoader(Loader):
+    """An ffcv Loader whose next epoch can be chosen, and started part-way through (see set_epoch)."""
+
+    _skip_batches = 0   # class default: the constructor already calls next_traversal_order()
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if epoch < 0 or skip_batches < 0:
+            raise ValueError(f"epoch and skip_batches must be >= 0, got {epoch}, {skip_batches}")
+        if skip_batches > len(self):
+            raise ValueError(f"skip_batches={skip_batches} exceeds the {len(self)} batches of an epoch")
+        self.next_epoch = epoch
+        self._skip_batches = skip_batches
+
+    def next_traversal_order(self):
+        order = super().next_traversal_order()
+        if self._skip_batches:
+            # Loader.__iter__ then keeps order[:len(self) * batch_size]; cut that same epoch first, so that with
+            # drop_last the partial last batch stays dropped, then drop the batches already consumed.
+            order = order[:len(self) * self.batch_size][self._skip_batches * self.batch_size:]
+            self._skip_batches = 0   # only this epoch
+        return order
+
+
+def set_epoch(loader: ResumableLoader, epoch: int, skip_batches: int = 0) -> None:
+    """The next ``iter(loader)`` yields epoch ``epoch`` from batch ``skip_batches`` on (0 = the whole epoch)."""
+    loader.set_epoch(epoch, skip_batches)
+
+
+def _image_out(device: torch.device, channels_last: bool) -> list:
+    # ToDevice copies into its own buffer (also on CPU), after which the NHWC -> NCHW permute is free.
+    return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]
+
+
+def _label_pipeline(device: torch.device) -> list:
+    return [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+
+
+def _check(beton, batch_size: int, num_workers: int) -> int:
+    if not Path(beton).is_file():
+        raise FileNotFoundError(f"beton {beton} not found (make beton writes data/synthetic/*.beton)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Workers are numba threads; more than the cores only adds contention (and fails on some setups).
+    return max(1, min(num_workers, available_cores()))
+
+
+def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: str = "once",
+                 decode_size: int = 256, views=None, seed: int = 0, distributed: bool = False,
+                 order: str = "random", os_cache: bool = True, drop_last: bool = True,
+                 channels_last: bool = True, batches_ahead: int = 3) -> ResumableLoader:
+    """FFCV train loader yielding (x, y) ("once") or (x_1, ..., x_V, y) ("per_view"); see the module doc."""
+    num_workers = _check(beton, batch_size, num_workers)
+    device = torch.device(device)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if distributed and order == "quasi_random":
+        raise ValueError("order='quasi_random' does not work with distributed=True in ffcv 1.0.2; use 'random'")
+    if decode == "once":
+        pipelines = {
+            "image": [CenterCropRGBImageDecoder((decode_size, decode_size), ratio=1.0)]
+                     + _image_out(device, channels_last),
+            "label": _label_pipeline(device),
+        }
+    elif decode == "per_view":
+        if views is None:
+            from .config import ViewsConfig
+            views = ViewsConfig()
+        specs = [(views.global_size, views.global_scale)] * 2 + [(views.local_size, views.local_scale)] * views.n_local
+        # One PipelineSpec per view, all reading the 'image' field; view 0 keeps the name 'image' so that
+        # outputs come in view order and the label, registered last under another name, comes after them.
+        pipelines = {}
+        for v, (size, scale) in enumerate(specs):
+            dec = RandomResizedCropRGBImageDecoder((size, size), scale=tuple(scale), ratio=tuple(views.ratio))
+            pipelines["image" if v == 0 else f"view{v}"] = PipelineSpec(
+                "image", decoder=dec, transforms=_image_out(device, channels_last))
+        pipelines["label"] = None
+        pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(),
+                                           transforms=_label_pipeline(device)[1:])
+    else:
+        raise ValueError(f"decode must be 'once' or 'per_view', got {decode!r}")
+    return ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                           order=ORDERS[order], distributed=distributed, seed=seed, pipelines=pipelines,
+                           drop_last=drop_last, batches_ahead=batches_ahead)
+
+
+def unpack_train_batch(batch) -> tuple:
+    """(x, y): x is the uint8 tensor (decode once) or the list of per-view uint8 tensors (per_view)."""
+    if len(batch) == 2:
+        return batch[0], batch[1]
+    return list(batch[:-1]), batch[-1]
+
+
+def eval_loader(beton, batch_size: int, num_workers: int, device, size: int = 224, crop_ratio: float = 0.875,
+                distributed: bool = False, os_cache: bool = True, channels_last: bool = True) -> ResumableLoader:
+    """Centre crops (uint8 NCHW) and int64 labels in file order, last partial batch kept.
+
+    Distributed: rank r gets samples r, r + world, ...; the sampler pads with up to world-1 repeated samples
+    so every rank has the same number of batches (de-duplicate by index when exact counts matter).
+    """
+    num_workers = _check(beton, batch_size, num_workers)
+    device = torch.device(device)
+    pipelines = {
+        "image": [CenterCropRGBImageDecoder((size, size), ratio=crop_ratio)] + _image_out(device, channels_last),
+        "label": _label_pipeline(device),
+    }
+    return ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                           order=OrderOption.SEQUENTIAL, distributed=distributed, seed=0, pipelines=pipelines,
+                           drop_last=False)
+
+
+def epoch_indices(loader: ResumableLoader, epoch: int) -> np.ndarray:
+    """The sample indices this rank reads in ``epoch``, in order (for tests and debugging)."""
+    order = np.asarray(loader.traversal_order.sample_order(epoch))
+    return order[:len(loader) * loader.batch_size]
