@@ -1,0 +1,173 @@
+"""Checkpoints: atomic saves that never replace a good file with a broken model, exact-resume RNG state,
+and the helpers the trainer needs to find, prune and unwrap.
+
+    state = {"model": unwrap(model).state_dict(), "target": target.state_dict(),
+             "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": i,
+             "rng": capture_rng_state(), "config": to_dict(cfg), "git": rev}
+    if save_checkpoint(checkpoint_path(run_dir, step), state):
+        prune_checkpoints(run_dir, cfg.train.keep_last)
+    ...
+    path = latest_checkpoint(run_dir)
+    state = load_checkpoint(path)             # torch.load(weights_only=True): no pickled code runs
+    restore_rng_state(state["rng"])
+
+Everything stored must be weights_only-safe (tensors, numbers, str, None, lists, tuples, dicts), which is
+why the Python and numpy RNG states are converted to tensors and plain lists here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def _checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first. Temp files never match the name pattern."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = _checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (``keep_last <= 0`` keeps all); returns the deleted."""
+    if keep_last <= 0:
+        return []
+    old = [p for _, p in _checkpoints(run_dir)[:-keep_last]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def _nonfinite_keys(state: dict) -> list[str]:
+    tensors = []
+    for part in ("model", "target"):
+        sd = state.get(part)
+        if sd is None:
+            continue
+        for k, v in sd.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                tensors.append((f"{part}.{k}", v))
+    if not tensors:
+        return []
+    # One device->host read for the whole model instead of one per tensor.
+    ok = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu()
+    return [k for (k, _), good in zip(tensors, ok.tolist()) if not good]
+
+
+def save_checkpoint(path: str | Path, state: dict) -> bool:
+    """Write ``state`` to ``path`` atomically; returns False (and logs a warning) when it refuses.
+
+    It refuses when a floating tensor in ``state["model"]`` or ``state["target"]`` is NaN/inf: the previous
+    checkpoint is then the newest good one and stays in place. Refusal returns rather than raises so a
+    trainer that has already decided how to handle bad steps keeps running. The bytes go to a temp file in
+    the same directory (so os.replace is a same-filesystem rename), are fsynced, then renamed over ``path``;
+    a crash at any point leaves either the old file or the new one, never a truncated one under the name.
+    """
+    path = Path(path)
+    bad = _nonfinite_keys(state)
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        log.warning("not saving %s: non-finite values in %s%s", path, ", ".join(bad[:3]), more)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Dot-prefixed and suffixed so latest_checkpoint never mistakes a half-written file for a checkpoint;
+    # a plain open (not mkstemp) so the file gets the umask's permissions, not 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Persist the rename itself; without this a power cut can forget the directory entry.
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return True
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy (global) and torch CPU/CUDA generator states, in weights_only-safe types."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of ``capture_rng_state``. CUDA states are restored for as many devices as both sides have."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((int(py_version), tuple(int(x) for x in py_state.tolist()), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), int(np_pos), int(np_has_gauss),
+                         float(np_gauss)))
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        if n != len(cuda) or n != torch.cuda.device_count():
+            log.warning("checkpoint has CUDA RNG states for %d devices, this process sees %d; restoring %d",
+                        len(cuda), torch.cuda.device_count(), n)
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda[i].cpu().to(torch.uint8), i)
+
+
+def backbone_state_dict(model_state: dict, prefix: str = "backbone.") -> dict:
+    """The backbone part of an MVEBModel state_dict, keyed as torchvision's ResNet (load with strict=False
+    or after dropping ``fc``: the backbone has no fc)."""
+    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}

@@ -1,0 +1,132 @@
+"""The MVEB encoder: a torchvision ResNet backbone, an MLP projector, and the EMA target built from them.
+
+    model = MVEBModel.from_config(cfg.model)      # online encoder: forward(x) -> (h, p)
+    target = make_target(model)                   # frozen deepcopy, updated only by ema_update
+    ema_update(target, model, ema_momentum(step, total_steps, cfg.model.ema_momentum))
+
+The backbone stays a plain ``torchvision.models.ResNet`` (only ``fc`` replaced by Identity) so that its
+state_dict, minus ``fc.*``, loads strictly into the torchvision model of the same name; the released code
+kept it inside an nn.Sequential and lost that property. Normalising p, SyncBN, channels-last and
+compilation are the trainer's business: this module only defines the architecture.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from .checkpoint import unwrap
+
+# A resnet18 with one block per stage: small enough for CPU tests and the demo, same code path as resnet50.
+_EXTRA_ARCHS = {"resnet10": lambda **kw: ResNet(BasicBlock, [1, 1, 1, 1], **kw)}
+
+
+def valid_archs() -> list[str]:
+    tv = [n for n in torchvision.models.list_models(module=torchvision.models)
+          if n.startswith(("resnet", "wide_resnet", "resnext"))]
+    return sorted(set(tv) | set(_EXTRA_ARCHS))
+
+
+def build_backbone(arch: str, zero_init_residual: bool = True) -> tuple[ResNet, int]:
+    """A randomly initialised torchvision ResNet with ``fc = Identity``, and its feature dimension."""
+    names = valid_archs()
+    if arch not in names:
+        raise ValueError(f"unknown backbone arch {arch!r}; valid: {', '.join(names)}")
+    if arch in _EXTRA_ARCHS:
+        net = _EXTRA_ARCHS[arch](zero_init_residual=zero_init_residual)
+    else:
+        net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class Projector(nn.Sequential):
+    """(Linear(no bias)-BN-ReLU) x (layers-1), then Linear(with bias).
+
+    The hidden Linears carry no bias because the BN right after them would cancel it.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 2048, out: int = 2048, layers: int = 3):
+        if layers < 1:
+            raise ValueError(f"projector needs at least 1 layer, got layers={layers}")
+        mods: list[nn.Module] = []
+        d = in_dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            d = hidden
+        mods.append(nn.Linear(d, out, bias=True))
+        super().__init__(*mods)
+
+
+class MVEBModel(nn.Module):
+    """Backbone + projector. ``forward(x) -> (h, p)``: h the backbone features, p the raw projection."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, feat_dim: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.feat_dim = feat_dim
+
+    @classmethod
+    def from_config(cls, cfg) -> "MVEBModel":
+        """Build from a ``fastmveb.config.ModelConfig``."""
+        backbone, dim = build_backbone(cfg.arch, cfg.zero_init_residual)
+        projector = Projector(dim, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
+        return cls(backbone, projector, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(x)
+        return h, self.projector(h)
+
+
+def make_target(model: nn.Module) -> nn.Module:
+    """A frozen deepcopy of the (unwrapped) online model for the EMA target.
+
+    It keeps the online model's train/eval mode: BYOL-style targets normalise with batch statistics, and
+    their running stats are copied from the online model by ``ema_update`` rather than learnt. No parameter
+    requires grad, so the target never enters the optimizer or the autograd graph.
+    """
+    target = copy.deepcopy(unwrap(model))
+    for p in target.parameters():
+        p.requires_grad_(False)
+    target.train(model.training)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: torch.Tensor | float) -> None:
+    """target <- m * target + (1 - m) * online for parameters; buffers (BN running stats) are copied.
+
+    ``momentum`` may be a 0-d tensor so a compiled step sees one graph for every step and nothing is read
+    back to the host. Wrappers (DDP, torch.compile) are stripped so both sides list the same parameters in
+    the same order.
+    """
+    target, online = unwrap(target), unwrap(online)
+    tp, op = list(target.parameters()), list(online.parameters())
+    if len(tp) != len(op):
+        raise ValueError(f"target has {len(tp)} parameters, online has {len(op)}: not the same architecture")
+    if tp:
+        if isinstance(momentum, torch.Tensor):
+            weight = (1 - momentum).to(device=tp[0].device, dtype=tp[0].dtype)
+            # The List overload broadcasts one 0-d weight per tensor; there is no single-Tensor overload.
+            torch._foreach_lerp_(tp, op, [weight] * len(tp))
+        else:
+            torch._foreach_lerp_(tp, op, 1.0 - float(momentum))
+    tb, ob = list(target.buffers()), list(online.buffers())
+    if len(tb) != len(ob):
+        raise ValueError(f"target has {len(tb)} buffers, online has {len(ob)}: not the same architecture")
+    if tb:
+        torch._foreach_copy_(tb, ob)
+
+
+def ema_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
+    """Cosine ramp of the EMA momentum from ``base`` at step 0 to 1.0 at ``total_steps`` (and after)."""
+    if total_steps <= 0:
+        return 1.0
+    frac = min(max(step, 0), total_steps) / total_steps
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * frac) + 1.0) / 2.0

@@ -1,0 +1,134 @@
+"""LARS with multi-tensor (foreach) kernels, parameter groups by tensor rank, and the lr schedule.
+
+    opt = LARS(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg.optim.base_lr, global_batch),
+               weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, warmup, peak)           # or a 0-d tensor, filled in place
+    opt.step(skip=~torch.isfinite(loss))                     # no host sync; skipped steps change nothing
+
+LARS update per parameter p with gradient g (the SimCLR / BYOL / Barlow Twins variant):
+    not excluded:  g <- g + wd * p;  q = trust_coef * |p| / |g| if |p| > 0 and |g| > 0 else 1;  g <- q * g
+    excluded (1-D: biases, BN): g unchanged, no weight decay
+    buf <- momentum * buf + g;  p <- p - lr * buf
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups by tensor rank: ndim >= 2 get weight decay and LARS scaling, 1-D tensors get neither.
+
+    Rank rather than names: names change with wrappers and architectures, rank does not. Frozen
+    parameters are left out; empty groups are dropped.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (see the module docstring) over whole parameter groups with torch._foreach_* kernels.
+
+    Groups carry ``lars_exclude`` (default False) as produced by ``param_groups``. ``lr`` may be a Python
+    float or a 0-d tensor (so a schedule can update it in place without recompiling a compiled step).
+
+    ``step(skip=t)`` with a 0-d bool tensor ``t``: where ``t`` is True, parameters and momentum buffers stay
+    bitwise unchanged, decided on the device without reading ``t`` back. The update is computed out of
+    place and selected per tensor with ``torch.where(skip, old, new)``. A select, unlike blending with a 0/1
+    factor, needs no NaN sanitising (a NaN in the unselected branch never reaches the result) and keeps the
+    sign of zeros, so "unchanged" holds bit for bit. Without ``skip`` the update runs fully in place.
+    """
+
+    def __init__(self, params, lr: float | torch.Tensor, weight_decay: float = 1e-6, momentum: float = 0.9,
+                 trust_coef: float = 0.001):
+        if not isinstance(lr, torch.Tensor) and lr < 0:
+            raise ValueError(f"LARS lr must be >= 0, got {lr}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coef=trust_coef,
+                        lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None, skip: torch.Tensor | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            device = params[0].device
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+
+            # d: the direction added to the momentum buffer; never aliases p.grad (grads stay as computed).
+            wd = group["weight_decay"]
+            if group["lars_exclude"]:
+                d = grads
+            else:
+                d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else torch._foreach_clone(grads)
+                p_norm = torch.stack(torch._foreach_norm(params))
+                d_norm = torch.stack(torch._foreach_norm(d))
+                # Computed for every tensor, selected by where: the 0/0 of an untouched tensor is discarded.
+                q = torch.where((p_norm > 0) & (d_norm > 0), group["trust_coef"] * p_norm / d_norm,
+                                torch.ones_like(p_norm))
+                torch._foreach_mul_(d, list(q.unbind(0)))
+
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr = lr.to(device=device, non_blocking=True)
+            momentum = group["momentum"]
+
+            if skip is None:
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, d)
+                if isinstance(lr, torch.Tensor):
+                    torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
+                else:
+                    torch._foreach_add_(params, bufs, alpha=-lr)
+                continue
+
+            skip_dev = skip.to(device=device, non_blocking=True)
+            new_bufs = torch._foreach_mul(bufs, momentum)
+            torch._foreach_add_(new_bufs, d)
+            new_params = torch._foreach_sub(params, torch._foreach_mul(new_bufs, lr))
+            for old, new in zip(bufs + params, new_bufs + new_params):
+                torch.where(skip_dev, old, new, out=new)
+            torch._foreach_copy_(bufs, new_bufs)
+            torch._foreach_copy_(params, new_params)
+        return loss
+
+
+def peak_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule: base_lr is the lr at a global batch of 256."""
+    return base_lr * global_batch / 256
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start_ratio: float = 1e-3,
+          final_ratio: float = 1e-3) -> float:
+    """Linear warm-up from start_ratio*peak (step 0) to peak (step warmup_steps), then a per-step cosine
+    from peak to final_ratio*peak at total_steps; constant at final_ratio*peak after total_steps."""
+    if step < warmup_steps:
+        start = start_ratio * peak
+        return start + (peak - start) * step / warmup_steps
+    span = total_steps - warmup_steps
+    frac = 1.0 if span <= 0 else min((step - warmup_steps) / span, 1.0)
+    final = final_ratio * peak
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * frac))
