@@ -1,0 +1,52 @@
+"""Run under torchrun (2 CPU ranks): the DDP-wrapped MultiView network must produce gradients equal to the
+average of what each rank computes alone on its own views (several backbone calls in one forward included)."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastmveb.config import ModelConfig  # noqa: E402
+from fastmveb.loss import mveb_loss  # noqa: E402
+from fastmveb.model import MVEBModel  # noqa: E402
+from fastmveb.train import MultiView  # noqa: E402
+
+
+def objective(net, v, t):
+    _, p, _ = net(v)
+    z = [F.normalize(x.float(), dim=1) for x in p]
+    return mveb_loss(z, t, lam=0.01, group="local")[0]
+
+
+def main(out: str):
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = MVEBModel.from_config(ModelConfig(arch="resnet10", proj_hidden=32, proj_out=32))
+    local = MultiView(MVEBModel.from_config(ModelConfig(arch="resnet10", proj_hidden=32, proj_out=32)))
+    local.model.load_state_dict(model.state_dict())
+    net = acc.prepare(MultiView(model))
+    g = torch.Generator().manual_seed(100 + acc.process_index)        # different data on each rank
+    v = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(8, 3, 16, 16, generator=g)]
+    t = [F.normalize(torch.randn(8, 32, generator=g), dim=1) for _ in range(2)]
+    objective(net, v, t).backward()
+    objective(local, v, t).backward()
+    worst = 0.0
+    for (name, p_ddp), p_loc in zip(net.module.named_parameters(), local.parameters()):
+        ref = p_loc.grad.clone()
+        dist.all_reduce(ref)
+        ref /= acc.num_processes
+        worst = max(worst, (p_ddp.grad - ref).abs().max().item() / (ref.abs().max().item() + 1e-12))
+    differs = torch.tensor([float(sum(p.grad.abs().sum() for p in local.parameters()))])
+    all_d = [torch.zeros(1) for _ in range(acc.num_processes)]
+    dist.all_gather(all_d, differs)
+    if acc.is_main_process:
+        Path(out).write_text(json.dumps({"world": acc.num_processes, "max_rel_err": worst,
+                                         "local_grad_sums": [float(x) for x in all_d]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

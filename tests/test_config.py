@@ -1,0 +1,81 @@
+"""Config: YAML + overrides, round trip, unknown keys and wrong types named with their source."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastmveb.config import Config, ConfigError, dump_config, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_released_recipe():
+    c = Config()
+    assert c.loss.lam == 0.01 and c.loss.eta == 0.01 and c.loss.min_tau == 0.1 and c.loss.group == "128"
+    assert c.views.global_scale == (0.4, 1.0) and c.views.local_scale == (0.05, 0.4) and c.views.n_local == 6
+    assert c.views.blur_p == (1.0, 0.1, 0.5) and c.views.solarize_p == (0.0, 0.2, 0.0)
+    assert c.optim.weight_decay == 1e-6 and c.optim.trust_coef == 0.001 and c.model.ema_momentum == 0.996
+
+
+@pytest.mark.parametrize("rc", sorted((ROOT / "rcs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_rc_loads_and_round_trips(rc, tmp_path):
+    cfg = load_config(rc)
+    assert cfg.train.name == rc.stem
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    assert load_config(out) == cfg
+    assert from_dict(yaml.safe_load(out.read_text())) == cfg
+
+
+def test_rn50_is_the_released_global_batch():
+    cfg = load_config(ROOT / "rcs/rn50.yaml")
+    assert cfg.data.batch_size * 32 == 4096 and cfg.optim.epochs == 800 and cfg.views.n_local == 6
+
+
+def test_overrides_parse_types():
+    cfg = load_config(None, ["optim.base_lr=0.5", "views.global_scale=[0.3, 1]", "train.resume=false",
+                             "loss.group=local", "data.batch_size=64"])
+    assert cfg.optim.base_lr == 0.5 and cfg.views.global_scale == (0.3, 1.0)
+    assert cfg.train.resume is False and cfg.loss.group == "local" and cfg.data.batch_size == 64
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    rc = tmp_path / "bad.yaml"
+    rc.write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.lr'"):
+        load_config(rc)
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'nosection'"):
+        load_config(None, ["nosection.x=1"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    rc = tmp_path / "bad.yaml"
+    rc.write_text("data:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'data.batch_size' must be an integer"):
+        load_config(rc)
+    with pytest.raises(ConfigError, match=r"'views.global_scale' must be a list of 2"):
+        load_config(None, ["views.global_scale=0.4"])
+    with pytest.raises(ConfigError, match=r"'train.resume' must be true or false"):
+        load_config(None, ["train.resume=3"])
+
+
+def test_invalid_choices_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="loss.group"):
+        load_config(None, ["loss.group=abc"])
+    with pytest.raises(ConfigError, match="data.decode must be one of"):
+        load_config(None, ["data.decode=twice"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_train_cli_reports_config_error_in_one_line(tmp_path):
+    rc = tmp_path / "bad.yaml"
+    rc.write_text("model:\n  depth: 50\n")
+    r = subprocess.run([sys.executable, str(ROOT / "fastmveb/train.py"), "--rc", str(rc)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert err == [f"error: {rc}: unknown key 'model.depth' (valid: arch, zero_init_residual, proj_hidden, "
+                   "proj_out, proj_layers, ema_momentum, sync_bn, channels_last)"], r.stderr
