@@ -1,0 +1,165 @@
+"""Offline evaluation of a run's checkpoint: kNN or a linear probe on the frozen backbone.
+
+    python -m fastmveb.eval knn    --run runs/NAME [--ckpt PATH] [--k 200 --t 0.1] [--random-init]
+    python -m fastmveb.eval linear --run runs/NAME [--ckpt PATH] [--mode fast|full] [--epochs N] [--lr BASE]
+
+Reads the betons, eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
+checkpoint (or --ckpt; the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
+line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
+run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
+Defaults come from the config's eval section (knn_k, knn_t, linear_epochs, linear_base_lr,
+linear_batch_size, linear_mode). `--random-init` evaluates the same architecture untrained: the baseline
+that says how much pretraining bought. Bad input (missing run, no checkpoint) -> one error line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastmveb.eval.features import RunError, load_run_backbone, resolve_checkpoint
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fastmveb.eval", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run", required=True, help="run directory (config.yaml, checkpoints/)")
+    common.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
+    common.add_argument("--which", default="online", choices=["online", "target"], help="online encoder or EMA target")
+    common.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone (baseline)")
+    common.add_argument("--batch-size", type=int, help="eval loader batch size (default: data.eval_batch_size)")
+    common.add_argument("--num-workers", type=int, help="FFCV threads (default: data.num_workers, capped at the cores)")
+    common.add_argument("--device", help="cuda / cuda:1 / cpu (default: cuda when available)")
+    common.add_argument("--amp", default="auto", choices=["auto", "bf16", "no"],
+                        help="autocast for the backbone forward (auto: bf16 on CUDA when the run trained in bf16)")
+    common.add_argument("--max-train", type=int, help="use only the first N training images")
+    common.add_argument("--max-val", type=int, help="use only the first N val images")
+    common.add_argument("--no-log", action="store_true", help="do not append to run_dir/eval.jsonl")
+    k = sub.add_parser("knn", parents=[common], help="weighted kNN (bank: train set, queries: val set)")
+    k.add_argument("--k", type=int, help="neighbours (default: eval.knn_k)")
+    k.add_argument("--t", type=float, help="temperature (default: eval.knn_t)")
+    lin = sub.add_parser("linear", parents=[common], help="linear probe on the frozen backbone")
+    lin.add_argument("--mode", choices=["fast", "full"], help="fast: cached features; full: MVEB protocol (default: eval.linear_mode)")
+    lin.add_argument("--epochs", type=int, help="default: eval.linear_epochs")
+    lin.add_argument("--lr", type=float, help="base lr, scaled by batch/256 (default: eval.linear_base_lr)")
+    lin.add_argument("--linear-batch-size", type=int, help="classifier batch size (default: eval.linear_batch_size)")
+    lin.add_argument("--trust-coef", type=float, default=0.001, help="LARS trust coefficient in full mode (0 = plain SGD)")
+    lin.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def _eval_loaders(cfg, batch_size, workers, device, train_size=None, train_crop_ratio=None):
+    from fastmveb.data import eval_loader
+    for path in (cfg.data.train_beton, cfg.data.val_beton):
+        if not Path(path).is_file():
+            raise RunError(f"dataset '{path}' (from the run's config.yaml) not found; run from the directory the run was "
+                           "started in, or make the betons (make beton)")
+    train = eval_loader(cfg.data.train_beton, batch_size, workers, device,
+                        size=train_size or cfg.data.eval_size, crop_ratio=train_crop_ratio or cfg.data.eval_crop_ratio)
+    val = eval_loader(cfg.data.val_beton, batch_size, workers, device, size=cfg.data.eval_size,
+                      crop_ratio=cfg.data.eval_crop_ratio)
+    return train, val
+
+
+def run(args) -> dict:
+    if not Path(args.run).is_dir():
+        raise RunError(f"run directory '{args.run}' not found")
+    if args.random_init:
+        from fastmveb.model import build_backbone
+        run_dir, path = Path(args.run), None
+        from fastmveb.config import ConfigError, load_config
+        if not (run_dir / "config.yaml").is_file():
+            raise RunError(f"no config.yaml in '{run_dir}'")
+        try:
+            cfg = load_config(run_dir / "config.yaml")
+        except ConfigError as e:
+            raise RunError(str(e)) from None
+        torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
+        backbone, _ = build_backbone(cfg.model.arch, cfg.model.zero_init_residual)
+        ck = {}
+    else:
+        backbone, info = load_run_backbone(args.run, args.ckpt, args.which)
+        cfg, run_dir, path, ck = info["cfg"], Path(args.run), info["ckpt_path"], info["ckpt"]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda given but no CUDA device is available")
+    amp = {"bf16": torch.bfloat16, "no": None}.get(args.amp)
+    if args.amp == "auto":
+        amp = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else None
+    backbone.to(device)
+    if device.type == "cuda" and cfg.model.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    workers = max(1, min(args.num_workers or cfg.data.num_workers, os.cpu_count() or 1))
+    bs = args.batch_size or cfg.data.eval_batch_size
+    mean, std = cfg.views.mean, cfg.views.std
+    record = {"kind": args.cmd, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "ckpt": path.name if path is not None else "random-init", "step": ck.get("step"), "epoch": ck.get("epoch"),
+              "which": args.which, "arch": cfg.model.arch, "device": str(device)}
+    t0 = time.perf_counter()
+    if args.cmd == "knn":
+        from fastmveb.eval.knn import knn_eval
+        k = args.k if args.k is not None else cfg.eval.knn_k
+        T = args.t if args.t is not None else cfg.eval.knn_t
+        train, val = _eval_loaders(cfg, bs, workers, device)
+        r = knn_eval(backbone, train, val, device, mean, std, k=k, T=T, max_train=args.max_train,
+                     max_val=args.max_val, amp_dtype=amp)
+        record.update(k=k, T=T, top1=r["top1"], top5=r["top5"])
+    else:
+        from fastmveb.eval import linear
+        mode = args.mode or cfg.eval.linear_mode
+        epochs = args.epochs if args.epochs is not None else cfg.eval.linear_epochs
+        base_lr = args.lr if args.lr is not None else cfg.eval.linear_base_lr
+        lbs = args.linear_batch_size or cfg.eval.linear_batch_size
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        if mode == "fast":
+            train, val = _eval_loaders(cfg, bs, workers, device)
+            r = linear.linear_fast(backbone, train, val, device, mean, std, epochs=epochs, batch_size=lbs,
+                                   base_lr=base_lr, max_train=args.max_train, max_val=args.max_val,
+                                   amp_dtype=amp, seed=args.seed, log=log)
+        else:
+            r = _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, args, log)
+        record.update(mode=mode, epochs=epochs, base_lr=base_lr, batch_size=lbs, top1=r["top1"], top5=r["top5"])
+        if path is not None:
+            _save_head(run_dir, r["head"], path.name, args.which, mode, r["top1"])
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, args, log):
+    from fastmveb.data import eval_loader, train_loader  # noqa: F401
+    from fastmveb.eval import linear
+    raise NotImplementedError
+
+
+def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str, top1: float) -> None:
+    path = run_dir / "linear_head.pt"
+    tmp = run_dir / f".linear_head.pt.{os.getpid()}.tmp"
+    torch.save({"weight": head["weight"], "bias": head["bias"], "ckpt": ckpt_name, "which": which,
+                "mode": mode, "top1": top1}, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        rec = run(args)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    what = f"kNN (k={rec['k']}, T={rec['T']})" if rec["kind"] == "knn" else f"linear {rec['mode']} ({rec['epochs']} epochs)"
+    print(f"{what} {rec['arch']} {rec['ckpt']} ({rec['which']}): top-1 {rec['top1']:.2f}%  top-5 {rec['top5']:.2f}%")
+    if not args.no_log:
+        with open(Path(args.run) / "eval.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Linear probe on a frozen backbone (BatchNorm in eval mode): fast (cached features) and full (MVEB protocol).
+
+    r = linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs=100)
+    r = linear_full(backbone, train_loader, val_loader, device, mean, std, epochs=90)
+    r["top1"], r["top5"], r["head"]       # head: {"weight", "bias"} of a Linear on raw backbone features
+
+full: the released evaluation protocol (MVEB.md "Evaluation"): every step a fresh RandomResizedCrop(224,
+  scale 0.08-1) + horizontal flip of the training images (cut here, batched, on the device, from the loader's
+  uint8 batch), forward through the frozen backbone, a Linear trained with SGD momentum 0.9 + LARS trust
+  scaling (weights only, coefficient 0.001), lr 0.1 * batch / 256, weight decay 0, cosine over 90 epochs.
+  The val set is centre-cropped (256 -> 224), so its features are fixed and extracted once.
+fast: one centre-crop feature pass over train and val, then many cheap epochs of a Linear on the cached
+  features. The features are standardised per dimension with train-set statistics first (a BatchNorm
+  without affine parameters, frozen): that makes one learning rate work for any backbone, whatever its
+  feature scale, so the default is plain SGD momentum 0.9, lr 0.1 * batch / 256 (``base_lr``), no LARS,
+  cosine. Without the standardisation, post-ReLU ResNet features (mean >> std) need per-backbone lr tuning.
+  The learned layer is folded back onto raw features, so ``head`` is directly a torchvision fc.
+  Fast mode lacks crop augmentation, so it slightly underestimates the full protocol on large sets and
+  overfits sooner on small ones; use it for monitoring and comparisons, full mode for the headline number.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from fastmveb.eval.features import _autocast, eval_mode, extract_features, normalize_uint8
+from fastmveb.eval.knn import topk_accuracy
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust scaling (You et al. 2017), as used for linear evaluation.
+
+    For tensors with ndim > 1: d = grad + wd * w, then d *= trust_coef * ||w|| / ||d|| (1 when either norm
+    is 0). 1-D tensors (biases) get neither weight decay nor scaling. Then buf = momentum * buf + d; w -= lr * buf.
+    trust_coef = 0 turns it into plain SGD with momentum (weight decay on ndim > 1 only).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coef: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    if g["weight_decay"]:
+                        d = d.add(p, alpha=g["weight_decay"])
+                    if g["trust_coef"] > 0:
+                        pn, dn = p.norm(), d.norm()
+                        one = torch.ones_like(pn)
+                        q = torch.where((pn > 0) & (dn > 0), g["trust_coef"] * pn / dn, one)
+                        d = d * q
+                st = self.state[p]
+                if "mu" not in st:
+                    st["mu"] = d.clone()
+                else:
+                    st["mu"].mul_(g["momentum"]).add_(d)
+                p.add_(st["mu"], alpha=-g["lr"])
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched RandomResizedCrop + flip on the device.
+
+def sample_rrc_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                     generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
+    """[n, 4] boxes (x1, y1, x2, y2) in pixels, drawn like torchvision's RandomResizedCrop.
+
+    Up to ``attempts`` (area, log-ratio) draws per image; the first that fits wins, else the centre crop
+    with the aspect ratio clamped into ``ratio`` (torchvision's fallback).
+    """
+    area = height * width
+    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u)
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(lr0 + (lr1 - lr0) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    w = torch.sqrt(target * r).round()
+    h = torch.sqrt(target / r).round()
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    found = ok.any(dim=1)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    uy, ux = torch.rand(n, generator=generator, dtype=torch.float64), torch.rand(n, generator=generator, dtype=torch.float64)
+    y0 = torch.where(found, torch.floor(uy * (height - h + 1)), torch.floor((height - h) / 2))
+    x0 = torch.where(found, torch.floor(ux * (width - w + 1)), torch.floor((width - w) / 2))
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).float()
+
+
+def rrc_flip(x: torch.Tensor, size: int = 224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW (0-255) crops of ``size``: RandomResizedCrop + horizontal flip, one batched op.
+
+    roi_align with adaptive sampling averages ceil(box/size) points per output pixel in each direction, so
+    large crops are low-passed before downsampling (plain grid_sample would alias).
+    """
+    n, _, height, width = x.shape
+    boxes = sample_rrc_boxes(n, height, width, scale, ratio, generator).to(x.device)
+    rois = torch.cat([torch.arange(n, device=x.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
+    out = roi_align(x.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    flip = (torch.rand(n, generator=generator) < flip_p).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device, batch: int = 8192):
+    with torch.no_grad():
+        scores = torch.cat([head(feats[i:i + batch].to(device)).float().cpu() for i in range(0, feats.shape[0], batch)])
+    return topk_accuracy(scores, labels, (1, 5))
+
+
+def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                             val_labels: torch.Tensor, num_classes: int | None = None, epochs: int = 100,
+                             batch_size: int = 256, base_lr: float = 0.1, momentum: float = 0.9,
+                             weight_decay: float = 0.0, device="cpu", seed: int = 0, standardize: bool = True,
+                             log=None) -> dict:
+    """Linear classifier on fixed features: SGD momentum, lr = base_lr * batch / 256, per-step cosine.
+
+    Returns {"top1", "top5", "train_top1", "head": {"weight", "bias"} on the raw (unstandardised) features}.
+    """
+    device = torch.device(device)
+    if num_classes is None:
+        num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
+    d = train_feats.shape[1]
+    if standardize:
+        mu = train_feats.mean(0)
+        sd = train_feats.std(0).clamp_min(1e-6)  # dead ReLU units have std 0
+    else:
+        mu, sd = torch.zeros(d), torch.ones(d)
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(d, num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=g)
+        head.bias.zero_()
+    head.to(device)
+    # Whole feature matrix on the device when it is small next to device memory (cheap random batches);
+    # otherwise batches are gathered on the host and copied.
+    on_dev = device.type != "cuda" or train_feats.numel() * 4 < 0.25 * torch.cuda.get_device_properties(device).total_memory
+    xs = ((train_feats - mu) / sd).to(device if on_dev else "cpu")
+    ys = train_labels.reshape(-1).long().to(xs.device)
+    n = xs.shape[0]
+    steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: a tiny batch is a noisy step
+    total = epochs * steps_per_epoch
+    lr = base_lr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    step = 0
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=g).to(xs.device)
+        tot = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            xb, yb = xs[idx].to(device, non_blocking=True), ys[idx].to(device, non_blocking=True)
+            for pg in opt.param_groups:
+                pg["lr"] = cosine_lr(lr, step, total)
+            loss = F.cross_entropy(head(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            tot += loss.detach()
+        if log is not None and (ep + 1 == epochs or (ep + 1) % max(1, epochs // 10) == 0):
+            log(f"linear fast epoch {ep + 1}/{epochs} loss {float(tot) / steps_per_epoch:.4f}")
+    folded = _fold(head, mu, sd)
+    raw = nn.Linear(d, num_classes).to(device)
+    raw.load_state_dict({k: v.to(device) for k, v in folded.items()})
+    top1, top5 = _evaluate(raw, val_feats, val_labels, device)
+    train_top1, _ = _evaluate(raw, train_feats, train_labels, device)
+    return {"top1": top1, "top5": top5, "train_top1": train_top1, "head": folded}
+
+
+@torch.no_grad()
+def _fold(head: nn.Linear, mu: torch.Tensor, sd: torch.Tensor) -> dict:
+    """Linear on standardised features -> the same function of raw features: W' = W / sd, b' = b - W' mu."""
+    w = head.weight.float().cpu() / sd[None, :]
+    b = head.bias.float().cpu() - w @ mu
+    return {"weight": w.contiguous(), "bias": b.contiguous()}
+
+
+def linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs: int = 100, batch_size: int = 256,
+                base_lr: float = 0.1, weight_decay: float = 0.0, max_train: int | None = None,
+                max_val: int | None = None, amp_dtype=None, seed: int = 0, log=None) -> dict:
+    """Fast linear probe: centre-crop features extracted once (deterministic loaders), then a Linear on them."""
+    t0 = time.perf_counter()
+    tr, trl = extract_features(backbone, train_loader, device, mean, std, max_train, amp_dtype, normalize=False)
+    va, val = extract_features(backbone, val_loader, device, mean, std, max_val, amp_dtype, normalize=False)
+    if log is not None:
+        log(f"features: train {tuple(tr.shape)} val {tuple(va.shape)} in {time.perf_counter() - t0:.1f}s")
+    r = train_linear_on_features(tr, trl, va, val, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
+                                 weight_decay=weight_decay, device=device, seed=seed, log=log)
+    r.update(mode="fast", epochs=epochs, n_train=tr.shape[0], n_val=va.shape[0])
+    return r
+
+
+def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: int = 90, base_lr: float = 0.1,
+                weight_decay: float = 0.0, trust_coef: float = 0.001, momentum: float = 0.9, crop_size: int = 224,
+                crop_scale=(0.08, 1.0), num_classes: int | None = None, amp_dtype=None, seed: int = 0,
+                max_steps_per_epoch: int | None = None, log=None) -> dict:
+    """The MVEB linear protocol on a frozen backbone (module docstring). ``train_loader`` yields shuffled uint8
+    batches of whole (uncropped) training images; the batch size is read from the first batch."""
+    device = torch.device(device)
+    va, val = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
+    if num_classes is None:
+        num_classes = int(val.max().item()) + 1
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(va.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=g)
+        head.bias.zero_()
+    head.to(device)
+    opt = None
+    step, total = 0, None
+    was_training = backbone.training
+    backbone.eval()  # frozen: BatchNorm uses its running statistics
+    try:
+        for ep in range(epochs):
+            tot, nb = 0.0, 0
+            for i, (x, y) in enumerate(train_loader):
+                if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
+                    break
+                if opt is None:  # lr scales with the batch the loader actually delivers
+                    bs = x.shape[0]
+                    steps_per_epoch = len(train_loader) if max_steps_per_epoch is None else min(len(train_loader), max_steps_per_epoch)
+                    total = epochs * steps_per_epoch
+                    lr = base_lr * bs / 256
+                    opt = LARS(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef)
+                x = x.to(device, non_blocking=True)
+                y = y.reshape(-1).to(device, dtype=torch.long, copy=True)
+                if int(y.max()) >= num_classes:
+                    raise ValueError(f"train label {int(y.max())} >= {num_classes} classes seen in the val set")
+                with torch.no_grad(), _autocast(device, amp_dtype):
+                    v = normalize_uint8(rrc_flip(x, crop_size, crop_scale, generator=g), mean, std)
+                    h = backbone(v).float().flatten(1)
+                for pg in opt.param_groups:
+                    pg["lr"] = cosine_lr(lr, step, total)
+                loss = F.cross_entropy(head(h), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                tot += loss.detach()
+                nb += 1
+            if log is not None:
+                top1, _ = _evaluate(head, va, val, device)
+                log(f"linear full epoch {ep + 1}/{epochs} loss {float(tot) / max(nb, 1):.4f} val top1 {top1:.2f}")
+    finally:
+        backbone.train(was_training)
+    top1, top5 = _evaluate(head, va, val, device)
+    head_sd = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
+    return {"top1": top1, "top5": top5, "head": head_sd, "mode": "full", "epochs": epochs, "n_val": va.shape[0]}

@@ -1,0 +1,232 @@
+"""One-page PNG report of a run: the training curves people look at, evaluation, and throughput.
+
+    python -m fastmveb.report --run runs/NAME [--out FILE.png]      # default: runs/NAME/report.png
+
+Reads run_dir/metrics.jsonl (and meta.json / eval.jsonl when present) and draws, against the training
+step: loss; alignment; the entropy surrogate (a trend only: its value means nothing, MVEB.md); the kernel
+bandwidth tau; uniformity and effective rank (the collapse monitors); kNN top-1/top-5 and the online probe;
+learning rate with the EMA momentum; gradient norm; samples/s; where each step's time goes (loading, views,
+model step, as shares of the step time, for whichever of them were logged); peak memory. A metric the
+run did not log gets an empty panel that says so, so every report has the same layout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from fastmveb.eval.features import RunError
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(rows, number of unreadable lines): a run killed mid-write may leave a truncated last line."""
+    rows, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+# Panel: (title, [(key, label)], options). Order is the reading order: objective, collapse, eval, optimiser, speed.
+PANELS = [
+    ("loss", [("loss", "loss")], {}),
+    ("alignment", [("align", "align")], {}),
+    ("entropy surrogate (trend only)", [("entropy", "H_sur")], {}),
+    ("bandwidth tau", [("tau", "tau")], {}),
+    ("uniformity (-4 spread, 0 collapsed)", [("uniformity", "uniformity")], {}),
+    ("effective rank of z", [("erank", "erank")], {}),
+    ("accuracy (%)", [("knn_top1", "kNN top-1"), ("knn_top5", "kNN top-5"),
+                      ("online_linear_top1", "online linear top-1"), ("probe_top1", "online probe top-1 (train)")],
+     {"markers": True}),
+    ("learning rate", [("lr", "lr")], {"twin": ("ema_momentum", "EMA momentum")}),
+    ("gradient norm", [("grad_norm", "grad norm")], {"log": True}),
+    ("throughput (samples/s)", [("samples_per_s", "samples/s")], {}),
+    ("time per step", [], {"time_shares": True}),
+    ("peak memory (GB)", [("peak_mem_gb", "peak mem")], {}),
+]
+TIME_PARTS = [("time_data", "loading"), ("time_views", "views"), ("time_step", "model step")]
+
+
+def _empty(ax, text="not logged in this run"):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _time_panel(ax, rows):
+    """Shares of the step time. The whole is time_total when logged, else the sum of the logged parts."""
+    parts = [(k, lab) for k, lab in TIME_PARTS if series(rows, k)[0]]
+    if not parts:
+        return _empty(ax)
+    pts = []
+    for r in rows:
+        vals = [r.get(k) for k, _ in parts]
+        if any(not isinstance(v, (int, float)) for v in vals):
+            continue
+        whole = r.get("time_total")
+        whole = whole if isinstance(whole, (int, float)) and whole > 0 else sum(vals)
+        if whole <= 0:
+            continue
+        pts.append((r["step"], [v / whole for v in vals], whole))
+    if not pts:
+        return _empty(ax)
+    xs = [p[0] for p in pts]
+    shares = [[p[1][i] * 100 for p in pts] for i in range(len(parts))]
+    labels = [lab for _, lab in parts]
+    has_total = any(isinstance(r.get("time_total"), (int, float)) for r in rows)
+    if has_total:
+        other = [max(0.0, 100 - sum(p[1]) * 100) for p in pts]
+        shares.append(other)
+        labels.append("other")
+    ax.stackplot(xs, *shares, labels=labels, alpha=0.8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of step time")
+    mean_ms = 1000 * sum(p[2] for p in pts) / len(pts)
+    ax.set_title(f"time per step (mean {mean_ms:.0f} ms)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    return None
+
+
+def make_report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the report of ``run`` into ``out`` (default run_dir/report.png); returns the PNG path."""
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory '{run_dir}' not found")
+    mpath = run_dir / "metrics.jsonl"
+    if not mpath.is_file():
+        raise RunError(f"no metrics.jsonl in '{run_dir}' (has the run logged a step yet?)")
+    rows, bad = read_jsonl(mpath)
+    if not rows:
+        raise RunError(f"'{mpath}' has no metric lines")
+    out = Path(out) if out is not None else run_dir / "report.png"
+    if not out.parent.is_dir():
+        raise RunError(f"output directory '{out.parent}' does not exist")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = {}
+    if (run_dir / "meta.json").is_file():
+        try:
+            meta = json.loads((run_dir / "meta.json").read_text())
+        except json.JSONDecodeError:
+            pass
+    evals = read_jsonl(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
+    evals = [e for e in evals if "top1" in e]  # read_jsonl needs "step"; eval lines carry it (may be None)
+
+    fig, axes = plt.subplots(3, 4, figsize=(20, 12))
+    for ax, (title, keys, opt) in zip(axes.flat, PANELS):
+        ax.set_title(title, fontsize=10)
+        if opt.get("time_shares"):
+            _time_panel(ax, rows)
+            continue
+        drawn = 0
+        for key, label in keys:
+            xs, ys = series(rows, key)
+            if not xs:
+                continue
+            style = dict(marker="o", ms=3) if opt.get("markers") or len(xs) < 3 else {}
+            ax.plot(xs, ys, label=f"{label} ({ys[-1]:.3g})", lw=1.2, **style)
+            drawn += 1
+        if opt.get("markers"):
+            # End-of-training kNN of the trained and of the randomly initialised encoder: the gain from training.
+            last = rows[-1]["step"]
+            for key, label, mk in (("final_knn_top1", "final kNN top-1", "*"), ("random_knn_top1", "random-init kNN top-1", "x")):
+                xs, ys = series(rows, key)
+                if xs:
+                    ax.plot(xs[-1:], ys[-1:], mk, ms=11, label=f"{label} ({ys[-1]:.2f})")
+                    drawn += 1
+            for e in evals:
+                if e.get("ckpt") == "random-init":
+                    continue
+                x = e.get("step") if isinstance(e.get("step"), (int, float)) else last
+                name = "kNN" if e.get("kind") == "knn" else f"linear {e.get('mode', '')}"
+                ax.plot([x], [e["top1"]], "D", ms=6, label=f"offline {name} top-1 ({e['top1']:.2f})")
+                drawn += 1
+        if not drawn:
+            _empty(ax)
+            continue
+        if opt.get("log") and all(y > 0 for k, _ in keys for y in series(rows, k)[1]):
+            ax.set_yscale("log")
+        if "twin" in opt:
+            k2, lab2 = opt["twin"]
+            xs, ys = series(rows, k2)
+            if xs:
+                ax2 = ax.twinx()
+                ax2.plot(xs, ys, color="tab:orange", lw=1, ls="--", label=f"{lab2} ({ys[-1]:.5g})")
+                ax2.tick_params(labelsize=8)
+                # One legend for both axes: two separate ones land on top of each other.
+                h1, l1 = ax.get_legend_handles_labels()
+                h2, l2 = ax2.get_legend_handles_labels()
+                ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+        if not ax.get_legend() and not ("twin" in opt and series(rows, opt["twin"][0])[0]):
+            ax.legend(fontsize=7, loc="best")
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=9)
+
+    last = rows[-1]
+    head = [f"run {run_dir.resolve().name}", f"step {last['step']}", f"epoch {last.get('epoch', '?')}"]
+    if meta.get("git"):
+        head.append(f"git {str(meta['git'])[:10]}")
+    if meta.get("world_size"):
+        head.append(f"{meta['world_size']} process(es)")
+    fin = [r for r in rows if "final_knn_top1" in r]
+    if fin:
+        f = fin[-1]
+        head.append(f"final kNN top-1 {f['final_knn_top1']:.2f}%" +
+                    (f" (random init {f['random_knn_top1']:.2f}%)" if "random_knn_top1" in f else ""))
+    if bad:
+        head.append(f"{bad} unreadable line(s) skipped")
+    fig.suptitle("   |   ".join(head), fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp.png"
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastmveb.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run directory with metrics.jsonl")
+    ap.add_argument("--out", help="PNG path (default: RUN/report.png)")
+    args = ap.parse_args(argv)
+    try:
+        out = make_report(args.run, args.out)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Evaluation: kNN against a brute-force restatement, feature extraction, linear probes, online probe, CLI errors."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmveb.eval.features import RunError, extract_features, normalize_uint8
+from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
+from fastmveb.eval.linear import (LARS, linear_fast, linear_full, rrc_flip, sample_rrc_boxes,
+                                  train_linear_on_features)
+from fastmveb.eval.online import OnlineLinearProbe
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def brute_knn(bank, bank_labels, queries, num_classes, k, T):
+    """The definition, in float64 over the full similarity matrix."""
+    sim = queries.double() @ bank.double().T
+    top, idx = sim.topk(min(k, bank.shape[0]), dim=1)
+    scores = torch.zeros(queries.shape[0], num_classes, dtype=torch.float64)
+    for q in range(queries.shape[0]):
+        for s, i in zip(top[q], idx[q]):
+            scores[q, bank_labels[i]] += math.exp(s.item() / T)
+    return scores
+
+
+def _unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("k", [1, 7, 50, 1000])
+def test_knn_chunked_equals_brute_force(k):
+    bank, queries = _unit(300, 16, 0), _unit(41, 16, 1)
+    labels = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(2))
+    ref = brute_knn(bank, labels, queries, 7, k, 0.1)
+    whole = knn_predict(bank, labels, queries, 7, k=k, T=0.1, chunk_size=10**6, query_chunk_size=10**6)
+    # Bank chunks smaller than k force the running top-k to merge across chunks.
+    chunked = knn_predict(bank, labels, queries, 7, k=k, T=0.1, chunk_size=5, query_chunk_size=13)
+    torch.testing.assert_close(whole.double(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_knn_known_tiny_example():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1, 2])
+    q = torch.tensor([[1.0, 0.0]])
+    # Similarities 1, 0, -1, 0.6: the two nearest are bank 0 (class 0) and bank 3 (class 2).
+    s = knn_predict(bank, labels, q, num_classes=3, k=2, T=0.5, chunk_size=1)
+    torch.testing.assert_close(s, torch.tensor([[math.exp(2.0), 0.0, math.exp(1.2)]]))
+    # k larger than the bank: every entry votes.
+    s = knn_predict(bank, labels, q, num_classes=3, k=200, T=1.0)
+    torch.testing.assert_close(s, torch.tensor([[math.e, 1 + math.exp(-1), math.exp(0.6)]]))
+
+
+def test_topk_accuracy_and_top5():
+    scores = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3],     # label 2 at rank 3: top-5 hit, top-1 miss
+                           [0.0, 1, 2, 3, 4, 5, 6],     # label 0 at rank 7: miss both
+                           [1.0, 0, 0, 0, 0, 0, 0]])    # label 0 at rank 1: hit both
+    top1, top5 = topk_accuracy(scores, torch.tensor([2, 0, 0]), (1, 5))
+    assert top1 == pytest.approx(100 / 3) and top5 == pytest.approx(200 / 3)
+    # Fewer classes than 5: top-5 is every class, 100%.
+    assert topk_accuracy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (1, 5))[1] == 100.0
+
+
+def test_knn_accuracy_separates_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 32, generator=g), dim=1)
+    def draw(n):
+        y = torch.randint(0, 5, (n,), generator=g)
+        return F.normalize(centres[y] + 0.1 * torch.randn(n, 32, generator=g), dim=1), y
+    (b, by), (q, qy) = draw(400), draw(100)
+    top1, top5 = knn_accuracy(b, by, q, qy, k=20, T=0.1, chunk_size=64)
+    assert top1 == 100.0 and top5 == 100.0
+    # Shuffled bank labels: chance level, so the metric is not trivially 100.
+    top1, _ = knn_accuracy(b, by[torch.randperm(400, generator=g)], q, qy, k=20, T=0.1)
+    assert top1 < 50.0
+
+
+class ReusingLoader:
+    """Mimics FFCV: every batch is written into the same output buffers."""
+
+    def __init__(self, xs, ys, batch):
+        self.xs, self.ys, self.batch = xs, ys, batch
+
+    def __iter__(self):
+        bx = torch.empty((self.batch,) + self.xs.shape[1:], dtype=torch.uint8)
+        by = torch.empty(self.batch, 1, dtype=torch.int64)
+        for i in range(0, len(self.xs), self.batch):
+            n = min(self.batch, len(self.xs) - i)
+            bx[:n] = self.xs[i:i + n]
+            by[:n, 0] = self.ys[i:i + n]
+            yield bx[:n], by[:n]
+
+    def __len__(self):
+        return math.ceil(len(self.xs) / self.batch)
+
+
+def colour_dataset(n, size=24, seed=0, classes=3):
+    """Class c = images dominated by colour channel c, with texture noise: a linear function of mean colour."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randint(0, 120, (n, 3, size, size), generator=g)
+    x[torch.arange(n), y] += 120
+    return x.to(torch.uint8), y
+
+
+def test_extract_features_normalises_copies_labels_and_restores_mode():
+    xs, ys = colour_dataset(10, size=4)
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48))
+    net.train()
+    f, y = extract_features(nn.Sequential(nn.Flatten()), ReusingLoader(xs, ys, 4), "cpu", MEAN, STD)
+    expect = F.normalize(normalize_uint8(xs, MEAN, STD).flatten(1), dim=1)
+    torch.testing.assert_close(f, expect)
+    assert torch.equal(y, ys) and y.dtype == torch.int64        # not the last batch's buffer repeated
+    f, y = extract_features(net, ReusingLoader(xs, ys, 4), "cpu", MEAN, STD, max_samples=6, normalize=False)
+    assert f.shape == (6, 48) and torch.equal(y, ys[:6])
+    assert net.training                                          # mode restored after eval
+    m = torch.tensor(MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize_uint8(xs, MEAN, STD), (xs.float() / 255 - m) / s)
+
+
+def test_knn_eval_on_colour_images_beats_random_labels():
+    train, val = colour_dataset(90, seed=0), colour_dataset(30, seed=1)
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    r = knn_eval(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", MEAN, STD, k=10, T=0.1)
+    assert set(r) == {"top1", "top5"}
+    assert r["top1"] > 90.0 and r["top5"] == 100.0
+    r = knn_eval(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", MEAN, STD, k=10, T=0.1, max_val=7)
+    assert r["top1"] * 7 / 100 == pytest.approx(round(r["top1"] * 7 / 100))  # a whole number of 7 queries
+
+
+def test_linear_on_cached_features_learns_separable_set():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 64, generator=g)
+    # Large common offset and tiny scale: raw, SGD at lr 0.1 would crawl; standardised it does not.
+    def draw(n):
+        x = torch.randn(n, 64, generator=g)
+        return 50.0 + 0.01 * x, (x @ w.T).argmax(1)
+    (xtr, ytr), (xva, yva) = draw(2000), draw(500)
+    r = train_linear_on_features(xtr, ytr, xva, yva, epochs=8, batch_size=128, base_lr=0.1)
+    assert r["top1"] > 90.0, r
+    # The folded head works on raw features directly (what export ships as the torchvision fc).
+    pred = (xva @ r["head"]["weight"].T + r["head"]["bias"]).argmax(1)
+    assert (pred == yva).float().mean().item() * 100 == pytest.approx(r["top1"])
+    # Labels unrelated to the features: no better than chance, so the > 90% above is learnt.
+    bad = train_linear_on_features(xtr, ytr[torch.randperm(2000, generator=g)], xva, yva, epochs=2, batch_size=128)
+    assert bad["top1"] < 50.0
+
+
+def test_linear_fast_end_to_end_on_images():
+    train, val = colour_dataset(120, seed=0), colour_dataset(45, seed=1)
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    r = linear_fast(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", MEAN, STD, epochs=30, batch_size=32)
+    assert r["top1"] > 90.0 and r["n_train"] == 120 and r["head"]["weight"].shape == (3, 3)
+
+
+def test_lars_step_matches_hand_computation():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))        # ||w|| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coef=0.01)
+    w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])
+    opt.step()
+    d = torch.tensor([[0.3, 1.4]])                      # grad + wd * w
+    d = d * 0.01 * 5.0 / d.norm()
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * d)
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 0.5 * 2.0]))   # 1-D: no wd, no scaling
+    w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])
+    before = b.detach().clone()
+    opt.step()
+    torch.testing.assert_close(b.detach(), before - 0.5 * (0.9 * 2.0 + 2.0))   # momentum buffer
+
+
+def test_rrc_boxes_and_crops():
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_rrc_boxes(2000, 40, 60, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= 60).all() and (boxes[:, 3] <= 40).all()
+    area = w * h / (40 * 60)
+    assert area.min() > 0.06 and area.max() <= 1.0 and 0.35 < area.mean() < 0.65
+    assert ((w / h) > 0.7).all() and ((w / h) < 1.45).all()
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    # Whole-image box at the same size is the identity; flip_p=1 mirrors it.
+    same = rrc_flip(x, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
+    torch.testing.assert_close(same, x.float())
+    torch.testing.assert_close(rrc_flip(x, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0), x.float().flip(-1))
+    out = rrc_flip(x, 8, generator=g)
+    assert out.shape == (3, 3, 8, 8) and out.min() >= 0 and out.max() <= 255
+
+
+def test_linear_full_protocol_learns_colour_classes():
+    train, val = colour_dataset(96, size=32, seed=0), colour_dataset(30, size=32, seed=1)
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))  # feature scale ~1
+    logs = []
+    r = linear_full(pool, ReusingLoader(*train, 16), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=8,
+                    base_lr=4.0, trust_coef=0.0, crop_size=16, log=logs.append)
+    assert r["top1"] > 90.0, (r["top1"], logs)
+    assert len(logs) == 8 and r["head"]["weight"].shape == (3, 3)
+
+
+def test_online_probe_leaves_backbone_gradients_unchanged():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(8, 4)
+    probe = OnlineLinearProbe(8, 5)
+    x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 5, (6,))
+
+    def grads(with_probe):
+        for p in list(backbone.parameters()) + list(head.parameters()) + list(probe.parameters()):
+            p.grad = None
+        h = backbone(x)
+        loss = head(h).pow(2).mean()
+        if with_probe:
+            pl, top1 = probe(h, y)
+            loss = loss + 10.0 * pl
+            assert top1.ndim == 0 and 0.0 <= top1.item() <= 100.0
+        loss.backward()
+        return [p.grad.clone() for p in list(backbone.parameters()) + list(head.parameters())]
+
+    plain, probed = grads(False), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, probed))
+    assert probe.fc.weight.grad is not None and probe.fc.weight.grad.abs().sum() > 0
+
+
+def test_online_probe_folded_head_matches_eval_forward():
+    probe = OnlineLinearProbe(6, 3)
+    probe.train()
+    for _ in range(5):
+        probe(torch.randn(16, 6) * 3 + 2, torch.randint(0, 3, (16,)))
+    probe.eval()
+    h = torch.randn(4, 6)
+    hs = probe.head_state()
+    torch.testing.assert_close(h @ hs["weight"].T + hs["bias"], probe.fc(probe.bn(h)))
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_missing_run_dir_is_one_line_error(tmp_path):
+    r = _cli("fastmveb.eval", "knn", "--run", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and "not found" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_no_checkpoint_is_one_line_error(tmp_path, capsys):
+    from fastmveb.eval.__main__ import main
+    assert main(["linear", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no checkpoint")
+    assert not (tmp_path / "eval.jsonl").exists()
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    from fastmveb.eval.features import load_run_backbone
+    with pytest.raises(RunError, match="not found"):
+        load_run_backbone(tmp_path, tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="cannot read checkpoint"):
+        load_run_backbone(tmp_path, tmp_path / "bad.pt")
