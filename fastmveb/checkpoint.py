@@ -150,11 +150,12 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
-    """Inverse of ``capture_rng_state``. CUDA states are restored for as many devices as both sides have."""
+    """Inverse of ``capture_rng_state``; accepts a state loaded with any map_location. CUDA states are
+    restored for as many devices as both sides have."""
     py_version, py_state, py_gauss = state["python"]
     random.setstate((int(py_version), tuple(int(x) for x in py_state.tolist()), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), int(np_pos), int(np_has_gauss),
+    np.random.set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), int(np_pos), int(np_has_gauss),
                          float(np_gauss)))
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     cuda = state.get("cuda")

@@ -155,3 +155,16 @@ def test_unwrap_strips_nested_wrappers():
     assert unwrap(m) is m
     assert unwrap(torch.compile(nn.DataParallel(m))) is m
     assert list(unwrap(torch.compile(m)).state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_round_trip_through_a_cuda_map_location(tmp_path):
+    torch.cuda.manual_seed_all(5)
+    np.random.seed(5)
+    state = capture_rng_state()
+    first = (torch.rand(2, device="cuda").tolist(), np.random.rand(2).tolist())
+    path = tmp_path / "rng.pt"
+    assert save_checkpoint(path, {"rng": state, "model": {"w": torch.ones(2, device="cuda")}})
+    restore_rng_state(load_checkpoint(path, map_location="cuda")["rng"])
+    assert (torch.rand(2, device="cuda").tolist(), np.random.rand(2).tolist()) == first
