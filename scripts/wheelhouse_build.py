@@ -219,6 +219,14 @@ def repack_ffcv(raw_wheel: Path, out_dir: Path, patchelf: str, info_out: Path) -
             bundled[soname] = {"soname": soname, "file": f"{LIBS_DIR}/{new}", "source": str(real),
                                "source_sha256": digest, "debian_package": debian_package(src)}
         rename = {old: Path(b["file"]).name for old, b in bundled.items()}
+        # Ship the Debian copyright/licence file of every bundled library next to it.
+        for b in bundled.values():
+            pkg = b["debian_package"].split(" ")[0].split(":")[0]
+            lic = Path("/usr/share/doc") / pkg / "copyright"
+            if pkg and lic.is_file():
+                (libdir / "licenses").mkdir(exist_ok=True)
+                shutil.copyfile(lic, libdir / "licenses" / f"{pkg}.copyright")
+                b["license_file"] = f"{LIBS_DIR}/licenses/{pkg}.copyright"
 
         def patch(obj: Path, runpath: str, soname: str | None = None) -> None:
             for dep in run([patchelf, "--print-needed", str(obj)]).split():
@@ -313,6 +321,7 @@ def finalize(out: Path, pyver: str, ffcv_info: Path, budget_mib: float, host_dep
         "format": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "target_python": pyver,
+        "budget_mib": budget_mib,
         "builder": {"python": platform.python_version(), "glibc": "-".join(platform.libc_ver()),
                     "os": _os_release()},
         "install": install,
