@@ -91,10 +91,11 @@ def make_target(model: nn.Module) -> nn.Module:
     their running stats are copied from the online model by ``ema_update`` rather than learnt. No parameter
     requires grad, so the target never enters the optimizer or the autograd graph.
     """
-    target = copy.deepcopy(unwrap(model))
+    online = unwrap(model)
+    target = copy.deepcopy(online)
     for p in target.parameters():
         p.requires_grad_(False)
-    target.train(model.training)
+    target.train(online.training)
     return target
 
 

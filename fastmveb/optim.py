@@ -106,13 +106,14 @@ class LARS(torch.optim.Optimizer):
                 continue
 
             skip_dev = skip.to(device=device, non_blocking=True)
-            new_bufs = torch._foreach_mul(bufs, momentum)
-            torch._foreach_add_(new_bufs, d)
-            new_params = torch._foreach_sub(params, torch._foreach_mul(new_bufs, lr))
+            new_bufs = torch._foreach_add(d, bufs, alpha=momentum)
+            if isinstance(lr, torch.Tensor):
+                new_params = torch._foreach_sub(params, torch._foreach_mul(new_bufs, lr))
+            else:
+                new_params = torch._foreach_add(params, new_bufs, alpha=-lr)
+            # Writing the select straight into old is safe: each element is read before it is written.
             for old, new in zip(bufs + params, new_bufs + new_params):
-                torch.where(skip_dev, old, new, out=new)
-            torch._foreach_copy_(bufs, new_bufs)
-            torch._foreach_copy_(params, new_params)
+                torch.where(skip_dev, old, new, out=old)
         return loss
 
 
