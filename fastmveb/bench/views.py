@@ -1,0 +1,198 @@
+"""Views benchmark: ``python -m fastmveb.bench views [--short] [--device cpu|cuda] [--batch N]``.
+
+Images per second through each op of fastmveb.views (beside the Kornia op it replaces) and through the whole
+recipe, two-view (2x224) and multi-crop (2x224 + 6x96), from a uint8 batch of decoded 256x256 images; beside
+the released recipe's per-sample PIL transforms (benchmarks/released_transforms.py) on the same images, in one
+process and in a pool of one process per core. Rows report images/s: for an op, samples through that op for
+one view; for a recipe, source images turned into all their views.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastmveb.bench import common
+from fastmveb.config import ViewsConfig
+from fastmveb.views import (ViewMaker, blend_toward, blur_kernels, color_jitter, gaussian_blur,
+                            resized_crop, sample_crop_boxes, shift_hue)
+
+DECODE = 256
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--batch", type=int, default=None, help="images per batch (default 64 CPU / 256 CUDA)")
+    parser.add_argument("--no-pil", action="store_true", help="skip the PIL baseline")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ViewMaker) (inductor)")
+
+
+def _images(n: int, device) -> torch.Tensor:
+    """Decoded-photo stand-in: smooth colour fields plus texture and noise (content does not change the
+    cost of these ops, but hue/solarize branches see a realistic mix of values)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    x = F.interpolate(low, size=(DECODE, DECODE), mode="bicubic", align_corners=False)
+    x = x + 0.15 * torch.rand(n, 3, DECODE, DECODE, generator=g)
+    return (x.clamp(0, 1) * 255).to(torch.uint8).to(device)
+
+
+# ------------------------------------------------------------------------------------- alternatives
+def _grid_crop(x, boxes, size, supersample: int = 1):
+    """Batched crop via affine_grid + grid_sample (bilinear); supersample > 1 renders ss*size then
+    box-averages, a cheap antialias."""
+    n, _, h, w = x.shape
+    top, left, bh, bw = boxes.unbind(1)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = bw / w
+    theta[:, 0, 2] = (2 * left + bw) / w - 1
+    theta[:, 1, 1] = bh / h
+    theta[:, 1, 2] = (2 * top + bh) / h - 1
+    s = size * supersample
+    grid = F.affine_grid(theta, [n, 3, s, s], align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.avg_pool2d(y, supersample) if supersample > 1 else y
+
+
+def _shifted_sum_blur(x, kernels):
+    n, c, h, w = x.shape
+    k = kernels.shape[1]
+    r = k // 2
+    y = F.pad(x, (r, r, r, r), mode="replicate")
+    acc = sum(kernels[:, i, None, None, None] * y[:, :, i:i + h, :] for i in range(k))
+    return sum(kernels[:, i, None, None, None] * acc[:, :, :, i:i + w] for i in range(k))
+
+
+def _kornia_ops(size, scale, blur_radius):
+    import kornia.augmentation as K
+    return {
+        "crop (kornia RandomResizedCrop, resample)": K.RandomResizedCrop((size, size), scale=scale,
+                                                                         cropping_mode="resample"),
+        "jitter (kornia ColorJitter p=0.8)": K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+        "blur (kornia RandomGaussianBlur p=1)": K.RandomGaussianBlur(
+            (2 * blur_radius + 1, 2 * blur_radius + 1), (0.1, 2.0), p=1.0),
+    }
+
+
+# ------------------------------------------------------------------------------------------- PIL baseline
+def _pil_worker(args):
+    import numpy as np
+    from PIL import Image
+    from benchmarks.released_transforms import released_transform
+    arr, n_local, seed = args
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    tf = released_transform(n_local)
+    imgs = [Image.fromarray(a) for a in arr]
+    t0 = time.perf_counter()
+    for im in imgs:
+        tf(im)
+    return len(imgs), time.perf_counter() - t0
+
+
+def _pil_rate(x_cpu: torch.Tensor, n_local: int, procs: int) -> float:
+    """Images/s of the released per-sample transform; with procs > 1, one process per core, each timing
+    its own share (the PIL -> image conversion is outside the timed region)."""
+    arr = x_cpu.permute(0, 2, 3, 1).contiguous().numpy()
+    if procs == 1:
+        n, dt = _pil_worker((arr, n_local, 0))
+        return n / dt
+    chunks = [(arr[i::procs], n_local, i) for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        pool.map(_pil_worker, [(c[0][:2], n_local, 0) for c in chunks])   # warm the workers' imports
+        t0 = time.perf_counter()
+        pool.map(_pil_worker, chunks)
+        wall = time.perf_counter() - t0
+    return len(arr) / wall
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    n = args.batch or (256 if cuda else (32 if args.short else 64))
+    iters = 3 if args.short else 7
+    x8 = _images(n, device)
+    xf = x8.float() / 255
+    rows: list[dict] = []
+
+    def add(name, fn, per_call_images, kind):
+        fn()
+        t = common.time_fn(fn, device, warmup=1, iters=iters)
+        rows.append({"what": name, "kind": kind, "images_per_s": per_call_images / t, "ms_per_call": 1e3 * t})
+        print(f"{name:58s} {per_call_images / t:10,.0f} img/s")
+
+    torch.manual_seed(0)
+    cfg = ViewsConfig()
+    radius = int(math.ceil(3 * cfg.blur_sigma[1]))
+    with torch.no_grad():
+        # Per-op rows: one view's worth of work, ours beside the alternatives measured for each choice.
+        for size, scale in ((cfg.global_size, cfg.global_scale), (cfg.local_size, cfg.local_scale)):
+            boxes = sample_crop_boxes(n, DECODE, DECODE, scale, cfg.ratio, device)
+            tag = f"@{size}"
+            add(f"crop{tag} ours separable bilinear+AA (PIL BILINEAR)",
+                lambda: resized_crop(xf, boxes, size, "bilinear", True), n, "op")
+            add(f"crop{tag} ours separable bicubic+AA (PIL BICUBIC)",
+                lambda: resized_crop(xf, boxes, size, "bicubic", True), n, "op")
+            add(f"crop{tag} grid_sample bilinear, no AA", lambda: _grid_crop(xf, boxes, size), n, "alt")
+            add(f"crop{tag} grid_sample 2x supersample + avgpool",
+                lambda: _grid_crop(xf, boxes, size, 2), n, "alt")
+            ops = _kornia_ops(size, scale, radius)
+            crop_k = ops.pop(f"crop (kornia RandomResizedCrop, resample)")
+            add(f"crop{tag} kornia RandomResizedCrop resample, no AA", lambda: crop_k(xf), n, "kornia")
+        v = resized_crop(xf, sample_crop_boxes(n, DECODE, DECODE, cfg.global_scale, cfg.ratio, device), 224)
+        vm = ViewMaker(cfg).to(device)
+        p = vm.sample_params(n, (DECODE, DECODE), device)[0]
+        p = {**p, "jitter": torch.ones_like(p["jitter"])}
+        add("jitter@224 ours, per-sample random order", lambda: color_jitter(v, p, "random"), n, "op")
+        add("jitter@224 ours, fixed order", lambda: color_jitter(v, p, "fixed"), n, "op")
+        add("  of which one blend (b/c/s)", lambda: blend_toward(v, p["contrast"], p["contrast"] * 0,
+                                                                 p["contrast"] * 0 + 1), n, "op")
+        add("  of which one hue shift", lambda: shift_hue(v, p["hue"]), n, "op")
+        ops = _kornia_ops(224, cfg.global_scale, radius)
+        jit_k, blur_k = ops["jitter (kornia ColorJitter p=0.8)"], ops["blur (kornia RandomGaussianBlur p=1)"]
+        add("jitter@224 kornia ColorJitter p=0.8 (batch order)", lambda: jit_k(v), n, "kornia")
+        kern = blur_kernels(p["sigma"], torch.ones_like(p["blur"]), radius)
+        add(f"blur@224 ours grouped conv ({2 * radius + 1} taps, per-sample sigma)",
+            lambda: gaussian_blur(v, kern), n, "op")
+        add("blur@224 shifted multiply-adds", lambda: _shifted_sum_blur(v, kern), n, "alt")
+        add("blur@224 kornia RandomGaussianBlur p=1", lambda: blur_k(v), n, "kornia")
+        add("gray+solarize+normalise@224 ours", lambda: vm.render_view(
+            v, vm.specs[1], {**p, "blur": torch.zeros_like(p["blur"])}, crop=False), n, "op")
+
+        # Whole recipe.
+        recipes = (("two-view 2x224", 0), ("multi-crop 2x224+6x96", 6))
+        for name, n_local in recipes:
+            rcfg = ViewsConfig(n_local=n_local)
+            for order in ("random", "fixed"):
+                vm = ViewMaker(rcfg, jitter_order=order).to(device)
+                add(f"recipe {name} ours (jitter {order})", lambda: vm(x8), n, "recipe")
+            vmb = ViewMaker(ViewsConfig(n_local=n_local, dtype="bfloat16"), interpolation="bicubic").to(device)
+            add(f"recipe {name} ours (bicubic, bf16 out)", lambda: vmb(x8), n, "recipe")
+            if args.compile:
+                vmc = torch.compile(ViewMaker(rcfg).to(device))
+                add(f"recipe {name} ours compiled (inductor)", lambda: vmc(x8), n, "recipe")
+    if not args.no_pil:
+        x_cpu = x8.cpu()
+        pil_n = min(n, 16 if args.short else 48)
+        procs = os.cpu_count() or 1
+        for name, n_local in recipes:
+            r1 = _pil_rate(x_cpu[:pil_n], n_local, 1)
+            rows.append({"what": f"recipe {name} released PIL, 1 process", "kind": "pil-cpu",
+                         "images_per_s": r1, "ms_per_call": None})
+            print(f"recipe {name} released PIL, 1 process: {r1:,.1f} img/s")
+            if procs > 1:
+                rp = _pil_rate(x_cpu[:max(pil_n, 2 * procs)], n_local, procs)
+                rows.append({"what": f"recipe {name} released PIL, {procs} processes", "kind": "pil-cpu",
+                             "images_per_s": rp, "ms_per_call": None})
+                print(f"recipe {name} released PIL, {procs} processes: {rp:,.1f} img/s")
+    env = common.environment(device)
+    settings = {"batch": n, "decode": DECODE, "iters": iters, "short": bool(args.short),
+                "threads": torch.get_num_threads(), "device": str(device)}
+    path = common.write_results("views", env, settings, rows, ["what", "kind", "images_per_s", "ms_per_call"],
+                                out_dir=args.out_dir)
+    print(common.markdown_table(rows, ["what", "kind", "images_per_s", "ms_per_call"]))
+    print(f"wrote {path}")
