@@ -61,8 +61,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     max_side = args.max_side or None
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"   # also silences ffcv's own writer progress bar
     try:
         if args.cmd == "synthetic":
             from .synthetic import make_synthetic

@@ -19,6 +19,8 @@ Skipped files are printed (first 20) and written in full to OUT/skipped-<split>.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing as mp
 import os
 import sys
@@ -166,6 +168,19 @@ class _Samples:
         return arr, label
 
 
+@contextlib.contextmanager
+def _ffcv_progress(enabled: bool):
+    """ffcv's writer always draws a tqdm bar; swap in a disabled one for --quiet and tests."""
+    import ffcv.writer as fw
+    from tqdm import tqdm
+    saved = fw.tqdm
+    fw.tqdm = tqdm if enabled else functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        fw.tqdm = saved
+
+
 def _page_size(max_pixels: int, max_side: int | None) -> int:
     from ffcv.writer import MIN_PAGE_SIZE
     if max_pixels <= 0:
@@ -179,7 +194,7 @@ def _page_size(max_pixels: int, max_side: int | None) -> int:
 def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: int | None = DEFAULT_MAX_SIDE,
                 jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
                 smart_threshold: int = DEFAULT_SMART_THRESHOLD, shuffle: bool = True, seed: int = 0,
-                num_workers: int = 2, force: bool = False, max_pixels: int = 0) -> dict:
+                num_workers: int = 2, force: bool = False, max_pixels: int = 0, progress: bool = True) -> dict:
     """Write (path, label) samples to ``out`` atomically; returns a summary dict.
 
     ``max_pixels`` (largest source image, w * h) sizes ffcv's pages: a sample larger than a page kills a writer
@@ -215,9 +230,12 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
             if write_mode == "proportion":
                 np.random.seed(seed)   # the field draws jpg-vs-raw from numpy's global RNG (inherited by fork)
             ds = _Samples(samples, max_side, fail_dir)
-            writer = DatasetWriter(tmp, fields, num_workers=max(1, num_workers),
-                                   page_size=_page_size(max_pixels, max_side))
-            writer.from_indexed_dataset(ds, indices=order.tolist(), chunksize=64, shuffle_indices=False)
+            chunk = 64
+            # Each writer process keeps its own last page part-empty: no more processes than chunks of work.
+            workers = max(1, min(num_workers, -(-len(samples) // chunk)))
+            writer = DatasetWriter(tmp, fields, num_workers=workers, page_size=_page_size(max_pixels, max_side))
+            with _ffcv_progress(progress):
+                writer.from_indexed_dataset(ds, indices=order.tolist(), chunksize=chunk, shuffle_indices=False)
             failed = sorted(os.listdir(fail_dir), key=int)
             if failed:
                 first = Path(fail_dir, failed[0]).read_text().splitlines()[0]
@@ -280,7 +298,7 @@ def convert_imagefolder(data: str | Path, out: str | Path, *, splits=("train", "
         s = write_beton(split.samples, out / f"{split.name}.beton", max_side=max_side, jpeg_quality=jpeg_quality,
                         write_mode=write_mode, compress_probability=compress_probability,
                         smart_threshold=smart_threshold, shuffle=shuffle, seed=seed, num_workers=num_workers,
-                        force=force, max_pixels=split.max_pixels)
+                        force=force, max_pixels=split.max_pixels, progress=progress)
         s["skipped"] = len(split.skipped)
         summaries.append(s)
         print(format_summary(s) + (f", {len(split.skipped)} skipped" if split.skipped else ""), flush=True)

@@ -1,0 +1,172 @@
+"""fastmveb.data: the real FFCV loaders on a tiny synthetic beton (shapes, order, resume, sharding)."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_prep.synthetic import make_synthetic
+from fastmveb.config import ViewsConfig
+from fastmveb.data import epoch_indices, eval_loader, set_epoch, train_loader, unpack_train_batch
+
+# numba's finalizers raise harmless KeyErrors when ffcv's compiled pipelines are collected (NOTES.md).
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+N_TRAIN, N_VAL, S = 40, 20, 64   # 4 classes x 10 / 5 images; small decode side keeps numba+decode fast
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    make_synthetic(out, classes=4, train_per_class=N_TRAIN // 4, val_per_class=N_VAL // 4, seed=0,
+                   num_workers=2, progress=False, keep_jpeg=False)
+    return out / "train.beton", out / "val.beton"
+
+
+@pytest.fixture(scope="module")
+def reference(betons):
+    """Every train image in file order, decoded exactly as decode-once does (centre square at S), + labels."""
+    loader = eval_loader(betons[0], 16, 2, "cpu", size=S, crop_ratio=1.0)
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def run_epoch(loader):
+    return [(x.clone(), y.clone()) for x, y in (unpack_train_batch(b) for b in loader)]
+
+
+def test_train_batches_are_the_seeded_order_of_the_file(betons, reference):
+    ref_x, ref_y = reference
+    loader = train_loader(betons[0], 8, 2, "cpu", decode_size=S, seed=3)
+    assert len(loader) == N_TRAIN // 8
+    for epoch in (0, 1):
+        set_epoch(loader, epoch)
+        batches = run_epoch(loader)
+        idx = torch.from_numpy(epoch_indices(loader, epoch).astype(np.int64))
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        assert x.dtype == torch.uint8 and x.shape == (N_TRAIN, 3, S, S) and x.device.type == "cpu"
+        assert y.dtype == torch.int64 and y.shape == (N_TRAIN,)
+        assert torch.equal(x, ref_x[idx]) and torch.equal(y, ref_y[idx])
+        assert sorted(idx.tolist()) == list(range(N_TRAIN))
+        if epoch == 0:
+            first = idx.clone()
+    assert not torch.equal(first, idx)                     # a new permutation each epoch
+    other = train_loader(betons[0], 8, 2, "cpu", decode_size=S, seed=4)
+    assert not np.array_equal(epoch_indices(other, 0), first.numpy())   # and per seed
+
+
+def test_drop_last(betons):
+    kept = train_loader(betons[0], 16, 2, "cpu", decode_size=S, drop_last=False)
+    batches = run_epoch(kept)
+    assert [len(y) for _, y in batches] == [16, 16, 8]
+    dropped = train_loader(betons[0], 16, 2, "cpu", decode_size=S, drop_last=True)
+    assert [len(y) for _, y in run_epoch(dropped)] == [16, 16]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_set_epoch_skip_reproduces_the_tail(betons, reference, drop_last):
+    loader = train_loader(betons[0], 6, 2, "cpu", decode_size=S, seed=1, drop_last=drop_last)
+    set_epoch(loader, 2)
+    full = run_epoch(loader)
+    assert len(full) == (6 if drop_last else 7)
+    set_epoch(loader, 2, skip_batches=4)
+    tail = run_epoch(loader)
+    assert len(tail) == len(full) - 4
+    for (xa, ya), (xb, yb) in zip(full[4:], tail):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # The skip applies to that epoch only: the next one is epoch 3, complete.
+    nxt = run_epoch(loader)
+    assert len(nxt) == len(full)
+    assert torch.equal(torch.cat([y for _, y in nxt]), reference[1][epoch_indices(loader, 3).astype(np.int64)])
+    with pytest.raises(ValueError):
+        set_epoch(loader, 0, skip_batches=len(loader) + 1)
+
+
+def test_eval_loader_order_and_count(betons):
+    from ffcv.reader import Reader
+    labels = Reader(str(betons[1])).metadata["f1"].ravel()
+    loader = eval_loader(betons[1], 8, 2, "cpu", size=48, crop_ratio=0.875)
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+    assert [len(y) for _, y in batches] == [8, 8, 4]
+    x = torch.cat([b[0] for b in batches])
+    assert x.shape == (N_VAL, 3, 48, 48) and x.dtype == torch.uint8
+    assert torch.cat([b[1] for b in batches]).tolist() == labels.tolist()
+    again = torch.cat([x.clone() for x, _ in loader])
+    assert torch.equal(x, again)
+
+
+def test_per_view_shapes(betons):
+    views = ViewsConfig(global_size=48, local_size=24, n_local=1)   # every view is one more numba compile
+    loader = train_loader(betons[0], 8, 2, "cpu", decode="per_view", views=views)
+    batch = next(iter(loader))
+    assert len(batch) == 2 + 1 + 1
+    xs, y = unpack_train_batch(batch)
+    assert [tuple(v.shape) for v in xs] == [(8, 3, 48, 48)] * 2 + [(8, 3, 24, 24)]
+    assert all(v.dtype == torch.uint8 for v in xs)
+    assert y.dtype == torch.int64 and y.shape == (8,)
+    assert not torch.equal(xs[0], xs[1])   # two independent crops of the same images
+
+
+def test_two_rank_shards_in_process(betons, monkeypatch):
+    """Both ranks' loaders built in one process (rank/world patched where DistributedSampler reads them)."""
+    import torch.distributed as dist
+    from ffcv.reader import Reader
+    labels = Reader(str(betons[0])).metadata["f1"].ravel()
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda *a, r=rank: r)
+        loader = train_loader(betons[0], 4, 2, "cpu", decode_size=32, seed=7, distributed=True)
+        assert len(loader) == N_TRAIN // 2 // 4
+        shards.append([epoch_indices(loader, e).tolist() for e in (0, 1)])
+        if rank == 1:
+            set_epoch(loader, 1, skip_batches=2)
+            ys = torch.cat([y.clone() for _, y in loader])
+            assert ys.tolist() == labels[shards[1][1][8:]].tolist()
+    for e in (0, 1):
+        assert not set(shards[0][e]) & set(shards[1][e])
+        assert sorted(shards[0][e] + shards[1][e]) == list(range(N_TRAIN))
+    assert shards[0][0] != shards[0][1]
+
+
+@pytest.mark.slow
+def test_distributed_shards_are_disjoint_and_cover(betons, tmp_path):
+    """The real thing: two gloo processes, each with its own ffcv loader."""
+    _spawn_two_ranks(betons, tmp_path)
+
+
+def _rank_main(rank, world, port, beton, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        loader = train_loader(beton, 4, 1, "cpu", decode_size=32, seed=7, distributed=True)
+        res = {}
+        for epoch in (0, 1):
+            set_epoch(loader, epoch)
+            ys = torch.cat([y.clone() for _, y in loader])
+            res[epoch] = (epoch_indices(loader, epoch).tolist(), ys.tolist(), len(loader))
+        torch.save(res, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_two_ranks(betons, tmp_path):
+    import torch.multiprocessing as tmp_mp
+    from ffcv.reader import Reader
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp_mp.spawn(_rank_main, args=(2, port, str(betons[0]), str(tmp_path)), nprocs=2, join=True)
+    labels = Reader(str(betons[0])).metadata["f1"].ravel()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for epoch in (0, 1):
+        i0, y0, n0 = r0[epoch]
+        i1, y1, n1 = r1[epoch]
+        assert n0 == n1 == N_TRAIN // 2 // 4
+        assert not set(i0) & set(i1) and sorted(i0 + i1) == list(range(N_TRAIN))
+        assert y0 == labels[i0].tolist() and y1 == labels[i1].tolist()   # yielded what the order says
+    assert r0[0][0] != r0[1][0]                                          # reshuffled per epoch
