@@ -191,8 +191,8 @@ def resized_crop(x, boxes, size: int, interpolation: str = "bilinear", antialias
 
 # --------------------------------------------------------------------------------------------- colour
 def _gray(x):
-    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * luma).sum(1, keepdim=True)
+    # Python-scalar weights: a tensor built from a list on a GPU would be a blocking host-to-device copy.
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
 
 
 def blend_toward(x, factor, w_gray, w_mean):
@@ -203,9 +203,6 @@ def blend_toward(x, factor, w_gray, w_mean):
     ref = w_gray[:, None, None, None] * g + w_mean[:, None, None, None] * g.mean(dim=(2, 3), keepdim=True)
     # lerp(ref, x, f) = f * x + (1 - f) * ref in one pass (these are memory-bound passes; fewer is faster).
     return torch.lerp(ref, x, factor[:, None, None, None]).clamp_(0.0, 1.0)
-
-
-_HSV_N = (5.0, 3.0, 1.0)
 
 
 def shift_hue(x, shift):
@@ -222,7 +219,7 @@ def shift_hue(x, shift):
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))   # sextants
     h = h + 6.0 * shift[:, None, None]
-    n = torch.tensor(_HSV_N, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)   # 5, 3, 1: r, g, b
     k = torch.remainder(n + h.unsqueeze(1), 6.0)
     f = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * f
@@ -328,7 +325,8 @@ class ViewMaker(torch.nn.Module):
         out = []
         for spec in self.specs:
             if in_hw is None:
-                box = torch.tensor([0.0, 0.0, spec.size, spec.size], device=device).expand(n, 4)
+                z = torch.zeros(n, device=device)
+                box = torch.stack([z, z, z + spec.size, z + spec.size], dim=1)
             else:
                 box = sample_crop_boxes(n, in_hw[0], in_hw[1], spec.scale, cfg.ratio, device, generator)
             u = _rand((n, 5), device, generator)          # flip, jitter, gray, blur, solarize gates
