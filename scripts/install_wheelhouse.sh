@@ -35,6 +35,9 @@ target=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['target_p
 have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$target" = "$have" ] || fail "wheelhouse was built for Python $target, this interpreter is $have (rebuild with PYVER=$have)"
 "$PY" -c "import torch" 2>/dev/null || fail "torch is not importable by $PY: install into an existing torch environment"
+if [ "$INSTALL" = 1 ]; then
+  "$PY" -m pip --version >/dev/null 2>&1 || fail "pip is not available in this environment (python -m pip); for uv envs run: uv pip install --no-index --find-links $DIR <manifest 'install' list>"
+fi
 
 if [ -f "$DIR/SHA256SUMS" ]; then
   if command -v sha256sum >/dev/null; then
