@@ -170,7 +170,7 @@ def resized_crop(x, boxes, size: int, interpolation: str = "bilinear", antialias
     """Crop every sample's box (N, 4: top, left, h, w) from float x (N, C, H, W) and resize to (size, size).
 
     antialias=True: PIL's resize of the crop (within ~1/255 of PIL, tested), as two batched matmuls.
-    antialias=False: grid_sample, ~10-50x cheaper on CPU (benchmark) but aliases on downscaling (local
+    antialias=False: grid_sample, ~5-13x cheaper on CPU (benchmark) but aliases on downscaling (local
     crops shrink up to ~2x from a 256 px decode; global crops barely shrink, up to 256/224).
     """
     if not antialias:
