@@ -59,6 +59,8 @@ class ViewsConfig:
     solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)   # global 1, global 2, local
     solarize_threshold: float = 0.5
     antialias: bool = True           # low-pass before downsampling crops (PIL's resize does)
+    interpolation: str = "bicubic"   # "bicubic" (as the released PIL RandomResizedCrop) | "bilinear"
+    jitter_order: str = "random"     # "random": a per-sample permutation as torchvision's ColorJitter | "fixed"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     dtype: str = "float32"           # "float32" | "bfloat16" output
@@ -172,7 +174,8 @@ def _coerce(value, tp, key: str, source: str):
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        hint = " (YAML reads no/yes/off/on as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}{hint}")
     raise ConfigError(f"{source}: '{key}' has an unsupported type {tp}")
 
 
@@ -196,6 +199,16 @@ def _apply(obj, tree: dict, source: str, prefix: str = ""):
             setattr(obj, k, _coerce(v, hints[k], key, source))
 
 
+def _field_type(cfg, path: str):
+    obj = cfg
+    parts = path.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p, None)
+        if not dataclasses.is_dataclass(obj):
+            return None
+    return _hints(type(obj)).get(parts[-1]) if dataclasses.is_dataclass(obj) else None
+
+
 def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists ("0.1", "[1, 2]", "true")."""
     for item in overrides:
@@ -203,7 +216,8 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
             raise ConfigError(f"{source}: override '{item}' must look like section.key=value")
         path, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            # a string field takes the text as typed: YAML would turn "no" into False
+            value = raw if _field_type(cfg, path.strip()) is str else (yaml.safe_load(raw) if raw != "" else "")
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: cannot parse the value of '{path}': {e}".splitlines()[0]) from None
         tree: dict = {}
@@ -247,6 +261,8 @@ def validate(cfg: Config) -> None:
         "data.decode": (cfg.data.decode, ("once", "per_view")),
         "data.order": (cfg.data.order, ("random", "quasi_random")),
         "views.dtype": (cfg.views.dtype, ("float32", "bfloat16")),
+        "views.interpolation": (cfg.views.interpolation, ("bicubic", "bilinear")),
+        "views.jitter_order": (cfg.views.jitter_order, ("random", "fixed")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("bf16", "no")),
         "train.compile": (cfg.train.compile, ("auto", "true", "false")),
         "eval.linear_mode": (cfg.eval.linear_mode, ("fast", "full")),

@@ -79,3 +79,12 @@ def test_train_cli_reports_config_error_in_one_line(tmp_path):
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert err == [f"error: {rc}: unknown key 'model.depth' (valid: arch, zero_init_residual, proj_hidden, "
                    "proj_out, proj_layers, ema_momentum, sync_bn, channels_last)"], r.stderr
+
+
+def test_string_fields_take_override_text_verbatim(tmp_path):
+    cfg = load_config(None, ["train.mixed_precision=no", "train.compile=false", "loss.group=128"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.compile == "false" and cfg.loss.group == "128"
+    rc = tmp_path / "bad.yaml"
+    rc.write_text("train:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match="quote the value"):
+        load_config(rc)
