@@ -5,11 +5,11 @@
 
 Numerics (why it is done this way):
 - Everything after the input cast runs in float64, outside autocast. Near collapse tau sits on its floor,
-  K = exp(S / tau) spans e^-10..e^10 and cond(K + eta I) reaches N e^10 / eta (~1e8 at N = 128); float32
+  K = exp(S / tau) spans e^-10..e^10 and cond(K + eta I) reaches N e^10 / eta (~3e8 at N = 128); float32
   cannot even factor that, and a float32 Gram perturbs K by ~1e-5 relative, which the solve amplifies by
-  the condition number. float64 keeps the estimate within ~1e-10 of a float64 reference there, makes TF32
+  the condition number. float64 keeps the estimate at float64 accuracy there (tests: cond 1e7), makes TF32
   irrelevant (it never applies to float64), and on the 2-core CPU costs < 2x float32 (measured: N = 512,
-  d = 2048: Gram 38 vs 28 ms, solve 80 vs 52 ms). On datacenter GPUs float64 runs on tensor cores.
+  d = 2048: Gram 38 vs 28 ms, solve 80 vs 52 ms). A100/H100 have fast float64 (tensor cores).
   Measured with only the Gram in float32 (N = 128, d = 2048, tighter and tighter clusters): relative error
   1e-3 at cond 2.5e4, 1e-1 at cond 2.4e6, and the float64 Cholesky of the perturbed K fails beyond that.
 - Memory is O(N^2 + N d): the Gram matrix is turned into K and then K + eta I in place, <grad, K> is the
@@ -18,29 +18,23 @@ Numerics (why it is done this way):
   fits in memory; no 2^24 limit as in torch.quantile; a copy of N^2 values is its only extra cost).
 - Cholesky failure (possible only when eta is ~0 or the input is not normalised) is repaired by adding a
   jitter to the diagonal. On CPU, where reading the factorisation's status costs nothing, a growing jitter
-  is retried only for the failing groups. On CUDA the status is never read on the host: one extra batched
+  is retried only for the failing groups. On CUDA (and under torch.compile, so that the estimator stays one
+  graph) the status is never read on the host: one extra batched
   Cholesky with a jitter large enough to make float64 factorisation succeed is always computed and selected
   per group with torch.where (one more N^3/3 per group: ~1% at N = 128, d = 2048). stats["chol_fallback"]
   counts the groups that needed it, as a tensor.
+- eta is the estimator's ridge and should stay > 0: with eta = 0 a collapsed group has a singular K, and the
+  jittered answer is finite but only as good as float64 rounding allows (tests: 1e-3 off at N = 128; at N = 2
+  the factorisation "succeeds" on rounding noise and the score is meaningless).
 - Non-finite input gives non-finite output (the trainer counts such steps as bad); finite unit-norm input
   always gives finite output, including identical rows, duplicates and N = 2.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
 _EPS64 = torch.finfo(torch.float64).eps
-
-
-def _no_autocast(device_type: str):
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", enabled=False))
-    if device_type != "cpu":
-        stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
 
 
 def upper_median_tau(S: torch.Tensor, min_tau: float) -> torch.Tensor:
@@ -70,7 +64,7 @@ def _cholesky_jittered(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # relative to e^10 diagonals (N = 8192: ~1e-3), so a jittered score stays a faithful estimate.
     safe = (4.0 * N * N * _EPS64) * diag_max
     eye = torch.eye(N, dtype=A.dtype, device=A.device)
-    if A.is_cuda:
+    if A.is_cuda or torch.compiler.is_compiling():   # compiled: no data-dependent branch, one graph
         L_safe, info_safe = torch.linalg.cholesky_ex(A + safe[..., None, None] * eye)
         bad = info > 0
         L = torch.where(bad[..., None, None], L_safe, L)
@@ -83,11 +77,12 @@ def _cholesky_jittered(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     finite = torch.isfinite(A).flatten(-2).all(-1)
     L = torch.where((bad & ~finite)[..., None, None], torch.full_like(L, float("nan")), L)  # NaN in, NaN out
     todo = bad & finite
-    jitter = N * _EPS64 * diag_max
-    # Growing jitter, only on the failing groups, up to 100x the CUDA path's guaranteed value (a fixed number
-    # of steps, so no input can make it loop).
+    # Growing jitter from the CUDA path's value, only on the failing groups, at most 5 steps (so no input can
+    # make it loop). Starting lower would let a factorisation "succeed" on rounding noise: measured on
+    # identical rows with eta = 0, a jitter of N eps max(diag) gave an 8% wrong score, `safe` the exact one.
+    jitter = safe.clone()
     while bool(todo.any()):
-        if bool((jitter[todo] > 100 * safe[todo]).any()):
+        if bool((jitter[todo] > 1e4 * safe[todo]).any()):
             raise RuntimeError("vmf_score: Cholesky of K + eta I failed even with jitter; are the rows of z "
                                "L2-normalised (|S| <= 1)?")
         L_try, info_try = torch.linalg.cholesky_ex(A[todo] + jitter[todo][..., None, None] * eye)
@@ -107,7 +102,9 @@ def _score64(z: torch.Tensor, eta: float, min_tau: float):
         raise ValueError(f"vmf_score needs at least 2 embeddings per group, got {z.shape[-2]}")
     if not min_tau > 0:
         raise ValueError(f"min_tau must be > 0 (it keeps exp(S / tau) finite on collapsed input), got {min_tau}")
-    with _no_autocast(z.device.type), torch.no_grad():
+    # Both contexts, so that neither a CPU nor a CUDA autocast region reaches the kernel matrix (plain `with`
+    # rather than an ExitStack: dynamo traces it).
+    with torch.autocast("cpu", enabled=False), torch.autocast(z.device.type, enabled=False), torch.no_grad():
         z64 = z.detach().to(torch.float64)
         S = z64 @ z64.mT                                   # (..., N, N) cosines
         tau = upper_median_tau(S, min_tau)                 # (...)

@@ -1,6 +1,7 @@
 """The vMF Stein score estimator against a naive float64 restatement of the released algorithm."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -233,3 +234,28 @@ def test_global_mode_two_ranks_equals_concatenated_batch():
     # the global estimate differs from each rank's local one
     local = vmf_score(full[:24].double())[0]
     assert not torch.allclose(local, score[:24], rtol=1e-3)
+
+
+def test_sync_free_fallback_path_under_compile():
+    # The CUDA / compiled path never reads the Cholesky status on the host; it must still repair a singular
+    # K (eta = 0, identical rows) and leave healthy groups untouched.
+    torch._dynamo.reset()
+    zs = torch.stack([F.normalize(torch.randn(1, 16), dim=1).repeat(12, 1), cluster(12, 16, 1.0, seed=9)])
+    compiled = torch.compile(lambda z: _score64(z, 0.0, 0.1), backend="aot_eager", fullgraph=True)
+    score, tau, fallback = compiled(zs)
+    eager, _, eager_fallback = _score64(zs, 0.0, 0.1)
+    assert fallback.tolist() == [True, False] == eager_fallback.tolist()
+    assert torch.isfinite(score).all()
+    assert torch.allclose(score[1], eager[1], rtol=1e-10)
+    assert rel_err(score[0], eager[0]) < 1e-6             # both paths repair with the same jitter
+
+
+@pytest.mark.parametrize("N,eta,tol", [(2, 0.01, 1e-5), (128, 0.01, 1e-5), (128, 0.0, 1e-2)])
+def test_identical_rows_closed_form(N, eta, tol):
+    # Collapse: K = a 11^T with a = exp(1 / tau), tau = min_tau, B = (N a / tau) 1 v^T, so every row of the
+    # score is -(N a / tau) v / (N a + eta): the estimate must be accurate there, not merely finite.
+    v = F.normalize(torch.randn(1, 16, generator=torch.Generator().manual_seed(N), dtype=torch.float64), dim=1)
+    score, tau = vmf_score(v.repeat(N, 1), eta=eta)
+    a = math.exp(1 / 0.1)
+    assert tau.item() == 0.1
+    assert rel_err(score, (-(N * a / 0.1) / (N * a + eta) * v).expand(N, -1)) < tol

@@ -89,3 +89,23 @@ def test_bad_arguments():
         mveb_loss(z[:1], t)
     with pytest.raises(ValueError):
         mveb_loss(z, t[:1])
+
+
+def test_compiles_as_one_graph():
+    # The trainer compiles its step; the estimator must not break the graph (no host reads of Cholesky status).
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    z = [F.normalize(torch.randn(16, 8, generator=g), dim=1).requires_grad_(True) for _ in range(3)]
+    t = [F.normalize(torch.randn(16, 8, generator=g), dim=1) for _ in range(2)]
+    compiled = torch.compile(mveb_loss, backend="aot_eager", fullgraph=True)
+    loss, stats = compiled(z, t, lam=0.01, group=8)
+    loss.backward()
+    grads = [zv.grad.clone() for zv in z]
+    for zv in z:
+        zv.grad = None
+    ref, ref_stats = mveb_loss(z, t, lam=0.01, group=8)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert stats["chol_fallback"].item() == 0.0
+    for a, zv in zip(grads, z):
+        assert torch.allclose(a, zv.grad, rtol=1e-5, atol=1e-8)

@@ -63,9 +63,11 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def measure(method: str, N: int, d: int, device: str, save: str | None = None) -> dict:
+def measure(method: str, N: int, d: int, device: str, save: str | None = None, threads: int = 0) -> dict:
     """One (method, N) point in this process: peak memory of the first call, then the median time."""
     from fastmveb.entropy import vmf_score
+    if threads:
+        torch.set_num_threads(threads)
     fn = (lambda z: vmf_score(z)[0]) if method == "vmf" else _released().released_score
     z = make_z(N, d, device)
     sync(device)
@@ -94,12 +96,12 @@ def measure(method: str, N: int, d: int, device: str, save: str | None = None) -
             "peak_mib": peak / 2**20}
 
 
-def _point(method: str, N: int, d: int, device: str, save: str | None) -> dict:
+def _point(method: str, N: int, d: int, device: str, save: str | None, threads: int) -> dict:
     if device == "cuda":
-        return measure(method, N, d, device, save)
+        return measure(method, N, d, device, save, threads)
     # A fresh process per point, so no earlier point's heap hides this one's peak.
     code = ("import json, sys; from fastmveb.bench.entropy import measure; "
-            f"print('RESULT', json.dumps(measure({method!r}, {N}, {d}, 'cpu', {save!r})))")
+            f"print('RESULT', json.dumps(measure({method!r}, {N}, {d}, 'cpu', {save!r}, {threads})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -110,6 +112,9 @@ def _point(method: str, N: int, d: int, device: str, save: str | None) -> dict:
 def add_args(parser):
     parser.add_argument("--n", type=int, nargs="+", default=None, help=f"group sizes (default {NS}; --short {NS_SHORT})")
     parser.add_argument("--d", type=int, default=2048, help="embedding width")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per point (0: torch's default). On a shared, loaded machine one "
+                             "thread can beat two: OpenMP threads wait for each other when one is descheduled")
     parser.add_argument("--naive-budget-gib", type=float, default=None,
                         help="run the released algorithm only where its estimated memory fits "
                              "(default 8 on CPU, half the GPU's memory on CUDA)")
@@ -134,7 +139,7 @@ def main(args) -> dict:
                                  "note": f"skipped: estimate over {budget:g} GiB"})
                     continue
                 save = os.path.join(tmp, f"{method}-{N}.pt") if "released" in pts or method == "released" else None
-                r = _point(method, N, d, device, save)
+                r = _point(method, N, d, device, save, args.threads)
                 pts[method] = r
                 row = {"N": N, "d": d, "method": method, **r, "est_mib": est / 2**20}
                 if method == "vmf" and "released" in pts:
@@ -147,6 +152,7 @@ def main(args) -> dict:
     columns = ["N", "d", "method", "ms", "min_ms", "first_ms", "peak_mib", "est_mib", "speedup", "rel_diff", "note"]
     env = environment(device)
     settings = {"Ns": Ns, "d": d, "naive_budget_gib": budget, "device": device, "short": bool(args.short),
+                "threads": args.threads or torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
                 "vmf": "fastmveb.entropy.vmf_score (float64 inside, float32 in/out)",
                 "released": "benchmarks/released_entropy.py (float32)"}
     print(markdown_table(rows, columns))
