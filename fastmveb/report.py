@@ -18,7 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from fastmveb.eval.features import RunError
+
+class RunError(Exception):
+    """Bad input (missing run directory or metrics): the message is one line. Kept here so the report needs no torch."""
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:

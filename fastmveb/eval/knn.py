@@ -29,8 +29,10 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     """Class scores [Q, num_classes] (float32, on the queries' device unless ``device`` is given).
 
     bank [N, D] and queries [Q, D] are expected L2-normalised (cosine similarity = dot product).
-    The bank may live on the CPU; it is moved to ``device`` one chunk of ``chunk_size`` rows at a time.
-    k is capped at N. Equivalent to taking the top-k of the full [Q, N] similarity matrix.
+    The bank may live on the CPU; it crosses to ``device`` once, ``chunk_size`` rows at a time (the outer
+    loop), while all queries stay on the device; each (query chunk x bank chunk) similarity block is at most
+    query_chunk_size x chunk_size floats (256 MB by default). Per query only the running top-k (similarity,
+    label) is kept. k is capped at N. Equivalent to the top-k of the full [Q, N] similarity matrix.
     """
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(f"bank {tuple(bank.shape)} and queries {tuple(queries.shape)} must be [N, D] and [Q, D]")

@@ -214,9 +214,10 @@ def linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs: i
 def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: int = 90, base_lr: float = 0.1,
                 weight_decay: float = 0.0, trust_coef: float = 0.001, momentum: float = 0.9, crop_size: int = 224,
                 crop_scale=(0.08, 1.0), num_classes: int | None = None, amp_dtype=None, seed: int = 0,
-                max_steps_per_epoch: int | None = None, log=None) -> dict:
+                max_steps_per_epoch: int | None = None, log=None, set_epoch=None) -> dict:
     """The MVEB linear protocol on a frozen backbone (module docstring). ``train_loader`` yields shuffled uint8
-    batches of whole (uncropped) training images; the batch size is read from the first batch."""
+    batches of whole (uncropped) training images; the batch size is read from the first batch.
+    ``set_epoch(e)``, when given, is called before epoch e (FFCV's order is a function of the epoch)."""
     device = torch.device(device)
     va, val = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
     if num_classes is None:
@@ -233,6 +234,8 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
     backbone.eval()  # frozen: BatchNorm uses its running statistics
     try:
         for ep in range(epochs):
+            if set_epoch is not None:
+                set_epoch(ep)
             tot, nb = 0.0, 0
             for i, (x, y) in enumerate(train_loader):
                 if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
