@@ -1,15 +1,64 @@
-"""Timing benchmarks: ``python -m fastmveb.bench STAGE [--short] [--device cpu|cuda]``.
+"""Timing benchmarks: ``python -m fastmveb.bench STAGE [--short] [--device cpu|cuda] [--out-dir DIR]``.
 
-STAGE is one of loader, views, entropy, step, train, or all (every stage in one run on one machine).
-Each prints a markdown table and writes JSON + markdown under benchmarks/results/.
+STAGE is one of loader, views, entropy, step, train, or all (every stage in one run on one machine, then
+the results table), or report (only rebuild the table). Each stage prints a markdown table and writes JSON +
+markdown under benchmarks/results/; ``report`` writes benchmarks/results/README.md from the JSON files.
+``all`` runs each stage in its own process (a stage's threads, compile caches and memory high-water marks
+do not leak into the next), passes every option on (each stage ignores the ones it does not know), goes on
+after a failing stage and exits non-zero if any failed. ``make bench`` runs ``all``; ``--short`` makes
+every stage CI-sized.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import subprocess
 import sys
+import time
 
 STAGES = ["loader", "views", "entropy", "step", "train"]
+_LENIENT = "--ignore-unknown-args"   # set by `all` for its per-stage processes
+
+
+def _parser(name: str, mod) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m fastmveb.bench {name}", description=mod.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="CI-friendly sizes")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    mod.add_args(parser)
+    return parser
+
+
+def run_stage(name: str, rest: list[str]):
+    lenient = _LENIENT in rest
+    rest = [a for a in rest if a != _LENIENT]
+    mod = importlib.import_module(f"fastmveb.bench.{name}")
+    parser = _parser(name, mod)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown and not lenient:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return mod.main(args)
+
+
+def run_all(rest: list[str]) -> int:
+    failed = []
+    for name in STAGES:
+        print(f"\n==== fastmveb.bench {name} ====", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, "-m", "fastmveb.bench", name, *rest, _LENIENT])
+        print(f"==== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f} s ====",
+              flush=True)
+        if rc != 0:
+            failed.append(name)
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out-dir", default=None)
+    from fastmveb.bench import report
+    print(f"wrote {report.build(out.parse_known_args(rest)[0].out_dir)}")
+    if failed:
+        print(f"error: stage(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,21 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
-    if stage not in STAGES + ["all"]:
-        print(f"error: unknown benchmark '{stage}'; choose one of {', '.join(STAGES + ['all'])}", file=sys.stderr)
+    if stage not in STAGES + ["all", "report"]:
+        print(f"error: unknown benchmark '{stage}'; choose one of {', '.join(STAGES + ['all', 'report'])}",
+              file=sys.stderr)
         return 2
-    todo = STAGES if stage == "all" else [stage]
-    for name in todo:
-        mod = importlib.import_module(f"fastmveb.bench.{name}")
-        parser = argparse.ArgumentParser(prog=f"python -m fastmveb.bench {name}")
-        parser.add_argument("--short", action="store_true", help="CI-friendly sizes")
-        parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-        parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
-        mod.add_args(parser)
-        args, unknown = parser.parse_known_args(rest)
-        if unknown and stage != "all":
-            parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-        mod.main(args)
+    if stage == "all":
+        return run_all(rest)
+    run_stage(stage, rest)
     return 0
 
 

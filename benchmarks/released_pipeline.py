@@ -1,0 +1,126 @@
+"""The released MVEB training pipeline, re-implemented end to end as the baseline of ``python -m fastmveb.bench train``.
+
+Written from the description in ../shared/MVEB.md (not copied from the released code). One training step is:
+  1. a torch DataLoader (worker processes) reads JPEGs with PIL and makes every view on the CPU, per sample
+     (benchmarks/released_transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
+  2. the views are copied to the device;
+  3. the model (the same backbone + projector as fastmveb) runs eagerly, contiguous (NCHW) memory format, under
+     fp16 autocast with a GradScaler on CUDA; the target (EMA copy) sees the two global views;
+  4. the MVEB loss with the released estimator (benchmarks/released_entropy.py: N x N x d kernel-gradient tensor,
+     explicit inverse) on each view's whole per-process batch;
+  5. a host read of the loss for the NaN check and logging (the released code does this every step);
+  6. backward, per-parameter LARS (benchmarks/released_lars.py), per-parameter EMA update.
+
+    loader = released_loader("data/synthetic/jpeg/train", global_size=224, local_size=96, n_local=6,
+                             batch_size=128, num_workers=12)
+    step = ReleasedStep(model, device, precision="fp16", lr=0.3, ...)
+    for views, _ in loader:
+        loss = step(views)            # a Python float (the per-step host sync of the released loop)
+
+Precision: "fp16" (released) is autocast float16 + GradScaler on CUDA. A CPU has no fast fp16 path, so the
+benchmark compares on CPU at the precision fastmveb itself runs there ("no" = fp32, or "bf16"); the results
+say which.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision import datasets
+
+from benchmarks.released_entropy import released_score
+from benchmarks.released_lars import ReleasedLARS
+from benchmarks.released_transforms import (GLOBAL1_P, GLOBAL2_P, GLOBAL_SCALE, LOCAL_P, LOCAL_SCALE,
+                                            _seed_worker, _view)
+
+
+class ReleasedViewsAt:
+    """The released per-sample views (released_transforms.ReleasedViews) at any global / local size, so the
+    baseline feeds the model the same view sizes as the fastmveb run it is compared with."""
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 6,
+                 global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE):
+        self.n_local = n_local
+        self.global1 = _view(global_size, tuple(global_scale), *GLOBAL1_P)
+        self.global2 = _view(global_size, tuple(global_scale), *GLOBAL2_P)
+        self.local = _view(local_size, tuple(local_scale), *LOCAL_P)
+
+    def __call__(self, img):
+        img = img.convert("RGB")
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+def released_loader(root, global_size: int, local_size: int, n_local: int, batch_size: int, num_workers: int,
+                    global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE) -> torch.utils.data.DataLoader:
+    """ImageFolder + PIL decode + released views in DataLoader worker processes; yields (views, labels)."""
+    ds = datasets.ImageFolder(str(root), transform=ReleasedViewsAt(global_size, local_size, n_local,
+                                                                   global_scale, local_scale))
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker, persistent_workers=num_workers > 0)
+
+
+def released_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam: float = 0.01, eta: float = 0.01,
+                  min_tau: float = 0.1) -> torch.Tensor:
+    """-(1/V) align - lam (1/V) sum_v H_sur(z_v), each view's score estimated on its whole batch by the released
+    algorithm; align pairs (z1, t2), (z2, t1) and every local view with (t1 + t2) / 2 (MVEB.md)."""
+    z = [zv.float() for zv in z_views]
+    t1, t2 = (tv.detach().float() for tv in t_views)
+    pairs = [(z[0], t2), (z[1], t1)] + [(zv, (t1 + t2) / 2) for zv in z[2:]]
+    align = sum((zv * tv).sum(-1).mean() for zv, tv in pairs)
+    H = sum(-(released_score(zv, eta=eta, min_tau=min_tau) * zv).sum(-1).mean() for zv in z)
+    return -(align + lam * H) / len(z)
+
+
+class ReleasedStep:
+    """One released-style optimisation step on a list of CPU views; returns the loss as a Python float."""
+
+    def __init__(self, model: torch.nn.Module, target: torch.nn.Module, device, precision: str = "fp16",
+                 lr: float = 0.3, weight_decay: float = 1e-6, momentum: float = 0.9, trust_coef: float = 0.001,
+                 ema_momentum: float = 0.996, lam: float = 0.01, eta: float = 0.01, min_tau: float = 0.1):
+        if precision not in ("fp16", "bf16", "no"):
+            raise ValueError(f"precision must be fp16, bf16 or no, got {precision!r}")
+        self.model, self.target, self.device = model, target, torch.device(device)
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and self.device.type == "cuda" \
+            else None
+        self.opt = ReleasedLARS(model.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                trust_coef=trust_coef)
+        self.m, self.lam, self.eta, self.min_tau = ema_momentum, lam, eta, min_tau
+
+    def _forward(self, v: list[torch.Tensor]):
+        # Views of one size share a backbone call (DINO-style multi-crop wrapper).
+        p_views, i = [], 0
+        while i < len(v):
+            j = i
+            while j < len(v) and v[j].shape[-1] == v[i].shape[-1]:
+                j += 1
+            p_views += self.model(torch.cat(v[i:j]))[1].chunk(j - i)
+            i = j
+        with torch.no_grad():
+            t = self.target(torch.cat(v[:2]))[1].chunk(2)
+        return p_views, t
+
+    def __call__(self, views: list[torch.Tensor]) -> float:
+        v = [x.to(self.device, non_blocking=True) for x in views]
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            p_views, t = self._forward(v)
+        z = [F.normalize(p.float(), dim=1) for p in p_views]
+        t = [F.normalize(x.float(), dim=1) for x in t]
+        loss = released_loss(z, t, self.lam, self.eta, self.min_tau)
+        value = loss.item()                                  # the released loop's per-step host sync
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value}")
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        with torch.no_grad():                                # EMA one parameter at a time
+            for pt, po in zip(self.target.parameters(), self.model.parameters()):
+                pt.mul_(self.m).add_(po.detach(), alpha=1 - self.m)
+        return value

@@ -1,0 +1,242 @@
+"""End-to-end training-step benchmark: ``python -m fastmveb.bench train [--short] [--device cpu|cuda]``.
+
+For each recipe (two-view 2 x G, multi-crop 2 x G + 6 x L) and in one run on the same data, it times:
+  fastmveb   FFCV loader (decode once) -> ViewMaker -> fastmveb.train.train_step, built as fastmveb/train.py
+             builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/step.py)
+  step       the same step on random device-resident views (bench/step.py with identical settings): the
+             compute bound; ``e2e_over_step`` = fastmveb / step says how much of it the input side leaves
+  released   the released pipeline re-implemented (benchmarks/released_pipeline.py): PIL views in a torch
+             DataLoader with as many worker processes as FFCV has threads, eager NCHW model under fp16
+             autocast (CUDA; on CPU at fastmveb's precision, see --baseline-precision), N x N x d estimator
+             with an explicit inverse, per-parameter LARS and EMA, a host sync per step; same model and sizes.
+             ``x_vs_released`` = fastmveb / released.
+Samples/s counts source images (each makes 2 or 2 + n_local views). Warm-up steps (worker start, numba and
+torch.compile compilation, cudnn autotuning, plus as many steps as the loader has batches prefetched) are not
+timed; the timed steps end with one device sync. ``data_wait_frac``: share of the timed wall time spent
+waiting for the next batch. torch's intra-op threads are pinned to the same count for all three (see
+bench/step.py pin_threads).
+Data: data/synthetic/train.beton and the JPEG tree it was written from (data/synthetic/jpeg/train), generated
+when missing (``python -m dataset_prep synthetic --out data/synthetic``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fastmveb.bench import common
+from fastmveb.bench.step import (RECIPES, add_settings_args, bench_config, build, default_threads, free,
+                                 make_accelerator, measure_step, pick_device, pin_threads, recipe_names,
+                                 settings_of, step_iters, uses_compile)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ROOT / "data" / "synthetic"
+COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "fastmveb_samples_per_s",
+           "step_samples_per_s", "e2e_over_step", "data_wait_frac", "released_samples_per_s",
+           "released_precision", "released_data_wait_frac", "x_vs_released"]
+
+
+def add_args(parser) -> None:
+    add_settings_args(parser)
+    parser.add_argument("--beton", default=str(DEFAULT_DATA / "train.beton"), help="train beton")
+    parser.add_argument("--jpeg-root", default=None,
+                        help="ImageFolder tree of the same images for the baseline (default <beton dir>/jpeg/train)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="FFCV threads = DataLoader worker processes (default: the rc's, capped at the cores)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per pipeline")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per pipeline")
+    parser.add_argument("--baseline-precision", choices=["auto", "fp16", "bf16", "no"], default="auto",
+                        help="released pipeline autocast (auto: fp16 on CUDA as released; on CPU fastmveb's)")
+    parser.add_argument("--no-released", action="store_true", help="skip the released pipeline")
+
+
+def ensure_data(beton: Path, jpeg_root: Path) -> None:
+    from dataset_prep.synthetic import make_synthetic, write_jpeg_tree
+    if not beton.exists():
+        if beton.parent.resolve() != DEFAULT_DATA.resolve():
+            raise SystemExit(f"error: {beton} not found")
+        print(f"{beton} missing: generating the synthetic dataset", flush=True)
+        make_synthetic(DEFAULT_DATA, force=True)
+    if not jpeg_root.is_dir():
+        if jpeg_root.resolve() != (DEFAULT_DATA / "jpeg" / "train").resolve():
+            raise SystemExit(f"error: JPEG tree {jpeg_root} not found")
+        print(f"{jpeg_root} missing: regenerating the synthetic JPEG tree", flush=True)
+        write_jpeg_tree(DEFAULT_DATA / "jpeg")   # same defaults and seed as the beton's images
+
+
+class _Batches:
+    """Endless batches from an FFCV loader, epoch after epoch (as the training loop reads them); close()
+    stops the loader's thread so that it does not compete with what is timed next."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch, self.it = loader, 0, None
+
+    def __call__(self):
+        from fastmveb.data import set_epoch
+        while True:
+            if self.it is None:
+                set_epoch(self.loader, self.epoch)
+                self.it = iter(self.loader)
+            batch = next(self.it, None)
+            if batch is not None:
+                return batch
+            self.it, self.epoch = None, self.epoch + 1
+
+    def close(self):
+        if self.it is not None:
+            self.it.close()
+            self.it = None
+
+
+def _timed_loop(next_batch, step, warmup: int, steps: int, device) -> dict:
+    """Run warmup untimed steps, then time ``steps`` steps (data wait included) with one sync at the end."""
+    for _ in range(warmup):
+        step(next_batch())
+    common.sync(device)
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tw = time.perf_counter()
+        batch = next_batch()
+        wait += time.perf_counter() - tw
+        step(batch)
+    common.sync(device)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "data_wait_frac": wait / dt}
+
+
+def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads: int | None) -> dict:
+    """FFCV -> ViewMaker -> train_step, constructed as fastmveb/train.py does."""
+    from fastmveb.data import train_loader, unpack_train_batch
+    from fastmveb.train import train_step
+    from fastmveb.views import ViewMaker
+    accelerator = make_accelerator(cfg, device)
+    b = build(cfg, device, accelerator)
+    view_maker = ViewMaker(cfg.views).to(device)
+    views_c = torch.compile(view_maker, backend=cfg.train.compile_backend) if uses_compile(cfg, device) else view_maker
+    loader = train_loader(beton, cfg.data.batch_size, cfg.data.num_workers, device, decode=cfg.data.decode,
+                          decode_size=cfg.data.decode_size, views=cfg.views, seed=cfg.train.seed,
+                          order=cfg.data.order, os_cache=cfg.data.os_cache, drop_last=True)
+    threads = pin_threads(threads)             # the Loader has just set torch's threads to its worker count
+    batches = _Batches(loader)
+    out = {}
+
+    def step(batch):
+        x, y = unpack_train_batch(batch)
+        out["stats"] = train_step(b["net_c"], b["target_c"], views_c, b["optimizer"], x, y, b["lr"], b["m"], cfg,
+                                  accelerator)[0]
+
+    try:
+        # + the loader's batches_ahead (3): timing starts once the prefetched batches are consumed.
+        r = _timed_loop(batches, step, warmup + 3, steps, device)
+    finally:
+        batches.close()
+    r["samples_per_s"] = steps * cfg.data.batch_size / r["seconds"]
+    r["loss"] = float(out["stats"]["loss"])
+    r["torch_threads"] = threads
+    del b, view_maker, views_c, loader, batches, out
+    free(device, uses_compile(cfg, device))
+    return r
+
+
+def baseline_precision(arg: str, cfg, device) -> str:
+    if arg != "auto":
+        return arg
+    return "fp16" if device.type == "cuda" else cfg.train.mixed_precision
+
+
+def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str, warmup: int, steps: int,
+                     threads: int | None) -> dict:
+    from accelerate.utils import set_seed
+    from benchmarks.released_pipeline import ReleasedStep, released_loader
+    from fastmveb.model import MVEBModel, make_target
+    from fastmveb.optim import lr_at, peak_lr
+    threads = pin_threads(threads)
+    set_seed(cfg.train.seed)
+    model = MVEBModel.from_config(cfg.model).to(device)          # NCHW, eager: as released
+    target = make_target(model)
+    model.train()
+    lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.batch_size)
+    lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
+    step_fn = ReleasedStep(model, target, device, precision, lr=lr, weight_decay=cfg.optim.weight_decay,
+                           momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef,
+                           ema_momentum=cfg.model.ema_momentum, lam=cfg.loss.lam, eta=cfg.loss.eta,
+                           min_tau=cfg.loss.min_tau)
+    v = cfg.views
+    loader = released_loader(jpeg_root, v.global_size, v.local_size, v.n_local, cfg.data.batch_size, workers,
+                             v.global_scale, v.local_scale)
+
+    def endless():
+        while True:
+            yield from loader
+    batches = endless()
+    out = {}
+
+    def step(batch):
+        out["loss"] = step_fn(batch[0])
+
+    # Warm-up also drains the workers' prefetched batches (2 per worker), so timing starts in steady state.
+    r = _timed_loop(lambda: next(batches), step, warmup + 2 * workers, steps, device)
+    r["samples_per_s"] = steps * cfg.data.batch_size / r["seconds"]
+    r["loss"] = out["loss"]
+    r["torch_threads"] = threads
+    batches.close()
+    del batches, loader      # stops the worker processes
+    free(device, False)
+    return r
+
+
+def main(args) -> dict:
+    from fastmveb.data import available_cores
+    device = pick_device(args.device)
+    beton = Path(args.beton)
+    jpeg_root = Path(args.jpeg_root) if args.jpeg_root else beton.parent / "jpeg" / "train"
+    ensure_data(beton, jpeg_root)
+    cuda = device.type == "cuda"
+    warmup = args.warmup or ((5 if cuda else 1) if args.short else (10 if cuda else 2))
+    steps = args.steps or ((20 if cuda else 4) if args.short else (50 if cuda else 12))
+    s_warmup, s_iters = step_iters(args, device)
+    threads = default_threads(args, device)
+    load_before = os.getloadavg()
+    rows, detail = [], []
+    for name in recipe_names(args):
+        cfg = bench_config(args, device, args.n_local if RECIPES[name] else 0)
+        cfg.data.train_beton = str(beton)
+        if args.workers:
+            cfg.data.num_workers = args.workers
+        cfg.data.num_workers = max(1, min(cfg.data.num_workers, available_cores()))   # as the loader caps it
+        workers = cfg.data.num_workers
+        fm = measure_fastmveb(cfg, device, beton, warmup, steps, threads)
+        print(f"train {name:10s} fastmveb e2e {fm['samples_per_s']:9.1f} samples/s "
+              f"(data wait {100 * fm['data_wait_frac']:.0f}%)", flush=True)
+        st = measure_step(cfg, device, s_warmup, s_iters, threads)
+        print(f"train {name:10s} step only    {st['samples_per_s']:9.1f} samples/s", flush=True)
+        row = {"recipe": name, **settings_of(cfg, device), "workers": workers, "torch_threads": fm["torch_threads"],
+               "fastmveb_samples_per_s": fm["samples_per_s"], "step_samples_per_s": st["samples_per_s"],
+               "e2e_over_step": fm["samples_per_s"] / st["samples_per_s"], "data_wait_frac": fm["data_wait_frac"],
+               "step_peak_mem_gb": st["peak_mem_gb"], "fastmveb_loss": fm["loss"]}
+        if not args.no_released:
+            prec = baseline_precision(args.baseline_precision, cfg, device)
+            rel = measure_released(cfg, device, jpeg_root, workers, prec, warmup, steps, threads)
+            print(f"train {name:10s} released     {rel['samples_per_s']:9.1f} samples/s ({prec})", flush=True)
+            row.update(released_samples_per_s=rel["samples_per_s"], released_precision=prec,
+                       released_data_wait_frac=rel["data_wait_frac"], released_loss=rel["loss"],
+                       x_vs_released=fm["samples_per_s"] / rel["samples_per_s"])
+        rows.append(row)
+    settings = {"rc": args.rc or ("rcs/rn50.yaml" if cuda else "rcs/tiny.yaml"), "short": bool(args.short),
+                "device": str(device), "beton": str(beton), "jpeg_root": str(jpeg_root),
+                "warmup_steps": f"{warmup} + prefetch depth (FFCV 3, DataLoader 2 x workers)", "timed_steps": steps, "step_warmup": s_warmup, "step_timed": s_iters,
+                "decode": f"{cfg.data.decode} {cfg.data.decode_size}", "loss_group": cfg.loss.group,
+                "workers": "FFCV threads = DataLoader worker processes (see rows)",
+                "torch_threads_pinned": threads,
+                "released_precision_note": "fp16 autocast + GradScaler on CUDA as released; on CPU the "
+                                           "precision fastmveb runs at (no = fp32)",
+                "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+    print(common.markdown_table(rows, columns))
+    path = common.write_results("train", common.environment(device), settings, rows, columns, out_dir=args.out_dir)
+    print(f"wrote {path}")
+    return {"rows": rows, "settings": settings, "path": str(path)}

@@ -1,0 +1,97 @@
+"""Smoke tests of the timing benchmarks: each stage runs for real at tiny sizes into a temporary folder and
+writes JSON with the expected fields and positive, finite numbers; the results table is built from JSON."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fastmveb.bench", *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r
+
+
+def only_json(folder: Path, stage: str) -> dict:
+    files = sorted(folder.glob(f"{stage}-cpu-*.json"))
+    assert len(files) == 1, files
+    payload = json.loads(files[0].read_text())
+    assert payload["benchmark"] == stage
+    for key in ("device", "torch", "date", "git"):
+        assert key in payload["env"], key
+    assert payload["settings"]["device"] == "cpu" and payload["settings"]["short"] is True
+    return payload
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_step_short(tmp_path):
+    bench("step", "--short", "--device", "cpu", "--out-dir", tmp_path, "--warmup", 1, "--iters", 1)
+    rows = only_json(tmp_path, "step")["rows"]
+    assert [r["recipe"] for r in rows] == ["two-view", "multi-crop"]
+    assert rows[0]["views"] == "2x64" and rows[1]["views"] == "2x64 + 6x32"
+    for r in rows:
+        for key in ("samples_per_s", "images_per_s", "step_ms", "first_step_s", "peak_mem_gb"):
+            assert positive(r[key]), (key, r[key])
+        assert r["arch"] == "resnet10" and r["batch"] == 16 and r["precision"] == "no" and r["compile"] is False
+        assert math.isfinite(r["loss"]) and r["skipped"] is False
+        assert r["images_per_s"] == pytest.approx(r["samples_per_s"] * (2 if r["recipe"] == "two-view" else 8))
+    assert (tmp_path / f"{sorted(tmp_path.glob('step-*.json'))[0].stem}.md").is_file()
+
+
+def test_step_flags_change_the_setting(tmp_path):
+    bench("step", "--short", "--device", "cpu", "--out-dir", tmp_path, "--recipes", "two-view", "--warmup", 1,
+          "--iters", 1, "--channels-last", "false", "--batch-size", 8, "--global-size", 32, "--precision", "bf16")
+    (r,) = only_json(tmp_path, "step")["rows"]
+    assert (r["channels_last"], r["batch"], r["views"], r["precision"]) == (False, 8, "2x32", "bf16")
+    assert positive(r["samples_per_s"])
+
+
+def test_train_short(small_betons, tmp_path):
+    bench("train", "--short", "--device", "cpu", "--out-dir", tmp_path, "--recipes", "two-view",
+          "--beton", small_betons / "train.beton", "--jpeg-root", small_betons / "jpeg" / "train",
+          "--warmup", 1, "--steps", 2)
+    (r,) = only_json(tmp_path, "train")["rows"]
+    for key in ("fastmveb_samples_per_s", "step_samples_per_s", "e2e_over_step", "released_samples_per_s",
+                "x_vs_released"):
+        assert positive(r[key]), (key, r[key])
+    assert 0 <= r["data_wait_frac"] < 1 and 0 <= r["released_data_wait_frac"] < 1
+    assert r["e2e_over_step"] == pytest.approx(r["fastmveb_samples_per_s"] / r["step_samples_per_s"])
+    assert r["x_vs_released"] == pytest.approx(r["fastmveb_samples_per_s"] / r["released_samples_per_s"])
+    assert r["released_precision"] == "no" and math.isfinite(r["fastmveb_loss"]) and math.isfinite(r["released_loss"])
+
+
+def test_report_takes_the_newest_json_per_stage_and_device(tmp_path):
+    from fastmveb.bench import report
+    from fastmveb.bench.common import write_results
+    env = {"device": "cpu (x86_64, 2 cores)", "torch": "t", "date": "2026-01-01T00:00:00+00:00", "git": "g"}
+    write_results("step", env, {"short": True}, [{"recipe": "two-view", "samples_per_s": 1.5}], out_dir=tmp_path)
+    write_results("step", dict(env, date="2026-01-02T00:00:00+00:00"), {}, [{"recipe": "two-view",
+                  "samples_per_s": 2.5, "step_ms": 3.0, "peak_mem_gb": 0.5}], out_dir=tmp_path)
+    write_results("step", dict(env, device="NVIDIA H100"), {}, [{"recipe": "multi-crop", "samples_per_s": 7.5}],
+                  out_dir=tmp_path)
+    (tmp_path / "broken.json").write_text("{")
+    text = report.build(tmp_path).read_text()
+    assert "2.5" in text and "| 1.5 |" not in text                   # the older CPU file is superseded
+    assert text.index("## CUDA") < text.index("## CPU") and "7.5" in text
+
+
+@pytest.mark.slow
+def test_all_short(small_betons, tmp_path):
+    """Every stage in one run, then the combined table (several minutes on 2 cores)."""
+    r = bench("all", "--short", "--device", "cpu", "--out-dir", tmp_path, "--beton", small_betons / "train.beton",
+              "--jpeg-root", small_betons / "jpeg" / "train", timeout=1800)
+    for stage in ("loader", "views", "entropy", "step", "train"):
+        assert list(tmp_path.glob(f"{stage}-cpu-*.json")), (stage, r.stdout[-3000:])
+    text = (tmp_path / "README.md").read_text()
+    assert all(f"### {s}" in text for s in ("loader", "views", "entropy", "step", "train"))
