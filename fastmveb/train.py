@@ -77,6 +77,11 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     The networks inside are compiled; the step itself stays eager because the entropy solve (Cholesky,
     float64) and the optimizer's skip logic gain nothing from compilation.
     """
+    online = ckpt.unwrap(net).model
+    # A skipped step must leave no trace, but its forward already moved the BN running statistics (maybe to
+    # NaN): keep a copy to put back. BN buffers are ~0.1% of the parameters, so this is cheap.
+    buffers = list(online.buffers())
+    saved = [b.clone() for b in buffers]
     with torch.no_grad():
         v = view_maker(x)                                              # V views, globals first
     with accelerator.autocast():
@@ -100,7 +105,10 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
         g["lr"] = lr
     optimizer.step(skip=skip)
     optimizer.zero_grad(set_to_none=True)
-    ema_update(target, ckpt.unwrap(net).model, torch.where(skip, torch.ones_like(m), m))  # skipped: no EMA move
+    with torch.no_grad():
+        for b, old in zip(buffers, saved):
+            torch.where(skip, old, b, out=b)
+    ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
     stats = dict(stats, loss=loss.detach(), grad_norm=grad_norm.detach())
     return stats, skip, z[0].detach()
 
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     # ---- build --------------------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # cpu=True is what makes torchrun-started CPU processes join one gloo group (NOTES.md)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     if cfg.train.deterministic:
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_seed(cfg.train.seed)                                          # same initial weights on every rank
     model = MVEBModel.from_config(cfg.model)
-    if world > 1 and cfg.model.sync_bn:
+    if world > 1 and cfg.model.sync_bn and device.type == "cuda":  # torch's SyncBatchNorm is CUDA-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
