@@ -101,7 +101,9 @@ def _time_panel(ax, rows):
     if has_total:
         other = [max(0.0, 100 - sum(p[1]) * 100) for p in pts]
         shares.append(other)
-        labels.append("other")
+        # Name what the remainder holds, so a run that logs only loading time does not read as "mystery time".
+        rest = [lab for k, lab in TIME_PARTS if (k, lab) not in parts]
+        labels.append("rest (" + " + ".join(rest) + ")" if rest else "other")
     ax.stackplot(xs, *shares, labels=labels, alpha=0.8)
     ax.set_ylim(0, 100)
     ax.set_ylabel("% of step time")
@@ -194,7 +196,7 @@ def make_report(run: str | Path, out: str | Path | None = None) -> Path:
     last = rows[-1]
     head = [f"run {run_dir.resolve().name}", f"step {last['step']}", f"epoch {last.get('epoch', '?')}"]
     if meta.get("git"):
-        head.append(f"git {str(meta['git'])[:10]}")
+        head.append(f"git {str(meta['git'])[:20]}")
     if meta.get("world_size"):
         head.append(f"{meta['world_size']} process(es)")
     fin = [r for r in rows if "final_knn_top1" in r]
