@@ -100,6 +100,10 @@ def _atomic(path: Path, write) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         write(tmp)
+        # safetensors creates its file 0600; give both outputs the permissions a plain open would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
