@@ -197,7 +197,7 @@ def main(args) -> dict:
     cuda = device.type == "cuda"
     warmup = args.warmup or ((5 if cuda else 1) if args.short else (10 if cuda else 2))
     steps = args.steps or ((20 if cuda else 4) if args.short else (50 if cuda else 12))
-    s_warmup, s_iters = step_iters(args, device)
+    s_warmup = step_iters(args, device)[0]
     threads = default_threads(args, device)
     load_before = os.getloadavg()
     rows, detail = [], []
@@ -211,7 +211,7 @@ def main(args) -> dict:
         fm = measure_fastmveb(cfg, device, beton, warmup, steps, threads)
         print(f"train {name:10s} fastmveb e2e {fm['samples_per_s']:9.1f} samples/s "
               f"(data wait {100 * fm['data_wait_frac']:.0f}%)", flush=True)
-        st = measure_step(cfg, device, s_warmup, s_iters, threads)
+        st = measure_step(cfg, device, s_warmup, steps, threads)      # as many timed steps as end to end
         print(f"train {name:10s} step only    {st['samples_per_s']:9.1f} samples/s", flush=True)
         row = {"recipe": name, **settings_of(cfg, device), "workers": workers, "torch_threads": fm["torch_threads"],
                "fastmveb_samples_per_s": fm["samples_per_s"], "step_samples_per_s": st["samples_per_s"],
@@ -227,7 +227,8 @@ def main(args) -> dict:
         rows.append(row)
     settings = {"rc": args.rc or ("rcs/rn50.yaml" if cuda else "rcs/tiny.yaml"), "short": bool(args.short),
                 "device": str(device), "beton": str(beton), "jpeg_root": str(jpeg_root),
-                "warmup_steps": f"{warmup} + prefetch depth (FFCV 3, DataLoader 2 x workers)", "timed_steps": steps, "step_warmup": s_warmup, "step_timed": s_iters,
+                "warmup_steps": f"{warmup} + prefetch depth (FFCV 3, DataLoader 2 x workers)", "timed_steps": steps,
+                "step_warmup": s_warmup,
                 "decode": f"{cfg.data.decode} {cfg.data.decode_size}", "loss_group": cfg.loss.group,
                 "workers": "FFCV threads = DataLoader worker processes (see rows)",
                 "torch_threads_pinned": threads,
