@@ -48,7 +48,9 @@ def _grid(h, w):
 
 def _pattern(kind: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """Class pattern intensity in [0, 1], (h, w) float32."""
-    period = rng.uniform(10, 32)
+    # The period scales with the image, so the texture stays resolvable after a 96-256 px decode and
+    # a crop (a fixed 10-px period aliases away at the demo's 64-px views).
+    period = min(h, w) * rng.uniform(0.10, 0.20)
     name = CLASSES[kind % len(CLASSES)]
     if name == "stripes":
         u, _ = _coords(h, w, rng, period)
