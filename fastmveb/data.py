@@ -32,6 +32,8 @@ Per-view crops come from numba's unseeded RNG: the order is reproducible, the pe
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,17 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
+
+
+def _drop_numba_finalizer_noise(unraisable, _previous=sys.unraisablehook):
+    """numba's dispatcher finalizer raises a harmless KeyError whenever FFCV's compiled pipelines are garbage
+    collected (NOTES.md); it would print a traceback mid-run. Only that exact case is dropped."""
+    if unraisable.exc_type is KeyError and "numba" in "".join(traceback.format_tb(unraisable.exc_traceback)):
+        return
+    _previous(unraisable)
+
+
+sys.unraisablehook = _drop_numba_finalizer_noise
 
 
 def available_cores() -> int:

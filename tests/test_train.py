@@ -157,3 +157,29 @@ def test_ddp_averages_gradients(tmp_path):
     a, b = res["local_grad_sums"]
     assert abs(a - b) > 1e-6 * max(abs(a), abs(b))                      # the ranks really saw different data
     assert res["max_rel_err"] < 1e-5
+
+
+def test_compiled_step_runs(small_betons, tmp_path):
+    # The compiled path (net, target and views under torch.compile) on the cheap aot_eager backend.
+    r = run(tiny_overrides(small_betons, tmp_path, "compiled", **{"train.compile": "true",
+                                                                  "train.compile_backend": "aot_eager",
+                                                                  "train.max_steps": 2}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ls = losses(tmp_path / "compiled")
+    assert sorted(ls) == [1, 2] and all(torch.isfinite(torch.tensor(list(ls.values()))))
+    assert json.loads((tmp_path / "compiled" / "meta.json").read_text())["compile"] is True
+
+
+@pytest.mark.slow
+def test_released_rn50_recipe_starts_under_accelerate_launch(small_betons, tmp_path):
+    # rcs/rn50.yaml as released (ResNet-50, 2x224 + 6x96, bf16 autocast), only the data and budget swapped.
+    args = [f"data.train_beton={small_betons / 'train.beton'}", f"data.val_beton={small_betons / 'val.beton'}",
+            "data.batch_size=4", "data.num_workers=1", "train.max_steps=2", "train.log_every=1",
+            "eval.knn_at_end=false", f"train.run_dir={tmp_path}", "train.name=rn50", "train.progress=false"]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    r = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no",
+                        "--num_machines", "1", "--dynamo_backend", "no", TRAIN, "--rc", str(ROOT / "rcs/rn50.yaml"),
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(losses(tmp_path / "rn50")) == [1, 2]
+    assert load_config(tmp_path / "rn50" / "config.yaml").model.arch == "resnet50"
