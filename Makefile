@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/system_deps.sh Makefile
 	@# and the machine-local CPU-only torch wheel does not match registry torchvision (NOTES.md).
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	@$(BIN)/python -c "import torch, torchvision, ffcv, kornia, accelerate; print('fastmveb env ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'ffcv', ffcv.__version__, 'kornia', kornia.__version__)"
+	@$(BIN)/python -c "import torch, torchvision, ffcv, kornia, accelerate; from importlib.metadata import version as v; print('fastmveb env ok:', ', '.join(p + ' ' + v(p) for p in ('torch', 'torchvision', 'ffcv', 'kornia', 'accelerate')))"
 	@touch $(STAMP)
 
 beton: setup
