@@ -19,6 +19,7 @@ PYVER     ?= 3.12
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/system_deps.sh Makefile
+	@# system packages ffcv compiles against (pkg-config libopencv-dev libturbojpeg0-dev), via apt-get when missing
 	@bash scripts/system_deps.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
