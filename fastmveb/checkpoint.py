@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,16 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def git_revision() -> str:
+    """The code revision a run or a result came from (`git describe --always --dirty`), or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,15 +58,6 @@ class MultiView(nn.Module):
             i = j
         probe_out = self.probe(h_views[0], y) if self.probe is not None else None
         return h_views, p_views, probe_out
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator):
@@ -145,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
+    git = ckpt.git_revision()                                         # once: meta.json and every checkpoint
 
     set_seed(cfg.train.seed)                                          # same initial weights on every rank
     model = MVEBModel.from_config(cfg.model)
@@ -206,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        meta = {"git": git_revision(), "world_size": world, "device": str(device), "argv": sys.argv,
+        meta = {"git": git, "world_size": world, "device": str(device), "argv": sys.argv,
                 "torch": torch.__version__, "compile": use_compile, "resumed_from": str(latest) if latest else None,
                 "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "peak_lr": lr_peak}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -220,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_proc:
             state = {"model": ckpt.unwrap(net).model.state_dict(), "target": target.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step, "epoch": at_epoch,
-                     "batch_in_epoch": at_batch, "rng": rngs, "config": to_dict(cfg), "git": git_revision()}
+                     "batch_in_epoch": at_batch, "rng": rngs, "config": to_dict(cfg), "git": git}
             if probe is not None:
                 state["probe"] = probe.state_dict()
             if ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), state):

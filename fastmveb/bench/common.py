@@ -5,11 +5,12 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from fastmveb.checkpoint import git_revision
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -23,11 +24,7 @@ def device_name(device: torch.device | str) -> str:
 
 def environment(device: torch.device | str) -> dict:
     """What a reader needs to trust a number: device, versions, date, git revision."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        rev = ""
+    rev = git_revision()
     return {
         "device": device_name(device),
         "torch": torch.__version__,
