@@ -70,36 +70,47 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     # A skipped step must leave no trace, but its forward already moved the BN running statistics (maybe to
     # NaN): keep a copy to put back. BN buffers are ~0.1% of the parameters, so this is cheap.
     buffers = list(online.buffers())
-    saved = [b.clone() for b in buffers]
-    with torch.no_grad():
+    saved = torch._foreach_mul(buffers, 1) if buffers else []
+    # The named phases are what `python -m fastmveb.bench profile` splits the step time by.
+    with phase("views"), torch.no_grad():
         v = view_maker(x)                                              # V views, globals first
     with accelerator.autocast():
-        _, p_views, probe_out = net(v, y)
-        with torch.no_grad():
+        with phase("forward"):
+            _, p_views, probe_out = net(v, y)
+        with phase("target"), torch.no_grad():
             _, t_p = target(torch.cat(v[:2]))                          # (2N, d): targets of the two globals
-    z = [F.normalize(p.float(), dim=1) for p in p_views]
-    t = [F.normalize(tp.float(), dim=1) for tp in t_p.chunk(2)]
-    loss, stats = mveb_loss(z, t, lam=cfg.loss.lam, group=_group(cfg.loss.group), eta=cfg.loss.eta,
-                            min_tau=cfg.loss.min_tau)
-    total = loss
-    if probe_out is not None:
-        total = loss + probe_out[0]                                    # the probe sees detached features
-        stats = dict(stats, probe_loss=probe_out[0].detach(), probe_top1=probe_out[1].detach())
-    accelerator.backward(total)
+    with phase("loss"):
+        z = [F.normalize(p.float(), dim=1) for p in p_views]
+        t = [F.normalize(tp.float(), dim=1) for tp in t_p.chunk(2)]
+        loss, stats = mveb_loss(z, t, lam=cfg.loss.lam, group=_group(cfg.loss.group), eta=cfg.loss.eta,
+                                min_tau=cfg.loss.min_tau)
+        total = loss
+        if probe_out is not None:
+            total = loss + probe_out[0]                                # the probe sees detached features
+            stats = dict(stats, probe_loss=probe_out[0].detach(), probe_top1=probe_out[1].detach())
+    with phase("backward"):
+        accelerator.backward(total)
 
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))         # grads are all-reduced: every rank agrees
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    optimizer.step(skip=skip)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for b, old in zip(buffers, saved):
-            torch.where(skip, old, b, out=b)
-    ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
+    with phase("optimizer"):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))     # grads are all-reduced: every rank agrees
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step(skip=skip)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, old in zip(buffers, saved):
+                torch.where(skip, old, b, out=b)
+    with phase("ema"):
+        ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
     stats = dict(stats, loss=loss.detach(), grad_norm=grad_norm.detach())
     return stats, skip, z[0].detach()
+
+
+def phase(name: str):
+    """A named profiler range around one phase of the step (no cost unless a profiler is recording)."""
+    return torch.profiler.record_function("fastmveb/" + name)
 
 
 def _group(g: str):

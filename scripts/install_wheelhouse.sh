@@ -5,10 +5,13 @@
 #   bash /path/to/wheelhouse/install.sh [--python /path/to/env/bin/python] [--no-verify] [--verify-only]
 #
 # Default interpreter: $PYTHON, else `python` of the active environment, else python3.
-# Steps: sha256 check of the folder -> host preflight -> pip install --no-index from the
-# folder (the ffcv wheel carries its OpenCV/turbojpeg libraries in site-packages/ffcv.libs,
-# found through $ORIGIN RUNPATHs: no LD_LIBRARY_PATH, nothing outside the environment)
-# -> verify.py (imports + a real 4-image beton write/decode + which libraries got mapped).
+# Steps: sha256 check of the folder -> host preflight -> install plan (verify.py --plan: the
+# targets, plus each requirement the host does not already satisfy) -> pip install --no-index
+# --no-deps of exactly those wheel files (pip never re-resolves the host's own packages, whose
+# pins need not all hold) -> verify.py (imports + a real 4-image beton write/decode + which
+# libraries got mapped). The ffcv wheel carries its OpenCV/turbojpeg libraries in
+# site-packages/ffcv.libs, found through $ORIGIN RUNPATHs: no LD_LIBRARY_PATH, nothing
+# outside the environment.
 set -uo pipefail
 
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,13 +61,16 @@ fi
   echo "warning: preflight found host runtime problems (see above); trying anyway"
 
 if [ "$INSTALL" = 1 ]; then
-  mapfile -t reqs < <("$PY" -c "import json,sys; print('\n'.join(json.load(open(sys.argv[1]))['install']))" "$DIR/manifest.json")
-  echo "pip install --no-index ${reqs[*]}"
+  plan_out=$("$PY" "$DIR/verify.py" --manifest "$DIR/manifest.json" --plan) || \
+    fail "nothing installed: a requirement is neither on the host nor in the folder (see the lines above)"
+  mapfile -t files < <(printf '%s\n' "$plan_out" | sed '/^$/d')
+  [ "${#files[@]}" -gt 0 ] || fail "empty install plan"
+  echo "pip install --no-index --no-deps ${files[*]}"
   # Only this folder: no config files (local indexes), no env-provided indexes/find-links.
   env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_REQUIRE_VIRTUALENV \
     PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    "$PY" -m pip install --no-index --find-links "$DIR" --no-cache-dir "${reqs[@]}" \
-    || fail "pip could not install from $DIR (a dependency the host should have is missing? see manifest.json expected_on_host)"
+    "$PY" -m pip install --no-index --no-deps --no-cache-dir "${files[@]/#/$DIR/}" \
+    || fail "pip could not install from $DIR (see its error above)"
 fi
 
 if [ "$VERIFY" = 1 ]; then

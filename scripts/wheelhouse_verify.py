@@ -1,7 +1,15 @@
 #!/usr/bin/env python3
 """Check an ffcv/kornia install made from the offline wheelhouse (copied there as verify.py).
 
-  python verify.py [--manifest manifest.json] [--preflight-only]
+  python verify.py [--manifest manifest.json] [--preflight-only | --plan]
+
+--plan (run by install.sh before installing): resolves the manifest's `install` targets against this
+environment and prints the wheel files to install, one per line. The targets are always installed; any
+other requirement is left to the host when it already satisfies it (the host's versions are never replaced)
+and is taken from the folder otherwise. Ends with 'WHEELHOUSE PLAN FAILED: ...' (exit 1) when a requirement
+is neither on the host nor in the folder. install.sh then runs pip with --no-deps, so pip never re-resolves
+the host's own packages: a torch environment whose pins are not all met (say setuptools newer than torch
+asks for, or CUDA libraries from another source) would otherwise stop the install.
 
 1. preflight: the host's glibc / libstdc++ provide the symbol versions the bundle needs;
 2. imports: ffcv, kornia, ffcv.loader.Loader, cv2, PIL;
@@ -59,6 +67,67 @@ def preflight(manifest: dict) -> list[str]:
     return problems
 
 
+def _packaging():
+    try:
+        from packaging.requirements import Requirement
+        from packaging.utils import canonicalize_name
+        from packaging.version import Version
+    except ImportError:   # pip vendors it: any environment install.sh can use has pip
+        from pip._vendor.packaging.requirements import Requirement
+        from pip._vendor.packaging.utils import canonicalize_name
+        from pip._vendor.packaging.version import Version
+    return Requirement, canonicalize_name, Version
+
+
+def wheel_requires(path: Path) -> list[str]:
+    """Requires-Dist lines of a wheel file (its METADATA, read without installing)."""
+    import email.parser
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
+        msg = email.parser.Parser().parsestr(z.read(meta).decode("utf-8"))
+    return msg.get_all("Requires-Dist") or []
+
+
+def plan(manifest: dict, folder: Path, installed: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(wheel files to install, problems). ``installed``: canonical name -> version (default: this env)."""
+    import importlib.metadata as md
+    Requirement, canon, Version = _packaging()
+    if installed is None:
+        installed = {}
+        for d in md.distributions():
+            name = d.metadata["Name"]
+            if name:
+                installed.setdefault(canon(name), d.version)
+    wheels = {canon(w["name"]): w for w in manifest["wheels"]}
+    chosen: dict[str, dict] = {}
+    problems: list[str] = []
+    queue = [(Requirement(r), "the wheelhouse") for r in manifest["install"]]
+    targets = {canon(r.name) for r, _ in queue}
+    while queue:
+        req, parent = queue.pop(0)
+        name = canon(req.name)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if name in chosen:
+            if not req.specifier.contains(Version(chosen[name]["version"]), prereleases=True):
+                problems.append(f"{parent} needs {req}, the folder has {name} {chosen[name]['version']}")
+            continue
+        have = installed.get(name)
+        if name not in targets and have is not None and req.specifier.contains(Version(have), prereleases=True):
+            continue                                                  # the host's copy stays
+        w = wheels.get(name)
+        if w is None or not req.specifier.contains(Version(w["version"]), prereleases=True):
+            found = f"{name} {have} is installed" if have else f"{name} is not installed"
+            problems.append(f"{parent} needs {req}: {found} and the folder has "
+                            f"{'no ' + name if w is None else name + ' ' + w['version']} "
+                            f"(install it on the host, or rebuild with WITH_HOST_DEPS=1)")
+            continue
+        chosen[name] = w
+        queue += [(Requirement(r), f"{w['name']} {w['version']}") for r in wheel_requires(folder / w["file"])]
+    return [w["file"] for w in chosen.values()], problems
+
+
 def roundtrip(tmp: Path) -> str:
     import numpy as np
     from ffcv.fields import IntField, RGBImageField
@@ -111,8 +180,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", type=Path, default=Path(__file__).with_name("manifest.json"))
     ap.add_argument("--preflight-only", action="store_true")
+    ap.add_argument("--plan", action="store_true", help="print the wheel files to install, one per line")
     a = ap.parse_args()
     manifest = json.loads(a.manifest.read_text()) if a.manifest.exists() else {}
+    if a.plan:
+        files, problems = plan(manifest, a.manifest.parent)
+        for p in problems:
+            print(f"WHEELHOUSE PLAN FAILED: {p}", file=sys.stderr)
+        print("\n".join(files))
+        return 1 if problems else 0
     print(f"python {platform.python_version()} ({sys.executable})")
 
     problems = preflight(manifest)

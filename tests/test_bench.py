@@ -71,6 +71,27 @@ def test_train_short(small_betons, tmp_path):
     assert r["released_precision"] == "no" and math.isfinite(r["fastmveb_loss"]) and math.isfinite(r["released_loss"])
 
 
+def test_profile_short_splits_the_step_by_phase(tmp_path):
+    bench("profile", "--short", "--device", "cpu", "--out-dir", tmp_path, "--recipes", "multi-crop", "--warmup", 1,
+          "--steps", 1, "--top", 8)
+    rows = only_json(tmp_path, "profile")["rows"]
+    wall = [r for r in rows if r["kind"] == "wall"]
+    phases = {r["name"]: r for r in rows if r["kind"] == "phase"}
+    ops = [r for r in rows if r["kind"] == "op"]
+    assert len(wall) == 1 and wall[0]["views"] == "2x64 + 6x32" and math.isfinite(wall[0]["loss"])
+    for name in ("views", "forward", "target", "loss", "backward", "optimizer", "ema"):
+        assert positive(phases[name]["ms_per_step"]), name
+    # Self times never overlap, so the phases (with the uncounted rest) add up to the wall clock.
+    total = sum(r["ms_per_step"] for r in phases.values())
+    assert total == pytest.approx(wall[0]["ms_per_step"], rel=0.02)
+    assert phases["backward"]["ms_per_step"] > phases["ema"]["ms_per_step"]
+    assert len(ops) == 8 and all(r["ms_per_step"] >= ops[i + 1]["ms_per_step"] for i, r in enumerate(ops[:-1]))
+    assert any(r["name"].startswith("backward: aten::convolution_backward") for r in ops), [r["name"] for r in ops]
+    assert any(r["name"].startswith("forward: ") and "convolution" in r["name"] for r in ops)
+    text = __import__("fastmveb.bench.report", fromlist=["build"]).build(tmp_path).read_text()
+    assert "step split" in text and "backward" in text
+
+
 def test_report_takes_the_newest_json_per_stage_and_device(tmp_path):
     from fastmveb.bench import report
     from fastmveb.bench.common import write_results
@@ -91,7 +112,7 @@ def test_all_short(small_betons, tmp_path):
     """Every stage in one run, then the combined table (several minutes on 2 cores)."""
     r = bench("all", "--short", "--device", "cpu", "--out-dir", tmp_path, "--beton", small_betons / "train.beton",
               "--jpeg-root", small_betons / "jpeg" / "train", timeout=1800)
-    for stage in ("loader", "views", "entropy", "step", "train"):
+    for stage in ("loader", "views", "entropy", "step", "train", "profile"):
         assert list(tmp_path.glob(f"{stage}-cpu-*.json")), (stage, r.stdout[-3000:])
     text = (tmp_path / "README.md").read_text()
-    assert all(f"### {s}" in text for s in ("loader", "views", "entropy", "step", "train"))
+    assert all(f"### {s}" in text for s in ("loader", "views", "entropy", "step", "train", "profile"))

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("wheelhouse_build", ROOT / "scripts" / "wheelhouse_build.py")
 wb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(wb)
+_vspec = importlib.util.spec_from_file_location("wheelhouse_verify", ROOT / "scripts" / "wheelhouse_verify.py")
+wv = importlib.util.module_from_spec(_vspec)
+_vspec.loader.exec_module(wv)
 
 
 # ----------------------------------------------------------------------------- fast
@@ -74,6 +77,42 @@ def test_budget_and_versions():
 def test_record_hash_format():
     h = wb.record_hash(b"abc")
     assert h.startswith("sha256=") and "=" not in h[7:] and len(h) == 7 + 43
+
+
+def _fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> dict:
+    import zipfile
+    file = f"{name}-{version}-py3-none-any.whl"
+    meta = "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+        name, version, "".join(f"Requires-Dist: {r}\n" for r in requires))
+    with zipfile.ZipFile(folder / file, "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+        z.writestr(f"{name}/__init__.py", "")
+    return {"file": file, "name": name, "version": version}
+
+
+def test_install_plan_keeps_the_hosts_packages(tmp_path):
+    """install.sh installs with --no-deps what verify.py --plan picks: the targets always, a dependency only
+    when the host lacks it or has a version that does not satisfy it, never one the host already satisfies;
+    a dependency neither on the host nor in the folder is named and nothing is installed."""
+    wheels = [_fake_wheel(tmp_path, "ffcv", "1.0.2+fastmveb", ["numba", "tqdm>=4.5", "assertpy"]),
+              _fake_wheel(tmp_path, "kornia", "0.9.0", ["torch>=2.0", "packaging", "kornia_rs>=0.1",
+                                                        'legacy-thing; python_version < "3"']),
+              _fake_wheel(tmp_path, "kornia_rs", "0.2.0", []),
+              _fake_wheel(tmp_path, "tqdm", "4.70.1", []),
+              _fake_wheel(tmp_path, "assertpy", "1.1", []),
+              _fake_wheel(tmp_path, "packaging", "26.3", [])]
+    manifest = {"install": ["ffcv==1.0.2+fastmveb", "kornia==0.9.0"], "wheels": wheels}
+    host = {"torch": "2.11.0", "numba": "0.68.1", "tqdm": "4.1.0", "packaging": "25.0", "setuptools": "84.0",
+            "ffcv": "1.0.2"}
+    files, problems = wv.plan(manifest, tmp_path, installed=host)
+    assert problems == []
+    names = {f.split("-")[0] for f in files}
+    # ffcv is a target (reinstalled over the host's plain 1.0.2); tqdm 4.1 is too old; packaging 25 stays.
+    assert names == {"ffcv", "kornia", "kornia_rs", "tqdm", "assertpy"}
+    files, problems = wv.plan(manifest, tmp_path, installed={"torch": "2.11.0"})
+    assert len(problems) == 1 and "numba is not installed" in problems[0] and "WITH_HOST_DEPS=1" in problems[0]
+    files, problems = wv.plan(manifest, tmp_path, installed={"torch": "1.13.1", "numba": "0.68.1"})
+    assert len(problems) == 1 and "torch>=2.0: torch 1.13.1 is installed" in problems[0]
 
 
 def _built_wheelhouses():

@@ -1,6 +1,6 @@
 """Timing benchmarks: ``python -m fastmveb.bench STAGE [--short] [--device cpu|cuda] [--out-dir DIR]``.
 
-STAGE is one of loader, views, entropy, step, train, or all (every stage in one run on one machine, then
+STAGE is one of loader, views, entropy, step, train, profile, or all (every stage in one run on one machine, then
 the results table), or report (only rebuild the table). Each stage prints a markdown table and writes JSON +
 markdown under benchmarks/results/; ``report`` writes benchmarks/results/README.md from the JSON files.
 ``all`` runs each stage in its own process (a stage's threads, compile caches and memory high-water marks
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ["loader", "views", "entropy", "step", "train"]
+STAGES = ["loader", "views", "entropy", "step", "train", "profile"]
 _LENIENT = "--ignore-unknown-args"   # set by `all` for its per-stage processes
 
 

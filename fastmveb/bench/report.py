@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastmveb.bench.common import RESULTS_DIR, markdown_table
 
-STAGE_ORDER = ["loader", "views", "entropy", "step", "train"]
+STAGE_ORDER = ["loader", "views", "entropy", "step", "train", "profile"]
 
 
 def add_args(parser) -> None:
@@ -74,6 +74,11 @@ def headline(stage: str, payload: dict) -> list[dict]:
             out.append({"stage": "loader", "what": f"{r.get('pipeline')} ({r.get('views')})",
                         "samples_per_s": r["samples_per_s"], "vs": _fmt_ratio(r.get("x_vs_pil")) + " vs PIL"
                         if r.get("x_vs_pil") is not None else ""})
+        elif stage == "profile" and r.get("kind") == "wall":
+            split = ", ".join(f"{p['name']} {p['share']:.0%}" for p in payload["rows"]
+                              if p.get("recipe") == r.get("recipe") and p.get("kind") == "phase")
+            out.append({"stage": "profile", "what": f"{r.get('recipe')} {r.get('views')} {r.get('arch')} step split",
+                        "samples_per_s": None, "vs": split})
         elif stage == "views" and r.get("kind") in ("recipe", "pil-cpu") and "images_per_s" in r:
             out.append({"stage": "views", "what": r.get("what"), "samples_per_s": r["images_per_s"], "vs": ""})
     return out

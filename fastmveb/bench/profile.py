@@ -1,0 +1,166 @@
+"""Where the step time goes: ``python -m fastmveb.bench profile [--short] [--device cpu|cuda]``.
+
+Runs fastmveb.train.train_step with the real view maker (a random uint8 batch at the decode size already on
+the device stands in for the FFCV output; loading is timed by the ``train`` stage) under torch.profiler, with
+the same construction and settings as the ``step`` stage, and splits the time of the profiled steps by phase:
+
+    views      ViewMaker: crops, flips, jitter, grayscale, blur, solarize, normalisation
+    forward    online network on every view (backbone + projector)
+    target     EMA target network on the two global views
+    loss       MVEB loss: alignment + von Mises-Fisher Stein entropy estimate (float64 Cholesky)
+    backward   autograd (on CUDA its ops run on the autograd thread; they are recognised by their
+               ``autograd::engine`` ancestors)
+    optimizer  gradient norm, NaN/Inf check, LARS, BN-buffer restore bookkeeping
+    ema        target update
+
+The phases are ``torch.profiler.record_function`` ranges in train_step. What is counted: on CUDA each CPU op's
+self *device* time (the kernels it launched, minus its children's), on CPU each op's self *CPU* time; each op
+goes to the nearest enclosing phase. "host only" is the wall time of the profiled steps that no op accounts
+for (Python, launch gaps; on CUDA: time the GPU sat idle). Rows: one per phase, then the top (phase, op) pairs by
+self time (an op-level view of the same steps). ``--trace FILE`` also writes a Chrome trace (chrome://tracing,
+Perfetto). The profiler slows the host side; the ``step`` stage is the timing of record, this stage says where
+the time goes.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from fastmveb.bench import common
+from fastmveb.bench.step import (RECIPES, add_settings_args, bench_config, build, default_threads, free,
+                                 make_accelerator, pick_device, pin_threads, recipe_names, settings_of,
+                                 uses_compile)
+
+PHASES = ["views", "forward", "target", "loss", "backward", "optimizer", "ema"]
+RANGE_PREFIX = "fastmveb/"          # train_step's record_function names: fastmveb/<phase>
+COLUMNS = ["recipe", "kind", "name", "ms_per_step", "share", "calls_per_step"]
+
+
+def add_args(parser) -> None:
+    add_settings_args(parser)
+    parser.add_argument("--warmup", type=int, default=None, help="unprofiled steps first (the first compiles)")
+    parser.add_argument("--steps", type=int, default=None, help="profiled steps (default: CUDA 5, CPU 2)")
+    parser.add_argument("--top", type=int, default=15, help="top ops listed by self time (default 15)")
+    parser.add_argument("--trace", default=None, help="also write a Chrome trace to this path "
+                                                      "(the recipe name is inserted before the suffix)")
+
+
+def phase_of(evt) -> str:
+    """The phase of a profiler event: the nearest enclosing fastmveb/<phase> range; ops run by the autograd
+    engine outside any range (CUDA: the autograd thread) are backward; else "other"."""
+    backward = False
+    e = evt
+    while e is not None:
+        name = e.name
+        if name.startswith(RANGE_PREFIX) and name[len(RANGE_PREFIX):] in PHASES:
+            return name[len(RANGE_PREFIX):]
+        if name.startswith("autograd::engine::evaluate_function"):
+            backward = True
+        e = e.cpu_parent
+    return "backward" if backward else "other"
+
+
+def attribute(events, on_device: bool) -> tuple[dict[str, float], dict[tuple[str, str], list]]:
+    """Self time (us) per phase and per (phase, op name) ([us, calls]) over host-side op events."""
+    from torch.autograd import DeviceType
+    phases: dict[str, float] = {}
+    ops: dict[tuple[str, str], list] = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.is_async:
+            continue                      # device kernels are counted through the ops that launched them
+        us = e.self_device_time_total if on_device else e.self_cpu_time_total
+        if e.name.startswith(RANGE_PREFIX):
+            if on_device:
+                continue                  # a range launches nothing itself
+            name = "(python in " + e.name[len(RANGE_PREFIX):] + ")"
+        else:
+            name = e.name
+        ph = phase_of(e)
+        phases[ph] = phases.get(ph, 0.0) + us
+        rec = ops.setdefault((ph, name), [0.0, 0])
+        rec[0] += us
+        rec[1] += 1
+    return phases, ops
+
+
+def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int, top: int,
+                   threads: int | None, trace: str | None) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    from fastmveb.train import train_step
+    from fastmveb.views import ViewMaker
+    threads = pin_threads(threads)
+    accelerator = make_accelerator(cfg, device)
+    b = build(cfg, device, accelerator)
+    view_maker = ViewMaker(cfg.views).to(device)
+    views_c = torch.compile(view_maker, backend=cfg.train.compile_backend) if uses_compile(cfg, device) else view_maker
+    g = torch.Generator(device=device).manual_seed(0)
+    n, s = cfg.data.batch_size, cfg.data.decode_size
+    x = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (n,), device=device, generator=g)
+
+    def step():
+        return train_step(b["net_c"], b["target_c"], views_c, b["optimizer"], x, y, b["lr"], b["m"], cfg,
+                          accelerator)
+
+    for _ in range(warmup):
+        stats = step()[0]
+    common.sync(device)
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            stats = step()[0]
+        common.sync(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    loss = float(stats["loss"])
+    if trace:
+        root, ext = os.path.splitext(trace)
+        prof.export_chrome_trace(f"{root}-{name}{ext or '.json'}")
+    phases, ops = attribute(prof.events(), on_device)
+    counted = sum(phases.values())
+    settings = settings_of(cfg, device)
+    per = 1e-3 / steps                                                    # us over all steps -> ms per step
+    rows = [{"recipe": name, "kind": "wall", "name": "profiled step (wall clock)", "ms_per_step": wall_us * per,
+             "share": 1.0, **settings, "loss": loss, "time_counted": "device" if on_device else "cpu"}]
+    for ph in PHASES + sorted(set(phases) - set(PHASES)):
+        if ph in phases:
+            rows.append({"recipe": name, "kind": "phase", "name": ph, "ms_per_step": phases[ph] * per,
+                         "share": phases[ph] / wall_us})
+    rows.append({"recipe": name, "kind": "phase", "name": "host only (no op running)" if not on_device
+                 else "device idle", "ms_per_step": max(0.0, wall_us - counted) * per,
+                 "share": max(0.0, wall_us - counted) / wall_us})
+    for (ph, op), (us, calls) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+        rows.append({"recipe": name, "kind": "op", "name": f"{ph}: {op}", "ms_per_step": us * per, "share": us / wall_us,
+                     "calls_per_step": calls / steps})
+    del b, view_maker, views_c, x, y, prof
+    free(device, uses_compile(cfg, device))
+    return rows
+
+
+def main(args) -> dict:
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    warmup = args.warmup or ((3 if args.short else 5) if cuda else 1)
+    steps = args.steps or (5 if cuda else 2)
+    rows = []
+    for name in recipe_names(args):
+        cfg = bench_config(args, device, args.n_local if RECIPES[name] else 0)
+        got = profile_recipe(cfg, device, name, warmup, steps, args.top, default_threads(args, device), args.trace)
+        rows += got
+        wall = got[0]["ms_per_step"]
+        print(f"profile {name}: {wall:.1f} ms/step under the profiler; " + ", ".join(
+            f"{r['name']} {r['share']:.0%}" for r in got if r["kind"] == "phase"), flush=True)
+    settings = {"rc": args.rc or ("rcs/rn50.yaml" if cuda else "rcs/tiny.yaml"), "short": bool(args.short),
+                "device": str(device), "warmup_steps": warmup, "profiled_steps": steps,
+                "threads_pinned": default_threads(args, device),
+                "inputs": "random uint8 batch at the decode size, already on the device; real ViewMaker",
+                "time_counted": "self CUDA time of each op's kernels" if cuda else "self CPU time of each op"}
+    print(common.markdown_table(rows, COLUMNS))
+    path = common.write_results("profile", common.environment(device), settings, rows, COLUMNS,
+                                out_dir=args.out_dir)
+    print(f"wrote {path}")
+    return {"rows": rows, "settings": settings, "path": str(path)}
