@@ -107,6 +107,15 @@ def test_report_takes_the_newest_json_per_stage_and_device(tmp_path):
     assert text.index("## CUDA") < text.index("## CPU") and "7.5" in text
 
 
+def test_readme_speed_block_is_generated_from_the_committed_results():
+    """The README's figures are the committed JSON's, rendered by report.speed_block: none typed by hand."""
+    from fastmveb.bench import report
+    text = (ROOT / "README.md").read_text()
+    block = text.split(report.BEGIN, 1)[1].split(report.END, 1)[0]
+    newest = report.load_newest(ROOT / "benchmarks" / "results")
+    assert newest and block == "\n" + report.speed_block(newest)
+
+
 @pytest.mark.slow
 def test_all_short(small_betons, tmp_path):
     """Every stage in one run, then the combined table (several minutes on 2 cores)."""
