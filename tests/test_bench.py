@@ -73,8 +73,10 @@ def test_train_short(small_betons, tmp_path):
 
 def test_profile_short_splits_the_step_by_phase(tmp_path):
     bench("profile", "--short", "--device", "cpu", "--out-dir", tmp_path, "--recipes", "multi-crop", "--warmup", 1,
-          "--steps", 1, "--top", 8)
+          "--steps", 1, "--top", 8, "--trace", tmp_path / "traces" / "step.json")
     rows = only_json(tmp_path, "profile")["rows"]
+    trace = json.loads((tmp_path / "traces" / "step-multi-crop.json").read_text())
+    assert any(e.get("name") == "fastmveb/backward" for e in trace["traceEvents"])
     wall = [r for r in rows if r["kind"] == "wall"]
     phases = {r["name"]: r for r in rows if r["kind"] == "phase"}
     ops = [r for r in rows if r["kind"] == "op"]

@@ -119,6 +119,7 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
     loss = float(stats["loss"])
     if trace:
         root, ext = os.path.splitext(trace)
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
         prof.export_chrome_trace(f"{root}-{name}{ext or '.json'}")
     phases, ops = attribute(prof.events(), on_device)
     counted = sum(phases.values())
