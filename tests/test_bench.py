@@ -118,6 +118,27 @@ def test_readme_speed_block_is_generated_from_the_committed_results():
     assert newest and block == "\n" + report.speed_block(newest)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_step_and_profile_on_cuda(tmp_path):
+    """The GPU path of the compute bound and of the profile: rn50.yaml settings (bf16, compiled, channels-last)
+    at a small batch; the profile must find the autograd thread's kernels under backward."""
+    bench("step", "--short", "--device", "cuda", "--out-dir", tmp_path, "--recipes", "two-view", "--batch-size", 32)
+    bench("profile", "--short", "--device", "cuda", "--out-dir", tmp_path, "--recipes", "multi-crop",
+          "--batch-size", 32, "--steps", 2)
+    (step_file,) = tmp_path.glob("step-cuda-*.json")
+    (r,) = json.loads(step_file.read_text())["rows"]
+    assert positive(r["samples_per_s"]) and r["compile"] is True and r["precision"] == "bf16"
+    assert r["peak_mem_kind"] == "cuda max_memory_allocated" and math.isfinite(r["loss"]) and not r["skipped"]
+    (prof_file,) = tmp_path.glob("profile-cuda-*.json")
+    rows = json.loads(prof_file.read_text())["rows"]
+    phases = {x["name"]: x for x in rows if x["kind"] == "phase"}
+    for name in ("views", "forward", "target", "loss", "backward", "optimizer"):
+        assert positive(phases[name]["ms_per_step"]), name
+    assert phases["backward"]["ms_per_step"] > 0.5 * phases["forward"]["ms_per_step"]
+    assert 0 <= phases["device idle"]["share"] <= 1
+
+
 @pytest.mark.slow
 def test_all_short(small_betons, tmp_path):
     """Every stage in one run, then the combined table (several minutes on 2 cores)."""
