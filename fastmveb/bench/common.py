@@ -76,6 +76,13 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a results file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_results(name: str, env: dict, settings: dict, rows: list[dict], columns: list[str] | None = None,
                   out_dir: str | Path | None = None) -> Path:
     """Write <name>-<device>-<date>.json and .md; returns the JSON path. Numbers come only from the run."""
@@ -85,9 +92,7 @@ def write_results(name: str, env: dict, settings: dict, rows: list[dict], column
     stem = f"{name}-{dev}-{env['date'][:10]}"
     payload = {"benchmark": name, "env": env, "settings": settings, "rows": rows}
     path = out_dir / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
     table = markdown_table(rows, columns)
     md = (f"### {name}\n\n{env['device']}, torch {env['torch']}, {env['date']}, git {env['git']}\n\n"
           f"settings: `{json.dumps(settings)}`\n\n{table}\n")

@@ -89,12 +89,10 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
                    threads: int | None, trace: str | None) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
     from fastmveb.train import train_step
-    from fastmveb.views import ViewMaker
     threads = pin_threads(threads)
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
-    view_maker = ViewMaker(cfg.views).to(device)
-    views_c = torch.compile(view_maker, backend=cfg.train.compile_backend) if uses_compile(cfg, device) else view_maker
+    views_c = b["views_c"]
     g = torch.Generator(device=device).manual_seed(0)
     n, s = cfg.data.batch_size, cfg.data.decode_size
     x = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
@@ -137,7 +135,7 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
     for (ph, op), (us, calls) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
         rows.append({"recipe": name, "kind": "op", "name": f"{ph}: {op}", "ms_per_step": us * per, "share": us / wall_us,
                      "calls_per_step": calls / steps})
-    del b, view_maker, views_c, x, y, prof
+    del b, views_c, x, y, prof
     free(device, uses_compile(cfg, device))
     return rows
 

@@ -139,11 +139,13 @@ def make_accelerator(cfg, device: torch.device):
 
 
 def build(cfg, device: torch.device, accelerator):
-    """net, target, optimizer, compiled callables and lr: the same construction as fastmveb/train.py."""
+    """net, target, view maker, optimizer, compiled callables and lr: the same construction as fastmveb/train.py
+    (torch.compile is lazy: a caller that never calls views_c pays nothing for it)."""
     from accelerate.utils import set_seed
     from fastmveb.model import MVEBModel, make_target
     from fastmveb.optim import LARS, lr_at, param_groups, peak_lr
     from fastmveb.train import MultiView
+    from fastmveb.views import ViewMaker
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -158,16 +160,19 @@ def build(cfg, device: torch.device, accelerator):
     optimizer = LARS(param_groups(net, cfg.optim.weight_decay), lr=lr_peak, weight_decay=cfg.optim.weight_decay,
                      momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
     net = accelerator.prepare(net)
-    net_c, target_c = net, target
+    view_maker = ViewMaker(cfg.views).to(device)
+    net_c, target_c, views_c = net, target, view_maker
     if uses_compile(cfg, device):
         net_c = torch.compile(net, backend=cfg.train.compile_backend)
         target_c = torch.compile(target, backend=cfg.train.compile_backend)
+        views_c = torch.compile(view_maker, backend=cfg.train.compile_backend)
     # A mid-training lr: warm-up over, cosine not yet low (the value does not change the work done).
     lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
     m = torch.tensor(cfg.model.ema_momentum, device=device)
     net.train()
     target.train()
-    return {"net": net, "net_c": net_c, "target": target, "target_c": target_c, "optimizer": optimizer,
+    return {"net": net, "net_c": net_c, "target": target, "target_c": target_c, "views_c": views_c,
+            "optimizer": optimizer,
             "lr": lr, "m": m, "accelerator": accelerator}
 
 

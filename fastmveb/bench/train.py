@@ -111,11 +111,9 @@ def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads:
     """FFCV -> ViewMaker -> train_step, constructed as fastmveb/train.py does."""
     from fastmveb.data import train_loader, unpack_train_batch
     from fastmveb.train import train_step
-    from fastmveb.views import ViewMaker
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
-    view_maker = ViewMaker(cfg.views).to(device)
-    views_c = torch.compile(view_maker, backend=cfg.train.compile_backend) if uses_compile(cfg, device) else view_maker
+    views_c = b["views_c"]
     loader = train_loader(beton, cfg.data.batch_size, cfg.data.num_workers, device, decode=cfg.data.decode,
                           decode_size=cfg.data.decode_size, views=cfg.views, seed=cfg.train.seed,
                           order=cfg.data.order, os_cache=cfg.data.os_cache, drop_last=True)
@@ -139,7 +137,7 @@ def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads:
     r["samples_per_s"] = steps * cfg.data.batch_size / r["seconds"]
     r["loss"] = float(out["stats"]["loss"])
     r["torch_threads"] = threads
-    del b, view_maker, views_c, loader, batches, out
+    del b, views_c, loader, batches, out
     free(device, uses_compile(cfg, device))
     return r
 
@@ -203,7 +201,7 @@ def main(args) -> dict:
     s_warmup = step_iters(args, device)[0]
     threads = default_threads(args, device)
     load_before = os.getloadavg()
-    rows, detail = [], []
+    rows = []
     for name in recipe_names(args):
         cfg = bench_config(args, device, args.n_local if RECIPES[name] else 0)
         cfg.data.train_beton = str(beton)

@@ -71,7 +71,6 @@ def _kornia_ops(size, scale, blur_radius):
 
 # ------------------------------------------------------------------------------------------- PIL baseline
 def _pil_worker(args):
-    import numpy as np
     from PIL import Image
     from benchmarks.released_transforms import released_transform
     arr, n_local, seed = args

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from fastmveb.eval.features import _autocast, eval_mode, extract_features, normalize_uint8
+from fastmveb.eval.features import _autocast, extract_features, normalize_uint8
 from fastmveb.eval.knn import topk_accuracy
 
 
@@ -72,6 +72,18 @@ def cosine_lr(base: float, step: int, total: int) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # Batched RandomResizedCrop + flip on the device.
+
+
+def _head_step(head: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor, y: torch.Tensor,
+               lr: float) -> torch.Tensor:
+    """One optimizer step of the linear head at learning rate lr; returns the detached loss."""
+    for pg in opt.param_groups:
+        pg["lr"] = lr
+    loss = F.cross_entropy(head(feats), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
 
 def sample_rrc_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                      generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
@@ -170,14 +182,8 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             xb, yb = xs[idx].to(device, non_blocking=True), ys[idx].to(device, non_blocking=True)
-            for pg in opt.param_groups:
-                pg["lr"] = cosine_lr(lr, step, total)
-            loss = F.cross_entropy(head(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            tot += _head_step(head, opt, xb, yb, cosine_lr(lr, step, total))
             step += 1
-            tot += loss.detach()
         if log is not None and (ep + 1 == epochs or (ep + 1) % max(1, epochs // 10) == 0):
             log(f"linear fast epoch {ep + 1}/{epochs} loss {float(tot) / steps_per_epoch:.4f}")
     folded = _fold(head, mu, sd)
@@ -253,14 +259,8 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
                 with torch.no_grad(), _autocast(device, amp_dtype):
                     v = normalize_uint8(rrc_flip(x, crop_size, crop_scale, generator=g), mean, std)
                     h = backbone(v).float().flatten(1)
-                for pg in opt.param_groups:
-                    pg["lr"] = cosine_lr(lr, step, total)
-                loss = F.cross_entropy(head(h), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                tot += _head_step(head, opt, h, y, cosine_lr(lr, step, total))
                 step += 1
-                tot += loss.detach()
                 nb += 1
             if log is not None:
                 top1, _ = _evaluate(head, va, val, device)
