@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,28 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad run configuration; the message is one line that names the key, the source and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load with YAML 1.2's float syntax: PyYAML (YAML 1.1) reads `1e-6` (no dot, unsigned exponent)
+    as a string, which would reject `optim.weight_decay=1e-6`. Tags stay the safe set (no Python objects)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """yaml.safe_load, with `1e-6` read as a float (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -169,6 +193,8 @@ def _coerce(value, tp, key: str, source: str):
         raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):   # .nan / .inf would reach the weights (or every comparison) silently
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
     if tp is str:
@@ -217,7 +243,7 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
         path, raw = item.split("=", 1)
         try:
             # a string field takes the text as typed: YAML would turn "no" into False
-            value = raw if _field_type(cfg, path.strip()) is str else (yaml.safe_load(raw) if raw != "" else "")
+            value = raw if _field_type(cfg, path.strip()) is str else (yaml_load(raw) if raw != "" else "")
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: cannot parse the value of '{path}': {e}".splitlines()[0]) from None
         tree: dict = {}
@@ -238,7 +264,7 @@ def load_config(rc: str | Path | None = None, overrides: list[str] | None = None
         if not rc.is_file():
             raise ConfigError(f"run config '{rc}' not found (see rcs/ for the provided ones)")
         try:
-            tree = yaml.safe_load(rc.read_text()) or {}
+            tree = yaml_load(rc.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{rc}: not valid YAML: {str(e).splitlines()[0]}") from None
         _apply(cfg, tree, str(rc))
@@ -270,10 +296,65 @@ def validate(cfg: Config) -> None:
     for key, (val, allowed) in choices.items():
         if val not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {val!r}")
-    for key, val in (("data.batch_size", cfg.data.batch_size), ("data.num_workers", cfg.data.num_workers),
-                     ("optim.epochs", cfg.optim.epochs)):
-        if val < 1:
-            raise ConfigError(f"{key} must be >= 1, got {val}")
+    for key, rng in RANGES.items():
+        section, _, name = key.partition(".")
+        val = getattr(getattr(cfg, section, None), name, None)
+        if val is None:                                    # a key another version of the tree does not have
+            continue
+        for i, v in enumerate(val if isinstance(val, tuple) else (val,)):
+            if not rng.contains(v):
+                where = f"{key}[{i}]" if isinstance(val, tuple) else key
+                raise ConfigError(f"{where} must be in {rng}, got {v!r}")
+        if isinstance(val, tuple) and len(val) == 2 and rng.ordered and val[0] > val[1]:
+            raise ConfigError(f"{key} must be (low, high) with low <= high, got {list(val)}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval a number must lie in; ``ordered``: a (low, high) pair must also have low <= high."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    ordered: bool = False
+
+    def contains(self, v) -> bool:
+        if not math.isfinite(v):
+            return False
+        return ((v > self.lo if self.lo_open else v >= self.lo)
+                and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __str__(self) -> str:
+        def num(x):
+            return "inf" if x == math.inf else f"{x:g}"
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+_POS, _NONNEG, _ONE_UP, _UNIT = Range(0, lo_open=True), Range(0), Range(1), Range(0, 1)
+_SIDE = Range(8, 8192)   # image sides in pixels: under 8 px a ResNet's stride-32 features are empty
+# Every int and float key with the values it may take; a key missing here is checked for finiteness only.
+RANGES: dict[str, Range] = {
+    "data.batch_size": _ONE_UP, "data.num_workers": _ONE_UP, "data.decode_size": _SIDE, "data.eval_size": _SIDE,
+    "data.eval_crop_ratio": Range(0, 1, lo_open=True), "data.eval_batch_size": _ONE_UP,
+    "views.global_size": _SIDE, "views.local_size": _SIDE, "views.n_local": _NONNEG,
+    "views.global_scale": Range(0, 1, lo_open=True, ordered=True),
+    "views.local_scale": Range(0, 1, lo_open=True, ordered=True),
+    "views.ratio": Range(0, lo_open=True, ordered=True), "views.flip_p": _UNIT, "views.jitter_p": _UNIT,
+    "views.brightness": _NONNEG, "views.contrast": _NONNEG, "views.saturation": _NONNEG,
+    "views.hue": Range(0, 0.5), "views.gray_p": _UNIT, "views.blur_sigma": Range(0, lo_open=True, ordered=True),
+    "views.blur_p": _UNIT, "views.solarize_p": _UNIT, "views.solarize_threshold": _UNIT, "views.mean": _UNIT,
+    "views.std": _POS,
+    "model.proj_hidden": _ONE_UP, "model.proj_out": _ONE_UP, "model.proj_layers": _ONE_UP,
+    "model.ema_momentum": _UNIT,
+    "loss.lam": _NONNEG, "loss.eta": _POS, "loss.min_tau": _POS,
+    "optim.base_lr": _POS, "optim.weight_decay": _NONNEG, "optim.momentum": Range(0, 1, hi_open=True),
+    "optim.trust_coef": _POS, "optim.epochs": _ONE_UP, "optim.warmup_epochs": _NONNEG,
+    "optim.warmup_start_ratio": _UNIT, "optim.final_lr_ratio": _UNIT, "optim.max_bad_steps": _ONE_UP,
+    "train.seed": Range(0, 2**32 - 1), "train.max_steps": _NONNEG, "train.log_every": _ONE_UP,
+    "train.ckpt_every_steps": _NONNEG, "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
+    "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
+    "eval.linear_epochs": _ONE_UP, "eval.linear_base_lr": _POS, "eval.linear_batch_size": _ONE_UP,
+}
 
 
 def to_dict(cfg) -> dict:
