@@ -1,6 +1,7 @@
 """One-page PNG report of a run: the training curves people look at, evaluation, and throughput.
 
     python -m fastmveb.report --run runs/NAME [--out FILE.png]      # default: runs/NAME/report.png
+    python -m fastmveb.report --run runs/NAME --embedding [FILE.png]  # also runs/NAME/embedding.png
 
 Reads run_dir/metrics.jsonl (and meta.json / eval.jsonl when present) and draws, against the training
 step: loss; alignment; the entropy surrogate (a trend only: its value means nothing, MVEB.md); the kernel
@@ -8,6 +9,11 @@ bandwidth tau; uniformity and effective rank (the collapse monitors); kNN top-1/
 learning rate with the EMA momentum; gradient norm; samples/s; where each step's time goes (loading, views,
 model step, as shares of the step time, for whichever of them were logged); peak memory. A metric the
 run did not log gets an empty panel that says so, so every report has the same layout.
+
+``--embedding`` adds a second page: the val set's backbone features projected to 2-D (PCA, first two
+principal axes) and coloured by class, for the trained encoder (newest checkpoint) and for the same encoder at
+its random initialisation (rebuilt from train.seed as train.py does), side by side, each titled with its kNN
+top-1 on the same features (the run's k and T). It reads the run's betons, so run it where the run was started.
 """
 from __future__ import annotations
 
@@ -218,17 +224,115 @@ def make_report(run: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def pca_2d(x):
+    """(N, D) features -> ((N, 2) coordinates on the first two principal axes, their shares of the variance)."""
+    import torch
+    x = x.double() - x.double().mean(0, keepdim=True)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    var = s.square()
+    share = (var[:2] / var.sum().clamp_min(1e-30)).tolist()
+    xy = x @ vh[:2].T
+    # An SVD's axis signs are arbitrary: orient each axis so its largest coordinate is positive (stable plots).
+    sign = torch.where(xy.gather(0, xy.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(xy.dtype)
+    return (xy * sign).float(), share
+
+
+def _class_names(beton: Path, k: int) -> list[str]:
+    """Names of the synthetic set's classes (its JPEG tree sits next to the betons), else 'class i'."""
+    tree = Path(beton).parent / "jpeg" / "train"
+    names = sorted(p.name for p in tree.iterdir() if p.is_dir()) if tree.is_dir() else []
+    return names if len(names) == k else [f"class {i}" for i in range(k)]
+
+
+def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int | None = None) -> tuple[Path, dict]:
+    """Draw the trained vs random-init embedding page of ``run`` into ``out`` (default run_dir/embedding.png).
+
+    Returns (PNG path, {"trained": kNN top-1 %, "random_init": kNN top-1 %}).
+    """
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory '{run_dir}' not found")
+    out = Path(out) if out is not None else run_dir / "embedding.png"
+    if not out.parent.is_dir():
+        raise RunError(f"output directory '{out.parent}' does not exist")
+    import torch
+    from accelerate.utils import set_seed
+
+    from fastmveb.eval.features import RunError as EvalRunError, extract_features, load_run_backbone
+    from fastmveb.eval.knn import knn_accuracy
+    from fastmveb.model import MVEBModel
+    try:
+        trained, info = load_run_backbone(run_dir)
+    except EvalRunError as e:
+        raise RunError(str(e)) from None
+    cfg = info["cfg"]
+    for path in (cfg.data.train_beton, cfg.data.val_beton):
+        if not Path(path).is_file():
+            raise RunError(f"dataset '{path}' (from the run's config) not found; run from the directory the run was "
+                           "started in, or make the betons (make beton)")
+    set_seed(cfg.train.seed)                      # train.py's initial weights: the same encoder, untrained
+    untrained = MVEBModel.from_config(cfg.model).backbone
+    from fastmveb.data import eval_loader
+    device = torch.device("cpu")
+    workers = max(1, min(cfg.data.num_workers, os.cpu_count() or 1))
+    loaders = [eval_loader(p, cfg.data.eval_batch_size, workers, device, size=cfg.data.eval_size,
+                           crop_ratio=cfg.data.eval_crop_ratio) for p in (cfg.data.train_beton, cfg.data.val_beton)]
+    panels = []
+    for title, net in (("trained", trained), ("random init", untrained)):
+        bank, bank_y = extract_features(net, loaders[0], device, cfg.views.mean, cfg.views.std)
+        val, val_y = extract_features(net, loaders[1], device, cfg.views.mean, cfg.views.std, max_val)
+        top1, _ = knn_accuracy(bank, bank_y, val, val_y, k=cfg.eval.knn_k, T=cfg.eval.knn_t)
+        panels.append((title, top1, *pca_2d(val), val_y))
+    num_classes = int(max(p[4].max().item() for p in panels)) + 1
+    names = _class_names(Path(cfg.data.train_beton), num_classes)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    for ax, (title, top1, xy, share, y) in zip(axes, panels):
+        for c in range(num_classes):
+            sel = y == c
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=9, color=cmap(c % cmap.N), label=names[c], alpha=0.8, linewidths=0)
+        ax.set_title(f"{title}: kNN top-1 {top1:.1f}%", fontsize=12)
+        ax.set_xlabel(f"PC 1 ({share[0]:.0%} of variance)", fontsize=9)
+        ax.set_ylabel(f"PC 2 ({share[1]:.0%} of variance)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2, frameon=False)
+    n = int(panels[0][4].shape[0])
+    fig.suptitle(f"{run_dir.resolve().name}: {cfg.model.arch} backbone features of {n} val images "
+                 f"({Path(cfg.data.val_beton).name}), PCA; kNN k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, "
+                 f"chance {100 / num_classes:.0f}%", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp.png"
+    try:
+        fig.savefig(tmp, dpi=60)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out, {"trained": panels[0][1], "random_init": panels[1][1]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastmveb.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run directory with metrics.jsonl")
     ap.add_argument("--out", help="PNG path (default: RUN/report.png)")
+    ap.add_argument("--embedding", nargs="?", const="", default=None, metavar="PNG",
+                    help="also draw the PCA embedding of val features, trained vs random init, with their kNN top-1 "
+                         "(default path: RUN/embedding.png; needs the run's checkpoint and betons)")
     args = ap.parse_args(argv)
     try:
         out = make_report(args.run, args.out)
+        print(f"report -> {out}")
+        if args.embedding is not None:
+            emb, knn = make_embedding(args.run, args.embedding or None)
+            print(f"embedding -> {emb} (kNN top-1: trained {knn['trained']:.2f}%, random init {knn['random_init']:.2f}%)")
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"report -> {out}")
     return 0
 
 

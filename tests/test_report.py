@@ -78,3 +78,43 @@ def test_report_cli_missing_run_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastmveb.report", "--run", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_embedding_page_of_a_real_run(small_betons, tmp_path):
+    """--embedding on a trained run: PCA page of trained vs random-init features, with the same kNN top-1 as the
+    run's own end-of-training check (same checkpoint, same initial weights, same eval loaders)."""
+    from test_train import TRAIN, tiny_overrides
+    import os
+    r = subprocess.run([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"),
+                        *tiny_overrides(small_betons, tmp_path, "emb", **{"eval.knn_at_end": "true", "optim.epochs": 1})],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "emb"
+    r = subprocess.run([sys.executable, "-m", "fastmveb.report", "--run", str(run), "--embedding"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "report.png").is_file()
+    w, h = _png_size(run / "embedding.png")
+    assert w > 500 and h > 250
+    fin = [row for row in read_jsonl(run / "metrics.jsonl")[0] if "final_knn_top1" in row][-1]
+    assert f"trained {fin['final_knn_top1']:.2f}%, random init {fin['random_knn_top1']:.2f}%" in r.stdout
+    # An explicit path; a run without checkpoints (or a missing folder for the PNG) is one error line.
+    assert main(["--run", str(run), "--embedding", str(tmp_path / "e.png")]) == 0 and (tmp_path / "e.png").is_file()
+    bare = tmp_path / "bare"
+    write_metrics(bare)
+    r = subprocess.run([sys.executable, "-m", "fastmveb.report", "--run", str(bare), "--embedding"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint") and "Traceback" not in r.stderr
+
+
+def test_pca_2d_matches_the_covariance_eigenvectors():
+    import torch
+    from fastmveb.report import pca_2d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.2, 0.1]) + 3.0
+    xy, share = pca_2d(x)
+    c = torch.cov(x.double().T)
+    evals, evecs = torch.linalg.eigh(c)
+    ref = (x.double() - x.double().mean(0)) @ evecs[:, [-1, -2]]
+    assert torch.allclose(xy.double().abs(), ref.abs(), atol=1e-4)
+    assert abs(share[0] - (evals[-1] / evals.sum()).item()) < 1e-6 and share[0] > share[1]
