@@ -99,7 +99,7 @@ class ModelConfig:
     proj_out: int = 2048
     proj_layers: int = 3
     ema_momentum: float = 0.996      # base momentum; cosine schedule to 1.0 over training
-    sync_bn: bool = True             # SyncBatchNorm when more than one process
+    sync_bn: bool = True             # BatchNorm statistics over all processes (per view; fastmveb/batchnorm.py)
     channels_last: bool = True
 
 

@@ -19,13 +19,17 @@ Numerics (why it is done this way):
 - Cholesky failure (possible only when eta is ~0 or the input is not normalised) is repaired by adding a
   jitter to the diagonal. On CPU, where reading the factorisation's status costs nothing, a growing jitter
   is retried only for the failing groups. On CUDA (and under torch.compile, so that the estimator stays one
-  graph) the status is never read on the host: one extra batched
+  graph, and under fastmveb.hostsync.device_path() so that CPU tests run this branch) the status is never
+  read on the host: one extra batched
   Cholesky with a jitter large enough to make float64 factorisation succeed is always computed and selected
   per group with torch.where (one more N^3/3 per group: ~1% at N = 128, d = 2048). stats["chol_fallback"]
   counts the groups that needed it, as a tensor.
 - eta is the estimator's ridge and should stay > 0: with eta = 0 a collapsed group has a singular K, and the
   jittered answer is finite but only as good as float64 rounding allows (tests: 1e-3 off at N = 128; at N = 2
   the factorisation "succeeds" on rounding noise and the score is meaningless).
+- The solve is two triangular solves (L y = B, L^T x = y), not torch.cholesky_solve: on CUDA the batched
+  cholesky_solve goes to MAGMA, which allocates, synchronises the stream and frees on every call; triangular
+  solves are cuBLAS and sync-free, and on the CPU they gave bit-identical scores.
 - Non-finite input gives non-finite output (the trainer counts such steps as bad); finite unit-norm input
   always gives finite output, including identical rows, duplicates and N = 2.
 """
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from fastmveb.hostsync import sync_free
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -64,7 +70,7 @@ def _cholesky_jittered(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # relative to e^10 diagonals (N = 8192: ~1e-3), so a jittered score stays a faithful estimate.
     safe = (4.0 * N * N * _EPS64) * diag_max
     eye = torch.eye(N, dtype=A.dtype, device=A.device)
-    if A.is_cuda or torch.compiler.is_compiling():   # compiled: no data-dependent branch, one graph
+    if sync_free(A):                                 # CUDA / compiled: no data-dependent branch, one graph
         L_safe, info_safe = torch.linalg.cholesky_ex(A + safe[..., None, None] * eye)
         bad = info > 0
         L = torch.where(bad[..., None, None], L_safe, L)
@@ -116,7 +122,8 @@ def _score64(z: torch.Tensor, eta: float, min_tau: float):
         A.diagonal(dim1=-2, dim2=-1).add_(eta)
         L, fallback = _cholesky_jittered(A)
         del A, K, S
-        score = torch.cholesky_solve(minus_B, L)
+        y = torch.linalg.solve_triangular(L, minus_B, upper=False)
+        score = torch.linalg.solve_triangular(L.mT, y, upper=True)
     return score, tau, fallback
 
 

@@ -125,6 +125,15 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: torch.Tensor | fl
         torch._foreach_copy_(tb, ob)
 
 
+def ema_momentum_table(total_steps: int, base: float, device) -> torch.Tensor:
+    """``ema_momentum`` at every step 0..total_steps as one float32 device tensor, made once.
+
+    ``table[step]`` (a Python int index: a view) gives the step's 0-d momentum on the device with no
+    host-to-device copy; making a new 0-d tensor from a Python float each step is a blocking upload on CUDA.
+    """
+    return torch.tensor([ema_momentum(s, total_steps, base) for s in range(total_steps + 1)], device=device)
+
+
 def ema_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
     """Cosine ramp of the EMA momentum from ``base`` at step 0 to 1.0 at ``total_steps`` (and after)."""
     if total_steps <= 0:

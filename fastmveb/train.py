@@ -24,23 +24,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
 from fastmveb import checkpoint as ckpt
+from fastmveb.batchnorm import convert_batchnorm, views
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, set_epoch, train_loader, unpack_train_batch
 from fastmveb.eval.knn import knn_eval
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, uniformity
-from fastmveb.model import MVEBModel, ema_momentum, ema_update, make_target
+from fastmveb.model import MVEBModel, ema_momentum_table, ema_update, make_target
 from fastmveb.optim import LARS, lr_at, param_groups, peak_lr
 from fastmveb.views import ViewMaker
 
 
 class MultiView(nn.Module):
     """All views in ONE forward call: DDP allows one forward per backward, and views of equal size
-    (the two globals, then the locals) share a backbone call, which also keeps their BN statistics joint."""
+    (the two globals, then the locals) share a backbone call; ``views(k)`` makes every BatchNorm normalise
+    each view's chunk with its own statistics, as the released per-crop calls do (fastmveb/batchnorm.py)."""
 
     def __init__(self, model: nn.Module, probe: nn.Module | None = None):
         super().__init__()
@@ -52,7 +54,8 @@ class MultiView(nn.Module):
             j = i
             while j < len(v) and v[j].shape[-1] == v[i].shape[-1]:
                 j += 1
-            h, p = self.model(torch.cat(v[i:j]))                      # (k*N, ...) -> k chunks of N
+            with views(j - i):
+                h, p = self.model(torch.cat(v[i:j]))                  # (k*N, ...) -> k chunks of N
             h_views += h.chunk(j - i)
             p_views += p.chunk(j - i)
             i = j
@@ -77,7 +80,7 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     with accelerator.autocast():
         with phase("forward"):
             _, p_views, probe_out = net(v, y)
-        with phase("target"), torch.no_grad():
+        with phase("target"), torch.no_grad(), views(2):
             _, t_p = target(torch.cat(v[:2]))                          # (2N, d): targets of the two globals
     with phase("loss"):
         z = [F.normalize(p.float(), dim=1) for p in p_views]
@@ -136,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- build --------------------------------------------------------------------------------------
     # cpu=True is what makes torchrun-started CPU processes join one gloo group (NOTES.md)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    # With synchronised BatchNorm every rank computes the same running statistics from the same gathered
+    # numbers, so DDP's per-forward broadcast of buffers from rank 0 would only cost a collective.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=not cfg.model.sync_bn)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[ddp])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     if cfg.train.deterministic:
@@ -148,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     git = ckpt.git_revision()                                         # once: meta.json and every checkpoint
 
     set_seed(cfg.train.seed)                                          # same initial weights on every rank
-    model = MVEBModel.from_config(cfg.model)
-    if world > 1 and cfg.model.sync_bn and device.type == "cuda":  # torch's SyncBatchNorm is CUDA-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=cfg.model.sync_bn)   # per-view BN
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     target = make_target(model)
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.eval.online_linear:
         from fastmveb.data import num_classes
         from fastmveb.eval.online import OnlineLinearProbe
-        probe = OnlineLinearProbe(model.feat_dim, num_classes(cfg.data.train_beton)).to(device)
+        probe = convert_batchnorm(OnlineLinearProbe(model.feat_dim, num_classes(cfg.data.train_beton)),
+                                  sync=cfg.model.sync_bn).to(device)
     net = MultiView(model, probe)
     view_maker = ViewMaker(cfg.views).to(device)
 
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
                disable=not (main_proc and cfg.train.progress))
-    base_m = torch.tensor(cfg.model.ema_momentum, device=device)
+    m_table = ema_momentum_table(total_steps, cfg.model.ema_momentum, device)   # m_table[step]: no upload per step
     sums: dict[str, torch.Tensor] = {}
     n_acc, data_wait, consecutive_bad = 0, 0.0, torch.zeros((), dtype=torch.int64, device=device)
     max_bad = torch.zeros_like(consecutive_bad)
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             x, y = unpack_train_batch(batch)
             lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
-            m = base_m.new_tensor(ema_momentum(step, total_steps, cfg.model.ema_momentum))
+            m = m_table[min(step, total_steps)]
             stats, skip, z0 = train_step(net_c, target_c, views_c, optimizer, x, y, lr, m, cfg, accelerator)
             step, batch_in_epoch, n_acc = step + 1, batch_in_epoch + 1, n_acc + 1
             consecutive_bad = torch.where(skip, consecutive_bad + 1, torch.zeros_like(consecutive_bad))

@@ -142,6 +142,7 @@ def build(cfg, device: torch.device, accelerator):
     """net, target, view maker, optimizer, compiled callables and lr: the same construction as fastmveb/train.py
     (torch.compile is lazy: a caller that never calls views_c pays nothing for it)."""
     from accelerate.utils import set_seed
+    from fastmveb.batchnorm import convert_batchnorm
     from fastmveb.model import MVEBModel, make_target
     from fastmveb.optim import LARS, lr_at, param_groups, peak_lr
     from fastmveb.train import MultiView
@@ -151,7 +152,7 @@ def build(cfg, device: torch.device, accelerator):
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     set_seed(cfg.train.seed)
-    model = MVEBModel.from_config(cfg.model)
+    model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=cfg.model.sync_bn)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     target = make_target(model)

@@ -1,0 +1,80 @@
+"""Run under torchrun (2 CPU gloo ranks): ViewBatchNorm with sync must equal one process that sees the union
+batch (outputs, input and parameter gradients, running statistics), eager and compiled (fullgraph)."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastmveb.batchnorm import convert_batchnorm, views  # noqa: E402
+
+K, N = 3, 4                                     # views, samples per view per rank
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(5 * 6 * 6, 7, bias=False), nn.BatchNorm1d(7))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+                mod.running_mean.uniform_(-1, 1)
+    return m
+
+
+def forward(model, x):
+    with views(K):
+        return model(x)
+
+
+def main(out: str, backends: list[str]):
+    dist.init_process_group("gloo")
+    result = {b: check(None if b == "eager" else b) for b in backends}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"world": dist.get_world_size(), "errors": result}))
+    dist.destroy_process_group()
+
+
+def check(backend: str | None) -> list[dict]:
+    """Worst errors on every rank against one process that sees the union batch."""
+    torch._dynamo.reset()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(123)
+    # Every rank draws the whole union (all ranks' data) the same way, then keeps its own slice.
+    xs = torch.randn(world, K, N, 3, 8, 8, generator=g) * 2 + 1          # (rank, view, sample, ...)
+    ws = torch.randn(world, K, N, 7, generator=g)                         # loss weights
+    mine = xs[rank].flatten(0, 1).clone().requires_grad_(True)           # (K*N, 3, 8, 8), views in order
+    model = convert_batchnorm(net(), sync=True)
+    fwd = torch.compile(forward, backend=backend, fullgraph=True) if backend else forward
+    y = fwd(model, mine)
+    (y * ws[rank].flatten(0, 1)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for gr in grads:
+        dist.all_reduce(gr)                                               # sum over ranks (DDP would average)
+
+    ref = convert_batchnorm(net(), sync=False)                            # one process, union batch
+    union = xs.transpose(0, 1).flatten(0, 2).clone().requires_grad_(True)   # (K*world*N): view-major
+    yr = forward(ref, union)
+    (yr * ws.transpose(0, 1).flatten(0, 2)).sum().backward()
+    yr = yr.unflatten(0, (K, world, N))[:, rank].flatten(0, 1)
+    gx = union.grad.unflatten(0, (K, world, N))[:, rank].flatten(0, 1)
+
+    err = {
+        "out": (y - yr).abs().max().item(),
+        "grad_x": (mine.grad - gx).abs().max().item() / gx.abs().max().item(),
+        "grad_params": max((a - b.grad).abs().max().item() / b.grad.abs().max().item()
+                           for a, b in zip(grads, ref.parameters())),
+        "buffers": max((a.float() - b.float()).abs().max().item() for a, b in zip(model.buffers(), ref.buffers())),
+    }
+    all_err = [None] * world
+    dist.all_gather_object(all_err, err)
+    return all_err
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:] or ["eager"])
