@@ -145,6 +145,21 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def use_deterministic_algorithms() -> None:
+    """torch.use_deterministic_algorithms(True), with the cuBLAS setting it requires on CUDA.
+
+    Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment before cuBLAS
+    starts; unset, it is set here (call this before any CUDA work), any other value raises ValueError.
+    """
+    cur = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if cur is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    elif cur not in (":4096:8", ":16:8"):
+        raise ValueError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8, the environment "
+                         f"has {cur!r}; unset it or set one of those")
+    torch.use_deterministic_algorithms(True)
+
+
 def capture_rng_state() -> dict:
     """Python, numpy (global) and torch CPU/CUDA generator states, in weights_only-safe types."""
     py_version, py_state, py_gauss = random.getstate()

@@ -275,6 +275,19 @@ def load_config(rc: str | Path | None = None, overrides: list[str] | None = None
     return cfg
 
 
+# The string keys that take one of a few values (tests/test_options.py runs every value).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.decode": ("once", "per_view"),
+    "data.order": ("random", "quasi_random"),
+    "views.dtype": ("float32", "bfloat16"),
+    "views.interpolation": ("bicubic", "bilinear"),
+    "views.jitter_order": ("random", "fixed"),
+    "train.mixed_precision": ("bf16", "no"),
+    "train.compile": ("auto", "true", "false"),
+    "eval.linear_mode": ("fast", "full"),
+}
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
     if cfg.loss.group not in ("local", "global"):
@@ -283,19 +296,14 @@ def validate(cfg: Config) -> None:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"loss.group must be an integer >= 2, 'local' or 'global', got {cfg.loss.group!r}") from None
-    choices = {
-        "data.decode": (cfg.data.decode, ("once", "per_view")),
-        "data.order": (cfg.data.order, ("random", "quasi_random")),
-        "views.dtype": (cfg.views.dtype, ("float32", "bfloat16")),
-        "views.interpolation": (cfg.views.interpolation, ("bicubic", "bilinear")),
-        "views.jitter_order": (cfg.views.jitter_order, ("random", "fixed")),
-        "train.mixed_precision": (cfg.train.mixed_precision, ("bf16", "no")),
-        "train.compile": (cfg.train.compile, ("auto", "true", "false")),
-        "eval.linear_mode": (cfg.eval.linear_mode, ("fast", "full")),
-    }
-    for key, (val, allowed) in choices.items():
+    for key, allowed in CHOICES.items():
+        section, _, name = key.partition(".")
+        val = getattr(getattr(cfg, section), name)
         if val not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {val!r}")
+    if cfg.views.dtype == "bfloat16" and cfg.train.mixed_precision != "bf16":
+        raise ConfigError("views.dtype=bfloat16 needs train.mixed_precision=bf16 (float32 weights do not take "
+                          "bf16 input); set both or neither")
     for key, rng in RANGES.items():
         section, _, name = key.partition(".")
         val = getattr(getattr(cfg, section, None), name, None)

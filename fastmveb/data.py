@@ -151,6 +151,17 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
                            drop_last=drop_last, batches_ahead=batches_ahead)
 
 
+def num_classes(beton) -> int:
+    """Max label + 1 of a beton's 'label' field, read from the file's metadata table (no image is decoded)."""
+    from ffcv.reader import Reader
+    reader = Reader(str(beton))
+    names = list(reader.handlers)
+    if "label" not in names:
+        raise ValueError(f"{beton} has no 'label' field (fields: {', '.join(names)})")
+    labels = reader.metadata[f"f{names.index('label')}"]
+    return int(labels.max()) + 1 if len(labels) else 0
+
+
 def unpack_train_batch(batch) -> tuple:
     """(x, y): x is the uint8 tensor (decode once) or the list of per-view uint8 tensors (per_view)."""
     if len(batch) == 2:

@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     # ---- build --------------------------------------------------------------------------------------
+    if cfg.train.deterministic:                                       # before CUDA and cuBLAS start
+        try:
+            ckpt.use_deterministic_algorithms()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     # cpu=True is what makes torchrun-started CPU processes join one gloo group (NOTES.md)
     # With synchronised BatchNorm every rank computes the same running statistics from the same gathered
     # numbers, so DDP's per-forward broadcast of buffers from rank 0 would only cost a collective.
@@ -146,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
                               kwargs_handlers=[ddp])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
     torch.backends.cuda.matmul.allow_tf32 = True                      # conv/matmul speed; the estimator turns it off
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     step, epoch, batch_in_epoch = 0, 0, 0
     latest = ckpt.latest_checkpoint(run_dir) if cfg.train.resume else None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, map_location=device)
+        state = ckpt.load_checkpoint(latest, map_location=device if device.type != "cpu" else "cpu")  # not cpu:0
         ckpt.unwrap(net).model.load_state_dict(state["model"], strict=True)
         target.load_state_dict(state["target"], strict=True)
         if probe is not None and "probe" in state:

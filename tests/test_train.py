@@ -128,12 +128,16 @@ sys.exit(T.main(sys.argv[1:]))
 
 
 def test_two_cpu_processes(small_betons, tmp_path):
-    args = tiny_overrides(small_betons, tmp_path, "ddp", **{"train.max_steps": 4, "train.deterministic": "false"})
+    # Two steps, then resumed for two more (2 gloo ranks; per-view BatchNorm synchronised over them).
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for steps in (2, 4):
+        args = tiny_overrides(small_betons, tmp_path, "ddp", **{"train.max_steps": steps, "train.deterministic": "false",
+                                                                "model.sync_bn": "true"})
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(29500 + os.getpid() % 1000), TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "meta.json").read_text())["resumed_from"].endswith("step_00000002.pt")
     d = tmp_path / "ddp"
     meta = json.loads((d / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["global_batch"] == 32 and meta["steps_per_epoch"] == 5
