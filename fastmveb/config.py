@@ -1,6 +1,6 @@
 """Typed run configuration: a dataclass tree, YAML run configs (``rcs/*.yaml``) and CLI overrides.
 
-    cfg = load_config("rcs/tiny.yaml", ["optim.epochs=2", "data.batch_size=64"])
+    cfg = load_config("rcs/tiny.yaml", ["optim.epochs=2", "data.global_batch_size=64"])
 
 Every key is checked: an unknown key or a value of the wrong type raises ``ConfigError`` naming the key
 and where it came from (the rc file or the command line). ``dump_config`` writes the resolved tree as YAML
@@ -47,11 +47,26 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+# Keys that existed once: an old rc or command line gets told what each became instead of "unknown key".
+RENAMED = {
+    "data.batch_size": "data.global_batch_size (the batch of one optimizer step over ALL processes, e.g. old "
+                       "batch_size x processes) and data.per_device_batch_size (0 = global / processes)",
+}
+
+
 @dataclass
 class DataConfig:
     train_beton: str = "data/synthetic/train.beton"
     val_beton: str = "data/synthetic/val.beton"
-    batch_size: int = 128            # per process; global batch = batch_size x processes (released: 128 x 32)
+    # The recipe fixes the GLOBAL batch (released: 4096 = 128 per GPU x 32 GPUs); each optimizer step averages
+    # the gradient over all of it, whatever the world size. Per process: global / processes, run as
+    # accumulation = global / (processes x per_device_batch_size) micro-batches of per_device_batch_size
+    # (0 = one micro-batch of global / processes, no accumulation). BatchNorm (SyncBN across processes)
+    # normalises each micro-batch: its statistics span per_device x processes samples, not the global batch,
+    # and the running statistics update once per micro-batch. Entropy groups (loss.group) are cut within each
+    # micro-batch. `train.py --dry-run --world-size N` prints what a config resolves to (fastmveb/plan.py).
+    global_batch_size: int = 4096
+    per_device_batch_size: int = 0   # micro-batch one forward sees; 0 = global_batch_size / processes
     num_workers: int = 8             # FFCV threads (also torch's CPU thread count); capped at the core count
     decode: str = "once"             # "once": decode one square per image, GPU cuts every view; "per_view": FFCV RRC per view
     decode_size: int = 256           # side of the single decoded square ("once" mode)
@@ -120,7 +135,8 @@ class OptimConfig:
     epochs: int = 800
     warmup_epochs: int = 10
     warmup_start_ratio: float = 1e-3  # warm-up starts at ratio * peak
-    final_lr_ratio: float = 1e-3     # cosine ends at ratio * peak
+    final_lr_ratio: float = 1e-3     # cosine floor; phase (t - warm-up) / TOTAL steps as released, so the last
+                                     # step's lr is ~1.4e-3 x peak at 10/800 warm-up epochs (optim.lr_at)
     max_bad_steps: int = 20          # stop after this many consecutive non-finite steps
 
 
@@ -217,6 +233,8 @@ def _apply(obj, tree: dict, source: str, prefix: str = ""):
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if k not in names:
+            if key in RENAMED:
+                raise ConfigError(f"{source}: '{key}' was replaced by {RENAMED[key]}")
             raise ConfigError(f"{source}: unknown key '{key}' (valid: {', '.join(names)})")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
@@ -342,7 +360,7 @@ _POS, _NONNEG, _ONE_UP, _UNIT = Range(0, lo_open=True), Range(0), Range(1), Rang
 _SIDE = Range(8, 8192)   # image sides in pixels: under 8 px a ResNet's stride-32 features are empty
 # Every int and float key with the values it may take; a key missing here is checked for finiteness only.
 RANGES: dict[str, Range] = {
-    "data.batch_size": _ONE_UP, "data.num_workers": _ONE_UP, "data.decode_size": _SIDE, "data.eval_size": _SIDE,
+    "data.global_batch_size": _ONE_UP, "data.per_device_batch_size": _NONNEG, "data.num_workers": _ONE_UP, "data.decode_size": _SIDE, "data.eval_size": _SIDE,
     "data.eval_crop_ratio": Range(0, 1, lo_open=True), "data.eval_batch_size": _ONE_UP,
     "views.global_size": _SIDE, "views.local_size": _SIDE, "views.n_local": _NONNEG,
     "views.global_scale": Range(0, 1, lo_open=True, ordered=True),

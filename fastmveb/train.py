@@ -12,7 +12,9 @@ command again resumes from the newest checkpoint and reproduces the uninterrupte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,44 +30,28 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm import tqdm
 
 from fastmveb import checkpoint as ckpt
-from fastmveb.batchnorm import convert_batchnorm, views
+from fastmveb.batchnorm import views
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, set_epoch, train_loader, unpack_train_batch
 from fastmveb.eval.knn import knn_eval
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, uniformity
-from fastmveb.model import MVEBModel, ema_momentum_table, ema_update, make_target
-from fastmveb.optim import LARS, lr_at, param_groups, peak_lr
-from fastmveb.views import ViewMaker
+from fastmveb.build import build_training
+from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
+from fastmveb.optim import lr_at
+from fastmveb.plan import dataset_length, make_plan
 
 
-class MultiView(nn.Module):
-    """All views in ONE forward call: DDP allows one forward per backward, and views of equal size
-    (the two globals, then the locals) share a backbone call; ``views(k)`` makes every BatchNorm normalise
-    each view's chunk with its own statistics, as the released per-crop calls do (fastmveb/batchnorm.py)."""
+def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
+               micro_batch: int | None = None):
+    """One optimisation step over this process's batch, no host sync: returns detached stats (batch means),
+    the skip flag and z of global view 1 (first micro-batch).
 
-    def __init__(self, model: nn.Module, probe: nn.Module | None = None):
-        super().__init__()
-        self.model, self.probe = model, probe
-
-    def forward(self, v: list[torch.Tensor], y: torch.Tensor | None = None):
-        h_views, p_views, i = [], [], 0
-        while i < len(v):
-            j = i
-            while j < len(v) and v[j].shape[-1] == v[i].shape[-1]:
-                j += 1
-            with views(j - i):
-                h, p = self.model(torch.cat(v[i:j]))                  # (k*N, ...) -> k chunks of N
-            h_views += h.chunk(j - i)
-            p_views += p.chunk(j - i)
-            i = j
-        probe_out = self.probe(h_views[0], y) if self.probe is not None else None
-        return h_views, p_views, probe_out
-
-
-def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator):
-    """One optimisation step, no host sync: returns detached stats, the skip flag and z of global view 1.
-
+    Gradient accumulation: the batch runs as micro-batches of ``micro_batch`` rows (None: one), each with its
+    own views, forward, loss (entropy groups within it) and backward. Their gradients add up in .grad, each
+    loss weighted by its share of the rows, so .grad is the whole batch's mean gradient; DDP all-reduces only
+    on the last backward (no_sync before it). Then ONE optimizer step and ONE EMA step, skipped if any
+    micro-step's loss or the summed gradient is non-finite. BatchNorm sees each micro-batch on its own.
     The networks inside are compiled; the step itself stays eager because the entropy solve (Cholesky,
     float64) and the optimizer's skip logic gain nothing from compilation.
     """
@@ -74,7 +60,38 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     # NaN): keep a copy to put back. BN buffers are ~0.1% of the parameters, so this is cheap.
     buffers = list(online.buffers())
     saved = torch._foreach_mul(buffers, 1) if buffers else []      # the copy, batched (foreach) on CUDA
-    # The named phases are what `python -m fastmveb.bench profile` splits the step time by.
+    n = y.shape[0]
+    micro = list(zip(*(t.split(micro_batch or n) for t in (x if isinstance(x, (list, tuple)) else [x])),
+                     y.split(micro_batch or n)))                     # [(x_1 .. or x, y) per micro-batch]
+    stats, finite, z0 = {}, None, None
+    for k, (*xk, yk) in enumerate(micro):
+        share = yk.shape[0] / n
+        with contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(net):
+            loss, stats_k, z = _micro_step(net, target, view_maker, xk if len(xk) > 1 else xk[0], yk, cfg,
+                                           accelerator, share)
+        stats = {key: stats.get(key, 0) + share * val for key, val in stats_k.items()}
+        finite = torch.isfinite(loss) if finite is None else finite & torch.isfinite(loss)
+        z0 = z if z0 is None else z0
+
+    with phase("optimizer"):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        skip = ~(finite & torch.isfinite(grad_norm))                   # grads are all-reduced: every rank agrees
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step(skip=skip)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, old in zip(buffers, saved):
+                torch.where(skip, old, b, out=b)
+    with phase("ema"):
+        ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
+    stats = dict(stats, grad_norm=grad_norm.detach())
+    return stats, skip, z0
+
+
+def _micro_step(net, target, view_maker, x, y, cfg: Config, accelerator, share: float):
+    """Views, forward, loss and backward of one micro-batch; the loss is weighted by its share of the batch."""
     with phase("views"), torch.no_grad():
         v = view_maker(x)                                              # V views, globals first
     with accelerator.autocast():
@@ -92,23 +109,8 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
             total = loss + probe_out[0]                                # the probe sees detached features
             stats = dict(stats, probe_loss=probe_out[0].detach(), probe_top1=probe_out[1].detach())
     with phase("backward"):
-        accelerator.backward(total)
-
-    with phase("optimizer"):
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))     # grads are all-reduced: every rank agrees
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.step(skip=skip)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, old in zip(buffers, saved):
-                torch.where(skip, old, b, out=b)
-    with phase("ema"):
-        ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
-    stats = dict(stats, loss=loss.detach(), grad_norm=grad_norm.detach())
-    return stats, skip, z[0].detach()
+        accelerator.backward(total * share if share != 1 else total)
+    return loss, dict(stats, loss=loss.detach()), z[0].detach()
 
 
 def phase(name: str):
@@ -125,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rc", required=True, help="run config YAML (see rcs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=10")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan (batches, steps, lr, "
+                        "memory) and exit; reads no data, needs no GPU")
+    parser.add_argument("--world-size", type=int, help="processes to plan for with --dry-run (default: $WORLD_SIZE or 1)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.rc, args.overrides)
+        if args.world_size is not None and not args.dry_run:
+            raise ConfigError("--world-size only applies to --dry-run; a real run takes it from the launcher")
+        if args.dry_run:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            print(make_plan(cfg, world, dataset_length(cfg.data.train_beton)).format())
+            return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -152,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                               kwargs_handlers=[ddp])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
+    try:                                                              # every batch/step/lr quantity of the run
+        plan = make_plan(cfg, world, dataset_length(cfg.data.train_beton))
+    except ConfigError as e:
+        if main_proc:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.backends.cuda.matmul.allow_tf32 = True                      # conv/matmul speed; the estimator turns it off
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -159,41 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     git = ckpt.git_revision()                                         # once: meta.json and every checkpoint
 
     set_seed(cfg.train.seed)                                          # same initial weights on every rank
-    model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=cfg.model.sync_bn)   # per-view BN
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    target = make_target(model)
-    probe = None
+    classes = None
     if cfg.eval.online_linear:
         from fastmveb.data import num_classes
-        from fastmveb.eval.online import OnlineLinearProbe
-        probe = convert_batchnorm(OnlineLinearProbe(model.feat_dim, num_classes(cfg.data.train_beton)),
-                                  sync=cfg.model.sync_bn).to(device)
-    net = MultiView(model, probe)
-    view_maker = ViewMaker(cfg.views).to(device)
-
-    loader = train_loader(cfg.data.train_beton, cfg.data.batch_size, cfg.data.num_workers, device,
+        classes = num_classes(cfg.data.train_beton)
+    parts = build_training(cfg, accelerator, plan.peak_lr, classes)
+    net, target, probe, optimizer = parts["net"], parts["target"], parts["probe"], parts["optimizer"]
+    net_c, target_c, views_c = parts["net_c"], parts["target_c"], parts["views_c"]
+    loader = train_loader(cfg.data.train_beton, plan.per_process_batch, cfg.data.num_workers, device,
                           decode=cfg.data.decode, decode_size=cfg.data.decode_size, views=cfg.views,
                           seed=cfg.train.seed, distributed=world > 1, order=cfg.data.order,
                           os_cache=cfg.data.os_cache, drop_last=cfg.data.drop_last)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        print(f"error: data.batch_size={cfg.data.batch_size} x {world} processes exceeds the "
-              f"{cfg.data.train_beton} dataset; lower data.batch_size", file=sys.stderr)
-        return 2
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
-    global_batch = cfg.data.batch_size * world
-    lr_peak = peak_lr(cfg.optim.base_lr, global_batch)
-    optimizer = LARS(param_groups(net, cfg.optim.weight_decay), lr=lr_peak, weight_decay=cfg.optim.weight_decay,
-                     momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
-    net = accelerator.prepare(net)                                    # DDP when world > 1; FFCV shards itself
-    use_compile = cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
-    net_c, target_c, views_c = net, target, view_maker
-    if use_compile:
-        net_c = torch.compile(net, backend=cfg.train.compile_backend)
-        target_c = torch.compile(target, backend=cfg.train.compile_backend)
-        views_c = torch.compile(view_maker, backend=cfg.train.compile_backend)
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
+    assert len(loader) == steps_per_epoch, f"plan {steps_per_epoch} != loader {len(loader)} steps per epoch"
 
     # ---- resume (exact: weights, target, optimizer, position in the data, every RNG) -------------------
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -217,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        meta = {"git": git, "world_size": world, "device": str(device), "argv": sys.argv,
-                "torch": torch.__version__, "compile": use_compile, "resumed_from": str(latest) if latest else None,
-                "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "peak_lr": lr_peak}
+        meta = {"git": git, "device": str(device), "argv": sys.argv, "torch": torch.__version__,
+                "compile": parts["use_compile"], "resumed_from": str(latest) if latest else None, **plan.meta()}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+        print(plan.format(), flush=True)
     logger = MetricsLogger(run_dir, enabled=main_proc)
     logger.truncate_after(step)
 
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.wait_for_everyone()
 
     # ---- loop ---------------------------------------------------------------------------------------
-    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    last_step = plan.last_step
     bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
                disable=not (main_proc and cfg.train.progress))
     m_table = ema_momentum_table(total_steps, cfg.model.ema_momentum, device)   # m_table[step]: no upload per step
@@ -260,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             if batch is None:
                 break
             x, y = unpack_train_batch(batch)
-            lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
+            lr = lr_at(step, total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.warmup_start_ratio,
+                       cfg.optim.final_lr_ratio)
             m = m_table[min(step, total_steps)]
-            stats, skip, z0 = train_step(net_c, target_c, views_c, optimizer, x, y, lr, m, cfg, accelerator)
+            stats, skip, z0 = train_step(net_c, target_c, views_c, optimizer, x, y, lr, m, cfg, accelerator,
+                                         plan.micro_batch)
             step, batch_in_epoch, n_acc = step + 1, batch_in_epoch + 1, n_acc + 1
             consecutive_bad = torch.where(skip, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
             max_bad = torch.maximum(max_bad, consecutive_bad)
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {k: v / n_acc for k, v in zip(keys, vals)}
                 row["skipped"] = vals[keys.index("skipped")]
                 row.update(uniformity=vals[-3], erank=vals[-2], lr=lr, ema_momentum=float(m),
-                           samples_per_s=n_acc * global_batch / (now - t_window),
+                           samples_per_s=n_acc * plan.global_batch / (now - t_window),
                            time_data=data_wait / n_acc, time_total=(now - t_window) / n_acc)
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -322,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.eval.knn_at_end:
         trained = run_knn(cfg, ckpt.unwrap(net).model.backbone, device, main_proc, accelerator)
         set_seed(cfg.train.seed)                                      # rebuilds the run's exact initial weights
-        init = MVEBModel.from_config(cfg.model).to(device, memory_format=memory_format)
+        init = MVEBModel.from_config(cfg.model).to(device, memory_format=parts["memory_format"])
         random = run_knn(cfg, init.backbone, device, main_proc, accelerator)
         if main_proc:
             logger.log(step, epoch + batch_in_epoch / steps_per_epoch,

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmveb.config import ModelConfig  # noqa: E402
 from fastmveb.loss import mveb_loss  # noqa: E402
 from fastmveb.model import MVEBModel  # noqa: E402
-from fastmveb.train import MultiView  # noqa: E402
+from fastmveb.build import MultiView  # noqa: E402
 
 
 def objective(net, v, t):

@@ -31,14 +31,31 @@ def test_every_rc_loads_and_round_trips(rc, tmp_path):
 
 def test_rn50_is_the_released_global_batch():
     cfg = load_config(ROOT / "rcs/rn50.yaml")
-    assert cfg.data.batch_size * 32 == 4096 and cfg.optim.epochs == 800 and cfg.views.n_local == 6
+    assert cfg.data.global_batch_size == 4096 and cfg.optim.epochs == 800 and cfg.views.n_local == 6
+    assert cfg.data.per_device_batch_size == 128                       # the released per-GPU batch
+
+
+def test_old_batch_size_key_says_what_it_became(tmp_path):
+    rc = tmp_path / "old.yaml"
+    rc.write_text("data:\n  batch_size: 128\n")
+    for args in ((rc, None), (None, ["data.batch_size=64"])):
+        with pytest.raises(ConfigError, match=r"'data.batch_size' was replaced by data.global_batch_size .* "
+                                              r"data.per_device_batch_size") as e:
+            load_config(*args)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"data.per_device_batch_size must be in \[0, inf\], got -1"):
+        load_config(None, ["data.per_device_batch_size=-1"])
+    with pytest.raises(ConfigError, match=r"data.global_batch_size must be in \[1, inf\], got 0"):
+        load_config(None, ["data.global_batch_size=0"])
 
 
 def test_overrides_parse_types():
     cfg = load_config(None, ["optim.base_lr=0.5", "views.global_scale=[0.3, 1]", "train.resume=false",
-                             "loss.group=local", "data.batch_size=64"])
+                             "loss.group=local", "data.global_batch_size=64",
+                             "data.per_device_batch_size=32"])
     assert cfg.optim.base_lr == 0.5 and cfg.views.global_scale == (0.3, 1.0)
-    assert cfg.train.resume is False and cfg.loss.group == "local" and cfg.data.batch_size == 64
+    assert cfg.train.resume is False and cfg.loss.group == "local" and cfg.data.global_batch_size == 64
+    assert cfg.data.per_device_batch_size == 32
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -52,8 +69,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 def test_wrong_type_names_key(tmp_path):
     rc = tmp_path / "bad.yaml"
-    rc.write_text("data:\n  batch_size: many\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: 'data.batch_size' must be an integer"):
+    rc.write_text("data:\n  global_batch_size: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'data.global_batch_size' must be an integer"):
         load_config(rc)
     with pytest.raises(ConfigError, match=r"'views.global_scale' must be a list of 2"):
         load_config(None, ["views.global_scale=0.4"])

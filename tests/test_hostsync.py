@@ -64,7 +64,7 @@ def test_train_step_has_no_host_sync_on_the_device_path():
     torch.set_num_threads(1)
     # group 4: the batched grouped estimator with a remainder group (10 = 4 + 4 + 2); locals included;
     # the online probe on; the model with per-view BatchNorm.
-    cfg = load_config(None, ["data.batch_size=10", "data.decode_size=40", "views.global_size=32",
+    cfg = load_config(None, ["data.global_batch_size=10", "data.decode_size=40", "views.global_size=32",
                              "views.n_local=2", "views.local_size=16", "model.arch=resnet10",
                              "model.proj_hidden=32", "model.proj_out=32", "loss.group=4",
                              "train.mixed_precision=no", "train.compile=false"])
@@ -80,7 +80,7 @@ def test_train_step_has_no_host_sync_on_the_device_path():
         with HostSyncDetector() as det:
             for step in range(1, 4):
                 stats, skip, z0 = train_step(b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y,
-                                             0.1, m_table[step], cfg, acc)
+                                             0.1, m_table[step], cfg, acc, 5 if step == 3 else None)  # 3: 2 micro-batches
     assert not det.syncs, det.report()
     assert torch.isfinite(stats["loss"]) and not bool(skip)
     # The same steps off the device path do sync (the CPU's cheap Cholesky status read): the detector sees it.

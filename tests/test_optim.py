@@ -202,18 +202,40 @@ def test_peak_lr_linear_scaling():
     assert peak_lr(0.3, 256) == pytest.approx(0.3)
 
 
+def released_lr(t: int, total: int, warm: int, peak: float) -> float:
+    """Restatement of the released schedule: linear warm-up from 1e-3 x peak, then a cosine whose phase is
+    (t - W) / T over the TOTAL step count T, blended between peak and 1e-3 x peak."""
+    start, end = 1e-3 * peak, 1e-3 * peak
+    if t < warm:
+        return start + (peak - start) * t / warm
+    q = 0.5 * (1 + math.cos(math.pi * (t - warm) / total))
+    return peak * q + end * (1 - q)
+
+
 def test_lr_schedule_end_points():
     peak, total, warm = 4.8, 1000, 100
     assert lr_at(0, total, warm, peak) == pytest.approx(1e-3 * peak)
     assert lr_at(warm // 2, total, warm, peak) == pytest.approx((1e-3 * peak + peak) / 2)
     assert lr_at(warm, total, warm, peak) == pytest.approx(peak)
-    assert lr_at(warm + (total - warm) // 2, total, warm, peak) == pytest.approx((peak + 1e-3 * peak) / 2)
-    assert lr_at(total, total, warm, peak) == pytest.approx(1e-3 * peak)
-    assert lr_at(total + 50, total, warm, peak) == pytest.approx(1e-3 * peak)
+    # the cosine's phase runs over T = total, not T - W: halfway through the phase is step W + T/2
+    assert lr_at(warm + total // 2, total, warm, peak) == pytest.approx((peak + 1e-3 * peak) / 2)
+    end = 1e-3 * peak + (peak - 1e-3 * peak) * 0.5 * (1 + math.cos(math.pi * (total - warm) / total))
+    assert lr_at(total, total, warm, peak) == pytest.approx(end) and end > 1e-3 * peak
+    assert lr_at(total + 50, total, warm, peak) == pytest.approx(end)
     assert lr_at(0, total, 0, peak) == pytest.approx(peak)
     assert lr_at(0, total, warm, peak, start_ratio=0.0) == 0.0
-    assert lr_at(total, total, warm, peak, final_ratio=0.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(total, total, 0, peak, final_ratio=0.0) == pytest.approx(0.0, abs=1e-12)
     lrs = [lr_at(s, total, warm, peak) for s in range(total + 1)]
     assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
     assert max(lrs) == pytest.approx(peak) and not any(math.isnan(x) for x in lrs)
+
+
+def test_lr_schedule_matches_the_released_cosine():
+    # The released recipe: 800 epochs, 10 warm-up, any steps per epoch (here 312 = 1,281,167 // 4096).
+    spe = 312
+    total, warm, peak = 800 * spe, 10 * spe, 4.8
+    for t in (0, warm // 3, warm, warm + (total - warm) // 2, warm + total // 2, total - 1, total):
+        assert lr_at(t, total, warm, peak) == pytest.approx(released_lr(t, total, warm, peak), rel=1e-12), t
+    assert lr_at(total, total, warm, peak) / peak == pytest.approx(1.385e-3, abs=1e-6)   # "near 1.4e-3 x peak"
+    assert lr_at(warm + total // 2, total, warm, peak) == pytest.approx(peak * (1 + 1e-3) / 2)

@@ -14,6 +14,7 @@ import torch
 from fastmveb.checkpoint import latest_checkpoint, load_checkpoint
 from fastmveb.config import load_config
 from fastmveb.model import MVEBModel
+from fastmveb.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "fastmveb" / "train.py")
@@ -23,7 +24,7 @@ def tiny_overrides(betons: Path, run_dir: Path, name: str, **extra) -> list[str]
     """A ResNet-10 at 32 px: 160 images / batch 16 = 10 steps per epoch, deterministic, one FFCV thread."""
     o = {
         "data.train_beton": betons / "train.beton", "data.val_beton": betons / "val.beton",
-        "data.batch_size": 16, "data.num_workers": 1, "data.decode_size": 48, "data.eval_size": 32,
+        "data.global_batch_size": 16, "data.num_workers": 1, "data.decode_size": 48, "data.eval_size": 32,
         "data.eval_batch_size": 64, "views.global_size": 32, "views.n_local": 2, "views.local_size": 16,
         "model.arch": "resnet10", "model.proj_hidden": 64, "model.proj_out": 64, "loss.group": "local",
         "optim.epochs": 2, "optim.warmup_epochs": 1, "train.mixed_precision": "no", "train.compile": "false",
@@ -58,8 +59,13 @@ def test_short_run_end_to_end(small_betons, tmp_path):
     assert 0 <= final["final_knn_top1"] <= 100 and 0 <= final["random_knn_top1"] <= 100
     assert "kNN top-1" in r.stdout and "random init" in r.stdout
     cfg = load_config(d / "config.yaml")
-    assert cfg.model.arch == "resnet10" and cfg.data.batch_size == 16
-    assert json.loads((d / "meta.json").read_text())["git"]
+    assert cfg.model.arch == "resnet10" and cfg.data.global_batch_size == 16
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["git"]
+    plan = make_plan(cfg, 1, dataset_len=160, memory=False)            # the dry run's numbers are the run's
+    assert {k: meta[k] for k in plan.meta()} == plan.meta()
+    assert (meta["steps_per_epoch"], meta["total_steps"], meta["accum_steps"]) == (10, 20, 1)
+    assert "global batch     16 per optimizer step" in r.stdout          # the plan is printed at the start
     assert any((d / "tb").iterdir())
     state = load_checkpoint(latest_checkpoint(d))
     assert state["step"] == 20 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
@@ -128,11 +134,13 @@ sys.exit(T.main(sys.argv[1:]))
 
 
 def test_two_cpu_processes(small_betons, tmp_path):
-    # Two steps, then resumed for two more (2 gloo ranks; per-view BatchNorm synchronised over them).
+    # Two steps, then resumed for two more (2 gloo ranks; per-view BatchNorm synchronised over them). The global
+    # batch is the recipe's: 32 over 2 processes = 16 each, run as 2 accumulated micro-batches of 8.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for steps in (2, 4):
         args = tiny_overrides(small_betons, tmp_path, "ddp", **{"train.max_steps": steps, "train.deterministic": "false",
-                                                                "model.sync_bn": "true"})
+                                                                "model.sync_bn": "true", "data.global_batch_size": 32,
+                                                                "data.per_device_batch_size": 8})
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                             str(29500 + os.getpid() % 1000), TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -141,6 +149,9 @@ def test_two_cpu_processes(small_betons, tmp_path):
     d = tmp_path / "ddp"
     meta = json.loads((d / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["global_batch"] == 32 and meta["steps_per_epoch"] == 5
+    assert meta["per_process_batch"] == 16 and meta["micro_batch"] == 8 and meta["accum_steps"] == 2
+    assert meta["peak_lr"] == pytest.approx(load_config(ROOT / "rcs/tiny.yaml").optim.base_lr * 32 / 256)
+    assert meta["total_steps"] == 2 * 5 and meta["warmup_steps"] == 5
     ls = losses(d)
     assert sorted(ls) == [1, 2, 3, 4]                                   # one writer: no duplicated lines
     assert all(torch.isfinite(torch.tensor(list(ls.values()))))
@@ -178,7 +189,7 @@ def test_compiled_step_runs(small_betons, tmp_path):
 def test_released_rn50_recipe_starts_under_accelerate_launch(small_betons, tmp_path):
     # rcs/rn50.yaml as released (ResNet-50, 2x224 + 6x96, bf16 autocast), only the data and budget swapped.
     args = [f"data.train_beton={small_betons / 'train.beton'}", f"data.val_beton={small_betons / 'val.beton'}",
-            "data.batch_size=4", "data.num_workers=1", "train.max_steps=2", "train.log_every=1",
+            "data.global_batch_size=4", "data.num_workers=1", "train.max_steps=2", "train.log_every=1",
             "eval.knn_at_end=false", f"train.run_dir={tmp_path}", "train.name=rn50", "train.progress=false"]
     accelerate = Path(sys.executable).parent / "accelerate"
     r = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no",
@@ -187,3 +198,70 @@ def test_released_rn50_recipe_starts_under_accelerate_launch(small_betons, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(losses(tmp_path / "rn50")) == [1, 2]
     assert load_config(tmp_path / "rn50" / "config.yaml").model.arch == "resnet50"
+
+
+def _step_with_micro_batches(micro, train_bn: bool, poison_second: bool = False):
+    """One train_step on a fixed 16-row batch with views that involve no randomness; returns the parameters,
+    LARS momenta and BN buffers before and after, and the step's stats."""
+    from fastmveb.bench.step import make_accelerator
+    from fastmveb.build import build_training
+    from fastmveb.train import train_step
+    cfg = load_config(ROOT / "rcs/tiny.yaml", ["model.proj_hidden=32", "model.proj_out=32", "loss.group=8",
+                                               "views.n_local=2", "views.global_size=32", "views.local_size=16"])
+    acc = make_accelerator(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    parts = build_training(cfg, acc, lr_peak=2.0)
+    net, target, opt = parts["net"], parts["target"], parts["optimizer"]
+    net.train(train_bn)
+    target.train(train_bn)
+    x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def views(xk):                       # two globals, two locals; a function of the rows only
+        v = xk.float() / 255
+        if poison_second and calls:
+            v = v * float("nan")
+        calls.append(len(xk))
+        g = torch.nn.functional.interpolate(v, size=32, mode="bilinear")
+        lo = torch.nn.functional.interpolate(v[..., 4:36, 4:36], size=16, mode="bilinear")
+        return [g, g.flip(-1), lo, lo.flip(-2)]
+
+    model = parts["model"]
+    before = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+    stats, skip, _ = train_step(net, target, views, opt, x, torch.zeros(16, dtype=torch.long), 1.5,
+                                torch.tensor(0.9), cfg, acc, micro)
+    after = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+    momenta = [opt.state[p]["momentum_buffer"].clone() for g in opt.param_groups for p in g["params"]
+               if p in opt.state]
+    ema = [t.detach().clone() for t in target.parameters()]
+    return before, after, momenta, ema, stats, bool(skip), calls
+
+
+def test_accumulated_micro_batches_equal_one_full_batch():
+    # BN in eval mode (running statistics): then a micro-batch is normalised exactly as the full batch, and
+    # 2 accumulated half-batches must give the full batch's gradient, so the same LARS update, momentum and EMA.
+    b1, a1, m1, e1, s1, skip1, calls1 = _step_with_micro_batches(None, train_bn=False)
+    b2, a2, m2, e2, s2, skip2, calls2 = _step_with_micro_batches(8, train_bn=False)
+    assert calls1 == [16] and calls2 == [8, 8] and not skip1 and not skip2
+    for x, y in zip(b1, b2):
+        assert torch.equal(x, y)                                        # same initial weights
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(a1, b1))
+    assert moved > 0
+    for u, v, b in zip(a1, a2, b1):
+        torch.testing.assert_close(v - b, u - b, rtol=1e-4, atol=1e-7)
+    for u, v in zip(m1 + e1, m2 + e2):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-7)
+    for k in ("loss", "align", "grad_norm"):
+        assert float(s2[k]) == pytest.approx(float(s1[k]), rel=1e-5), k
+    # In train mode BN normalises each micro-batch by its own statistics: a real (documented) difference.
+    _, t1, *_ = _step_with_micro_batches(None, train_bn=True)
+    _, t2, *_ = _step_with_micro_batches(8, train_bn=True)
+    assert any(not torch.allclose(u, v, rtol=1e-4, atol=1e-7) for u, v in zip(t1, t2))
+
+
+def test_a_non_finite_micro_step_skips_the_whole_step():
+    before, after, momenta, _, stats, skip, calls = _step_with_micro_batches(8, train_bn=True, poison_second=True)
+    assert calls == [8, 8] and skip and not torch.isfinite(stats["loss"])
+    for b, a in zip(before, after):                                     # weights and BN buffers untouched
+        assert torch.equal(b, a)
+    assert all(torch.count_nonzero(m) == 0 for m in momenta)

@@ -94,7 +94,7 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
     b = build(cfg, device, accelerator)
     views_c = b["views_c"]
     g = torch.Generator(device=device).manual_seed(0)
-    n, s = cfg.data.batch_size, cfg.data.decode_size
+    n, s = cfg.data.global_batch_size, cfg.data.decode_size
     x = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (n,), device=device, generator=g)

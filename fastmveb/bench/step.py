@@ -6,7 +6,7 @@ on the device (the view maker is the identity), so no loading, decoding or augme
 network, optimizer, Accelerator, precision, memory format and compilation are built exactly as
 fastmveb/train.py builds them, from a run config:
 
-    cuda  rcs/rn50.yaml   ResNet-50, batch 128 per process, 2x224 (+ 6x96), bf16 autocast, compiled, channels-last
+    cuda  rcs/rn50.yaml   ResNet-50, batch 128 (its micro-batch), 2x224 (+ 6x96), bf16 autocast, compiled, channels-last
     cpu   rcs/tiny.yaml   ResNet-18 (--short: ResNet-10) at 2x64 (+ 6x32), batch 64 (--short: 16), fp32, eager
 
 Two recipes per run: two-view (2 global views) and multi-crop (2 global + 6 local). Flags change one setting
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from fastmveb.bench import common
+from fastmveb.build import uses_compile  # noqa: F401  (bench modules import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"two-view": 0, "multi-crop": 6}
@@ -47,8 +48,8 @@ def add_settings_args(parser) -> None:
     parser.add_argument("--n-local", type=int, default=6, help="local views of the multi-crop recipe (default 6)")
     parser.add_argument("--arch", default=None, help="backbone (default: the rc's on CUDA; resnet18 CPU, "
                         "resnet10 CPU --short)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-process batch (default: the rc's; "
-                        "CPU --short 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch of one forward/backward on one "
+                        "device (default: the rc's micro-batch on one process; CPU --short 16)")
     parser.add_argument("--global-size", type=int, default=None)
     parser.add_argument("--local-size", type=int, default=None)
     parser.add_argument("--precision", choices=["bf16", "no"], default=None, help="autocast (default: the rc's)")
@@ -78,9 +79,11 @@ def bench_config(args, device: torch.device, n_local: int, extra: tuple = ()):
     if not cuda and args.rc is None:
         sets.append(("model", "arch", "resnet10" if args.short else "resnet18"))
         if args.short:
-            sets.append(("data", "batch_size", 16))
+            sets.append(("data", "global_batch_size", 16))
+            sets.append(("data", "per_device_batch_size", 0))
     cl = None if args.channels_last is None else args.channels_last == "true"
-    for sec, key, val in (("model", "arch", args.arch), ("data", "batch_size", args.batch_size),
+    for sec, key, val in (("model", "arch", args.arch), ("data", "global_batch_size", args.batch_size),
+                          ("data", "per_device_batch_size", 0 if args.batch_size else None),
                           ("views", "global_size", args.global_size), ("views", "local_size", args.local_size),
                           ("train", "mixed_precision", args.precision), ("train", "compile", args.compile),
                           ("model", "channels_last", cl), ("views", "channels_last", cl)):
@@ -91,6 +94,11 @@ def bench_config(args, device: torch.device, n_local: int, extra: tuple = ()):
     apply_overrides(cfg, list(args.set))   # explicit overrides win over the defaults above
     for sec, key, val in extra:
         setattr(getattr(cfg, sec), key, val)
+    # A benchmark times one process's step WITHOUT accumulation: the batch is the micro-batch the rc runs on
+    # one device (rn50.yaml: 128 of 4096), held as a single-process global batch.
+    from fastmveb.plan import split_batch
+    cfg.data.global_batch_size = split_batch(cfg.data.global_batch_size, 1, cfg.data.per_device_batch_size)[1]
+    cfg.data.per_device_batch_size = 0
     validate(cfg)
     return cfg
 
@@ -112,10 +120,6 @@ def default_threads(args, device: torch.device) -> int | None:
     return args.threads or (1 if device.type == "cpu" else None)
 
 
-def uses_compile(cfg, device: torch.device) -> bool:
-    return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
-
-
 def views_label(cfg) -> str:
     g = f"2x{cfg.views.global_size}"
     return g + (f" + {cfg.views.n_local}x{cfg.views.local_size}" if cfg.views.n_local else "")
@@ -123,7 +127,7 @@ def views_label(cfg) -> str:
 
 def settings_of(cfg, device) -> dict:
     """The row fields that say which training setting was measured."""
-    return {"views": views_label(cfg), "arch": cfg.model.arch, "batch": cfg.data.batch_size,
+    return {"views": views_label(cfg), "arch": cfg.model.arch, "batch": cfg.data.global_batch_size,
             "precision": cfg.train.mixed_precision, "compile": uses_compile(cfg, device),
             "channels_last": cfg.model.channels_last}
 
@@ -142,45 +146,28 @@ def build(cfg, device: torch.device, accelerator):
     """net, target, view maker, optimizer, compiled callables and lr: the same construction as fastmveb/train.py
     (torch.compile is lazy: a caller that never calls views_c pays nothing for it)."""
     from accelerate.utils import set_seed
-    from fastmveb.batchnorm import convert_batchnorm
-    from fastmveb.model import MVEBModel, make_target
-    from fastmveb.optim import LARS, lr_at, param_groups, peak_lr
-    from fastmveb.train import MultiView
-    from fastmveb.views import ViewMaker
+    from fastmveb.build import build_training
+    from fastmveb.optim import lr_at, peak_lr
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     set_seed(cfg.train.seed)
-    model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=cfg.model.sync_bn)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    target = make_target(model)
-    net = MultiView(model, None)
-    lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.batch_size * accelerator.num_processes)
-    optimizer = LARS(param_groups(net, cfg.optim.weight_decay), lr=lr_peak, weight_decay=cfg.optim.weight_decay,
-                     momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
-    net = accelerator.prepare(net)
-    view_maker = ViewMaker(cfg.views).to(device)
-    net_c, target_c, views_c = net, target, view_maker
-    if uses_compile(cfg, device):
-        net_c = torch.compile(net, backend=cfg.train.compile_backend)
-        target_c = torch.compile(target, backend=cfg.train.compile_backend)
-        views_c = torch.compile(view_maker, backend=cfg.train.compile_backend)
+    lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.global_batch_size * accelerator.num_processes)
+    parts = build_training(cfg, accelerator, lr_peak)
+    net, target = parts["net"], parts["target"]
     # A mid-training lr: warm-up over, cosine not yet low (the value does not change the work done).
     lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
     m = torch.tensor(cfg.model.ema_momentum, device=device)
     net.train()
     target.train()
-    return {"net": net, "net_c": net_c, "target": target, "target_c": target_c, "views_c": views_c,
-            "optimizer": optimizer,
-            "lr": lr, "m": m, "accelerator": accelerator}
+    return dict(parts, lr=lr, m=m, accelerator=accelerator)
 
 
 def random_views(cfg, device: torch.device, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """What the view maker would hand over: V normalised float views (cfg dtype and memory format)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    n = cfg.data.batch_size
+    n = cfg.data.global_batch_size
     dtype = torch.bfloat16 if cfg.views.dtype == "bfloat16" else torch.float32
     fmt = torch.channels_last if cfg.views.channels_last else torch.contiguous_format
     sizes = [cfg.views.global_size] * 2 + [cfg.views.local_size] * cfg.views.n_local
@@ -233,7 +220,7 @@ def measure_step(cfg, device: torch.device, warmup: int, iters: int, threads: in
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
     v, y = random_views(cfg, device)
-    n = cfg.data.batch_size
+    n = cfg.data.global_batch_size
 
     def step():
         return train_step(b["net_c"], b["target_c"], _identity, b["optimizer"], v, y, b["lr"], b["m"], cfg,

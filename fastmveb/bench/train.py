@@ -114,7 +114,7 @@ def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads:
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
     views_c = b["views_c"]
-    loader = train_loader(beton, cfg.data.batch_size, cfg.data.num_workers, device, decode=cfg.data.decode,
+    loader = train_loader(beton, cfg.data.global_batch_size, cfg.data.num_workers, device, decode=cfg.data.decode,
                           decode_size=cfg.data.decode_size, views=cfg.views, seed=cfg.train.seed,
                           order=cfg.data.order, os_cache=cfg.data.os_cache, drop_last=True)
     threads = pin_threads(threads)             # the Loader has just set torch's threads to its worker count
@@ -134,7 +134,7 @@ def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads:
         r = _timed_loop(batches, step, warmup + 3, steps, device)
     finally:
         batches.close()
-    r["samples_per_s"] = steps * cfg.data.batch_size / r["seconds"]
+    r["samples_per_s"] = steps * cfg.data.global_batch_size / r["seconds"]
     r["loss"] = float(out["stats"]["loss"])
     r["torch_threads"] = threads
     del b, views_c, loader, batches, out
@@ -159,14 +159,14 @@ def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str,
     model = MVEBModel.from_config(cfg.model).to(device)          # NCHW, eager: as released
     target = make_target(model)
     model.train()
-    lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.batch_size)
+    lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.global_batch_size)
     lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
     step_fn = ReleasedStep(model, target, device, precision, lr=lr, weight_decay=cfg.optim.weight_decay,
                            momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef,
                            ema_momentum=cfg.model.ema_momentum, lam=cfg.loss.lam, eta=cfg.loss.eta,
                            min_tau=cfg.loss.min_tau)
     v = cfg.views
-    loader = released_loader(jpeg_root, v.global_size, v.local_size, v.n_local, cfg.data.batch_size, workers,
+    loader = released_loader(jpeg_root, v.global_size, v.local_size, v.n_local, cfg.data.global_batch_size, workers,
                              v.global_scale, v.local_scale)
 
     def endless():
@@ -180,7 +180,7 @@ def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str,
 
     # Warm-up also drains the workers' prefetched batches (2 per worker), so timing starts in steady state.
     r = _timed_loop(lambda: next(batches), step, warmup + 2 * workers, steps, device)
-    r["samples_per_s"] = steps * cfg.data.batch_size / r["seconds"]
+    r["samples_per_s"] = steps * cfg.data.global_batch_size / r["seconds"]
     r["loss"] = out["loss"]
     r["torch_threads"] = threads
     batches.close()

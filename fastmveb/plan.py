@@ -1,0 +1,233 @@
+"""The resolved plan of a run: every batch, step and schedule quantity the trainer uses, from ONE function.
+
+    python fastmveb/train.py --rc rcs/rn50.yaml --dry-run --world-size 8      # prints make_plan(...).format()
+
+    plan = make_plan(cfg, world_size=8, dataset_len=1_281_167)   # raises ConfigError (one line) on a bad batch
+    plan.per_process_batch, plan.micro_batch, plan.accum_steps, plan.steps_per_epoch, plan.peak_lr, ...
+
+train.py's main() takes these numbers from here, so the dry run and the real run cannot disagree. The
+recipe's batch is GLOBAL (data.global_batch_size, released: 4096): each process reads global / world
+samples per optimizer step, in ``accum_steps`` micro-batches of ``micro_batch`` rows (one forward each).
+
+The memory line is an estimate of activations + training state, not the allocator's peak: it runs the model
+once on the meta device (no data, no compute) and counts the bytes autograd saves for backward per sample at
+each view size (torch.autograd.graph.saved_tensors_hooks, parameters excluded, shared storage counted once),
+then adds parameters, gradients, LARS momentum and the EMA target in fp32. Under bf16 autocast the saved
+activations are counted at 2 bytes per element (convolutions, linears and the BatchNorms after them run in
+bf16 on CUDA); the meta device itself has no autocast. Workspace, the allocator's fragmentation, the
+compiler's buffers and the entropy estimator's temporaries are not in it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError
+from .entropy import group_bounds, parse_group
+from .optim import lr_at, peak_lr
+
+IMAGENET_TRAIN = 1_281_167   # ImageNet-1k train images: the steps per epoch when the beton does not exist yet
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@dataclass
+class Plan:
+    world_size: int
+    global_batch: int
+    per_process_batch: int
+    micro_batch: int
+    accum_steps: int
+    dataset_len: int
+    dataset_source: str            # the beton it was read from, or the ImageNet assumption
+    steps_per_epoch: int
+    epochs: int
+    warmup_steps: int
+    total_steps: int               # schedule length (lr cosine, EMA momentum)
+    last_step: int                 # where the run stops (train.max_steps may cut it short)
+    peak_lr: float
+    start_lr: float
+    end_lr: float
+    views: list[tuple[str, int, tuple[float, float]]]    # (name, size, crop scale)
+    entropy_groups: str
+    batchnorm: str                 # what one BatchNorm normalisation spans
+    memory: dict[str, float] = field(default_factory=dict)   # GiB per device, by part; empty = not estimated
+    cost: str = ""
+
+    def meta(self) -> dict:
+        """The quantities a run records in meta.json (and a test compares with the real loader)."""
+        return {"world_size": self.world_size, "global_batch": self.global_batch,
+                "per_process_batch": self.per_process_batch, "micro_batch": self.micro_batch,
+                "accum_steps": self.accum_steps, "steps_per_epoch": self.steps_per_epoch,
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "peak_lr": self.peak_lr}
+
+    def format(self) -> str:
+        views = ", ".join(f"{n} {s} px scale {a:g}-{b:g}" for n, s, (a, b) in self.views)
+        rows = [
+            ("processes", f"{self.world_size}"),
+            ("global batch", f"{self.global_batch} per optimizer step"),
+            ("per process", f"{self.per_process_batch} = {self.accum_steps} micro-batch"
+                            f"{'es' if self.accum_steps > 1 else ''} of {self.micro_batch}"
+                            f"{' (gradient accumulation)' if self.accum_steps > 1 else ' (no accumulation)'}"),
+            ("BatchNorm", self.batchnorm),
+            ("dataset", f"{self.dataset_len:,} images ({self.dataset_source})"),
+            ("steps per epoch", f"{self.steps_per_epoch}"),
+            ("schedule", f"{self.epochs} epochs = {self.total_steps:,} steps, warm-up {self.warmup_steps:,} steps"
+                         + (f"; stops at step {self.last_step:,} (train.max_steps)"
+                            if self.last_step < self.total_steps else "")),
+            ("lr", f"peak {self.peak_lr:g} (base_lr x {self.global_batch}/256), warm-up from {self.start_lr:.4g}, "
+                   f"cosine to {self.end_lr:.4g} at the last step"),
+            ("views", views),
+            ("entropy groups", self.entropy_groups),
+        ]
+        if self.memory:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in self.memory.items() if k != "total")
+            rows.append(("memory / device", f"~{self.memory['total']:.1f} GiB estimated ({parts} GiB); "
+                                            "activations + state, not the allocator's peak"))
+        rows.append(("cost", self.cost))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def split_batch(global_batch: int, world_size: int, per_device: int) -> tuple[int, int, int]:
+    """(per_process, micro, accum) or ConfigError naming the numbers and the valid choices."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if global_batch % world_size:
+        lo = global_batch // world_size * world_size
+        raise ConfigError(f"data.global_batch_size={global_batch} does not divide over {world_size} processes; "
+                          f"use a multiple of {world_size} (e.g. {lo or world_size} or {lo + world_size}) or "
+                          f"a process count dividing {global_batch}")
+    per_process = global_batch // world_size
+    micro = per_device or per_process
+    if per_process % micro:
+        divisors = [d for d in range(1, per_process + 1) if per_process % d == 0]
+        near = sorted(divisors, key=lambda d: abs(d - micro))[:4]
+        raise ConfigError(f"data.per_device_batch_size={micro} does not divide the {per_process} samples per process "
+                          f"(global {global_batch} / {world_size} processes); valid nearby: "
+                          f"{', '.join(map(str, sorted(near)))} (0 = {per_process}, no accumulation)")
+    return per_process, micro, per_process // micro
+
+
+def steps_per_epoch(dataset_len: int, world_size: int, per_process: int, drop_last: bool) -> int:
+    """Exactly what FFCV's Loader reports: distributed RANDOM pads the index list to a multiple of the world
+    size (torch's DistributedSampler, drop_last=False), then each rank batches its ceil(n / world) samples."""
+    per_rank = -(-dataset_len // world_size)
+    return per_rank // per_process if drop_last else -(-per_rank // per_process)
+
+
+def dataset_length(beton: str | Path) -> int | None:
+    """Number of samples in a beton (its header only), or None when the file does not exist."""
+    if not Path(beton).is_file():
+        return None
+    from ffcv.reader import Reader
+    return int(Reader(str(beton)).num_samples)
+
+
+def describe_groups(group: str, micro: int, world: int) -> str:
+    g = parse_group(group)
+    if g == "local":
+        return f"1 group of {micro} rows per view per micro-batch (loss.group=local)"
+    if g == "global":
+        return f"1 group of {micro * world} rows per view per micro-step, gathered over all processes (loss.group=global)"
+    bounds = group_bounds(micro, g)
+    sizes = [b - a for a, b in bounds]
+    k = sizes.count(g)
+    text = f"{k} group{'s' if k > 1 else ''} of {g} rows" if k else ""
+    rest = [s for s in sizes if s != g]
+    if rest:
+        text += (" + " if text else "") + f"1 group of {rest[0]} rows"
+    return f"{text} per view per micro-batch of {micro}"
+
+
+def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memory: bool = True) -> Plan:
+    """Every quantity of the run for ``world_size`` processes; ConfigError (one line) if the batch cannot split."""
+    per_process, micro, accum = split_batch(cfg.data.global_batch_size, world_size, cfg.data.per_device_batch_size)
+    source = str(cfg.data.train_beton)
+    if dataset_len is None:
+        dataset_len, source = IMAGENET_TRAIN, f"{cfg.data.train_beton} not found: assumed ImageNet-1k train"
+    spe = steps_per_epoch(dataset_len, world_size, per_process, cfg.data.drop_last)
+    if spe == 0:
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the {dataset_len} samples "
+                          f"of {source}; lower data.global_batch_size")
+    o = cfg.optim
+    total, warmup = o.epochs * spe, o.warmup_epochs * spe
+    peak = peak_lr(o.base_lr, cfg.data.global_batch_size)
+    v = cfg.views
+    views = [("global 1", v.global_size, v.global_scale), ("global 2", v.global_size, v.global_scale)]
+    views += [(f"local x{v.n_local}", v.local_size, v.local_scale)] if v.n_local else []
+    plan = Plan(world_size=world_size, global_batch=cfg.data.global_batch_size, per_process_batch=per_process,
+                micro_batch=micro, accum_steps=accum, dataset_len=dataset_len, dataset_source=source,
+                steps_per_epoch=spe, epochs=o.epochs, warmup_steps=warmup, total_steps=total,
+                last_step=min(total, cfg.train.max_steps) if cfg.train.max_steps else total, peak_lr=peak,
+                start_lr=lr_at(0, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
+                end_lr=lr_at(total, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
+                views=views, entropy_groups=describe_groups(cfg.loss.group, micro, world_size),
+                batchnorm=f"normalises each micro-batch: {micro} samples per process" + (
+                    f" x {world_size} processes = {micro * world_size} (model.sync_bn)"
+                    if world_size > 1 and cfg.model.sync_bn else ""))
+    if memory:
+        plan.memory = estimate_memory(cfg, micro, per_process, world_size)
+    plan.cost = gpu_hours(cfg, plan)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def saved_bytes_per_sample(model: torch.nn.Module, size: int, bf16: bool) -> float:
+    """Bytes autograd keeps for backward per sample of a size x size view (model on the meta device)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            per = 2 if bf16 and t.is_floating_point() else t.element_size()
+            seen[st._cdata] = st.nbytes() // t.element_size() * per
+        return t
+
+    n = 2                                                     # BatchNorm in train mode needs > 1 sample
+    x = torch.empty(n, 3, size, size, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values()) / n
+
+
+def estimate_memory(cfg: Config, micro: int, per_process: int, world_size: int) -> dict[str, float]:
+    """GiB per device by part (see the module docstring for what is and is not counted)."""
+    from .model import MVEBModel
+    with torch.device("meta"):
+        model = MVEBModel.from_config(cfg.model)
+    model.train()
+    v, bf16 = cfg.views, cfg.train.mixed_precision == "bf16"
+    act = 2 * saved_bytes_per_sample(model, v.global_size, bf16)
+    if v.n_local:
+        act += v.n_local * saved_bytes_per_sample(model, v.local_size, bf16)
+    n_params = sum(p.numel() for p in model.parameters())
+    copies = 4 + (1 if world_size > 1 else 0)                 # weights, grads, LARS momentum, EMA (+ DDP buckets)
+    view_bytes = (2 if v.dtype == "bfloat16" else 4) * 3 * (2 * v.global_size ** 2 + v.n_local * v.local_size ** 2)
+    gib = 2 ** 30
+    parts = {"activations": micro * act / gib,
+             "state": copies * 4 * n_params / gib,
+             "views + decoded batch": (micro * view_bytes + per_process * 3 * cfg.data.decode_size ** 2) / gib}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------- cost
+def gpu_hours(cfg: Config, plan: Plan, results: Path = RESULTS) -> str:
+    """GPU-hours from a MEASURED CUDA step benchmark of the same setting, or a line saying it is unmeasured."""
+    from .bench.step import views_label
+    want = {"views": views_label(cfg), "arch": cfg.model.arch, "precision": cfg.train.mixed_precision}
+    for path in sorted(glob.glob(str(results / "step-cuda*.json")), reverse=True):
+        for row in json.loads(Path(path).read_text()).get("rows", []):
+            if all(row.get(k) == val for k, val in want.items()) and row.get("samples_per_s"):
+                samples = plan.last_step * plan.global_batch
+                hours = samples / row["samples_per_s"] / 3600
+                return (f"~{hours:,.0f} GPU-hours for {plan.last_step:,} steps at the measured "
+                        f"{row['samples_per_s']:,.0f} samples/s per GPU (step only, batch {row.get('batch')}, "
+                        f"{Path(path).name}); data loading and communication not included")
+    return (f"unmeasured: no CUDA step benchmark of {want['arch']} {want['views']} {want['precision']} under "
+            f"benchmarks/results/ (run `make bench BENCH=step` on a GPU host); no throughput is assumed")
