@@ -168,7 +168,10 @@ class EvalConfig:
     online_linear: bool = False      # online linear probe on detached features
     linear_epochs: int = 90
     linear_base_lr: float = 0.1
-    linear_batch_size: int = 256
+    linear_batch_size: int = 256     # fast mode (cached features)
+    linear_full_batch_size: int = 4096  # full mode: the released protocol's batch
+    linear_micro_batch: int = 0      # full mode: images per backbone forward (0 = whole batch); the head's step
+                                     # still sees the whole batch, so this changes memory, not the result
     linear_mode: str = "fast"        # "fast": cached features | "full": augmented protocol
 
 
@@ -380,6 +383,7 @@ RANGES: dict[str, Range] = {
     "train.ckpt_every_steps": _NONNEG, "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
     "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
     "eval.linear_epochs": _ONE_UP, "eval.linear_base_lr": _POS, "eval.linear_batch_size": _ONE_UP,
+    "eval.linear_full_batch_size": _ONE_UP, "eval.linear_micro_batch": _NONNEG,
 }
 
 

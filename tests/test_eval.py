@@ -13,7 +13,7 @@ from torch import nn
 
 from fastmveb.eval.features import RunError, extract_features, normalize_uint8
 from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
-from fastmveb.eval.linear import (LARS, linear_fast, linear_full, rrc_flip, sample_rrc_boxes,
+from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip, sample_rrc_boxes,
                                   train_linear_on_features)
 from fastmveb.eval.online import OnlineLinearProbe
 
@@ -164,20 +164,35 @@ def test_linear_fast_end_to_end_on_images():
     assert r["top1"] > 90.0 and r["n_train"] == 120 and r["head"]["weight"].shape == (3, 3)
 
 
-def test_lars_step_matches_hand_computation():
-    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))        # ||w|| = 5
-    b = nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coef=0.01)
-    w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])
-    opt.step()
-    d = torch.tensor([[0.3, 1.4]])                      # grad + wd * w
-    d = d * 0.01 * 5.0 / d.norm()
-    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * d)
-    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 0.5 * 2.0]))   # 1-D: no wd, no scaling
-    w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])
-    before = b.detach().clone()
-    opt.step()
-    torch.testing.assert_close(b.detach(), before - 0.5 * (0.9 * 2.0 + 2.0))   # momentum buffer
+def released_larc_sgd(params, grads_per_step, lr, momentum, trust, wd=0.0, eps=1e-8, scale_1d=True):
+    """Restatement of the released linear-eval optimizer: LARC (scale mode, no clip) around torch SGD; every
+    tensor is scaled by trust * |w| / (|g| + wd |w| + eps) when both norms are non-zero."""
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            pn, gn = p.detach().norm(), g.norm()
+            scale = trust * pn / (gn + wd * pn + eps) if pn != 0 and gn != 0 and (scale_1d or p.ndim > 1) else 1.0
+            p.grad = (g + wd * p.detach()) * scale
+        sgd.step()
+    return [p.detach() for p in params]
+
+
+def test_larc_matches_the_released_optimizer_on_weight_and_bias():
+    g = torch.Generator().manual_seed(0)
+    w0, b0 = torch.randn(5, 7, generator=g) * 0.01, torch.zeros(5)          # the probe's init: bias 0
+    steps = [[torch.randn(5, 7, generator=g), torch.randn(5, generator=g)] for _ in range(4)]
+    w, b = nn.Parameter(w0.clone()), nn.Parameter(b0.clone())
+    opt = LARC([w, b], lr=1.6, momentum=0.9, weight_decay=0.0, trust_coef=0.001)
+    for gw, gb in steps:
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+    ew, eb = released_larc_sgd([w0, b0], steps, lr=1.6, momentum=0.9, trust=0.001)
+    torch.testing.assert_close(w.detach(), ew)
+    torch.testing.assert_close(b.detach(), eb)
+    # the bias is trust-scaled too (from its second step, once non-zero): not what weights-only LARS gives
+    _, eb_weights_only = released_larc_sgd([w0, b0], steps, lr=1.6, momentum=0.9, trust=0.001, scale_1d=False)
+    assert (b.detach() - eb_weights_only).abs().max() > 0.1
 
 
 def test_rrc_boxes_and_crops():
@@ -202,9 +217,74 @@ def test_linear_full_protocol_learns_colour_classes():
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))  # feature scale ~1
     logs = []
     r = linear_full(pool, ReusingLoader(*train, 16), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=8,
-                    base_lr=4.0, trust_coef=0.0, crop_size=16, log=logs.append)
+                    base_lr=4.0, trust_coef=0.0, crop_size=16, val_every=3, log=logs.append)
     assert r["top1"] > 90.0, (r["top1"], logs)
     assert len(logs) == 8 and r["head"]["weight"].shape == (3, 3)
+    # validations every 3 epochs and after the last; final and best both reported, best = the max of them
+    assert r["val_epochs"] == [3, 6, 8] and r["batch"] == 16
+    tops = {h["epoch"]: h["top1"] for h in r["history"] if "top1" in h}
+    assert r["best_top1"] == max(tops.values()) and tops[r["best_epoch"]] == r["best_top1"]
+    assert r["top1"] == tops[8] and r["best_top1"] >= r["top1"]
+    # per-epoch cosine from 0.1 x ... here base_lr 4.0 x 16/256, constant within an epoch
+    lr = 4.0 * 16 / 256
+    for h in r["history"]:
+        assert h["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (h["epoch"] - 1) / 8)))
+
+
+def test_linear_full_micro_batches_give_the_undivided_result():
+    # A backbone with BatchNorm: frozen in eval mode, so chunking the forward changes nothing; the head steps
+    # on the whole batch's features either way.
+    train, val = colour_dataset(64, size=24, seed=0), colour_dataset(30, size=24, seed=1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    whole = linear_full(net, ReusingLoader(*train, 32), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=3,
+                        crop_size=16, val_every=1)
+    parts = linear_full(net, ReusingLoader(*train, 32), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=3,
+                        crop_size=16, val_every=1, micro_batch=8)
+    assert parts["micro_batch"] == 8 and whole["micro_batch"] == 32 and net.training
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(parts["head"][k], whole["head"][k], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(whole["head"]["bias"], torch.zeros(3))    # the bias moved (LARC scales it too)
+
+
+def _run_dir(root: Path, betons: Path) -> Path:
+    """A run directory as the trainer leaves it: config.yaml + one checkpoint of a tiny ResNet-10."""
+    from fastmveb.checkpoint import checkpoint_path, save_checkpoint
+    from fastmveb.config import dump_config, load_config, to_dict
+    from fastmveb.model import MVEBModel
+    cfg = load_config(ROOT / "rcs/tiny.yaml", [f"data.train_beton={betons / 'train.beton'}",
+                                               f"data.val_beton={betons / 'val.beton'}", "data.decode_size=48",
+                                               "data.eval_size=32", "data.num_workers=1", "model.proj_hidden=32",
+                                               "model.proj_out=32"])
+    run = root / "run"
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    model = MVEBModel.from_config(cfg.model)
+    assert save_checkpoint(checkpoint_path(run, 1), {"model": model.state_dict(), "target": model.state_dict(),
+                                                     "step": 1, "epoch": 0, "config": to_dict(cfg)})
+    return run
+
+
+def test_cli_linear_full_reports_final_and_best_and_fast_says_quick_estimate(small_betons, tmp_path):
+    import json
+    run = _run_dir(tmp_path, small_betons)
+    r = _cli("fastmveb.eval", "linear", "--run", str(run), "--mode", "full", "--epochs", "2", "--val-every", "1",
+             "--linear-batch-size", "32", "--micro-batch", "16", "--device", "cpu", "--num-workers", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "linear full (released protocol, batch 32, 2 epochs)" in r.stdout and "final top-1" in r.stdout
+    assert "best of the validations at epochs [1, 2]: top-1" in r.stdout
+    rec = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    assert rec["mode"] == "full" and rec["batch_size"] == 32 and rec["micro_batch"] == 16
+    assert rec["best_top1"] >= rec["top1"] and rec["best_epoch"] in (1, 2) and rec["val_epochs"] == [1, 2]
+    r = _cli("fastmveb.eval", "linear", "--run", str(run), "--mode", "full", "--epochs", "1", "--device", "cpu",
+             "--num-workers", "1")                                                 # batch 4096 > 160 images
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: the linear batch 4096 exceeds")
+    r = _cli("fastmveb.eval", "linear", "--run", str(run), "--mode", "fast", "--epochs", "2", "--device", "cpu",
+             "--num-workers", "1", "--no-log")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "linear fast (quick estimate on cached centre-crop features, 2 epochs)" in r.stdout
 
 
 def test_online_probe_leaves_backbone_gradients_unchanged():

@@ -2,13 +2,16 @@
 
     python -m fastmveb.eval knn    --run runs/NAME [--ckpt PATH] [--k 200 --t 0.1] [--random-init]
     python -m fastmveb.eval linear --run runs/NAME [--ckpt PATH] [--mode fast|full] [--epochs N] [--lr BASE]
+    python -m fastmveb.eval linear --run runs/NAME --mode full [--micro-batch 1024]   # the released protocol
 
 Reads the betons, eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
 checkpoint (or --ckpt; the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
 line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
 run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
 Defaults come from the config's eval section (knn_k, knn_t, linear_epochs, linear_base_lr,
-linear_batch_size, linear_mode). `--random-init` evaluates the same architecture untrained: the baseline
+linear_batch_size, linear_full_batch_size, linear_micro_batch, linear_mode). `--mode full` is the released
+protocol (batch 4096, LARC, 90 epochs; fastmveb/eval/linear.py) and reports the final top-1/5 and the best of
+the validations every 10 epochs; `--mode fast` is a quick estimate on cached features. `--random-init` evaluates the same architecture untrained: the baseline
 that says how much pretraining bought. Bad input (missing run, no checkpoint) -> one error line, exit 2.
 """
 from __future__ import annotations
@@ -50,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     lin.add_argument("--mode", choices=["fast", "full"], help="fast: cached features; full: MVEB protocol (default: eval.linear_mode)")
     lin.add_argument("--epochs", type=int, help="default: eval.linear_epochs")
     lin.add_argument("--lr", type=float, help="base lr, scaled by batch/256 (default: eval.linear_base_lr)")
-    lin.add_argument("--linear-batch-size", type=int, help="classifier batch size (default: eval.linear_batch_size)")
+    lin.add_argument("--linear-batch-size", type=int, help="classifier batch size (default: eval.linear_batch_size "
+                     "in fast mode, eval.linear_full_batch_size = 4096 in full mode)")
+    lin.add_argument("--micro-batch", type=int, help="full mode: images per backbone forward when the device cannot "
+                     "take the whole batch; the head still steps on the whole batch (default: eval.linear_micro_batch, "
+                     "0 = whole batch)")
+    lin.add_argument("--val-every", type=int, default=10, help="full mode: validate every N epochs (and after the last)")
     lin.add_argument("--trust-coef", type=float, default=0.001, help="LARS trust coefficient in full mode (0 = plain SGD)")
     return ap
 
@@ -117,7 +125,7 @@ def run(args) -> dict:
         mode = args.mode or cfg.eval.linear_mode
         epochs = args.epochs if args.epochs is not None else cfg.eval.linear_epochs
         base_lr = args.lr if args.lr is not None else cfg.eval.linear_base_lr
-        lbs = args.linear_batch_size or cfg.eval.linear_batch_size
+        lbs = args.linear_batch_size or (cfg.eval.linear_batch_size if mode == "fast" else cfg.eval.linear_full_batch_size)
         log = lambda s: print(s, flush=True)  # noqa: E731
         if mode == "fast":
             train, val = _eval_loaders(cfg, bs, workers, device)
@@ -127,6 +135,8 @@ def run(args) -> dict:
         else:
             r = _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, args, log)
         record.update(mode=mode, epochs=epochs, base_lr=base_lr, batch_size=lbs, top1=r["top1"], top5=r["top5"])
+        if mode == "full":
+            record.update({k: r[k] for k in ("best_top1", "best_top5", "best_epoch", "val_epochs", "micro_batch")})
         if "train_top1" in r:  # next to val top-1 it tells under-fitting from over-fitting
             record["train_top1"] = r["train_top1"]
         if path is not None:
@@ -140,13 +150,20 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
     from fastmveb.data import set_epoch, train_loader
     from fastmveb.eval import linear
     _, val = _eval_loaders(cfg, bs, workers, device)
+    micro = args.micro_batch if args.micro_batch is not None else cfg.eval.linear_micro_batch
+    if args.val_every < 1 or micro < 0:
+        raise RunError(f"--val-every must be >= 1 and --micro-batch >= 0; got {args.val_every} and {micro}")
     # decode "once" yields the largest centred square at decode_size: the RRC below samples from it
     # (224-px crops from a 256-px square, as the pretraining views do).
     train = train_loader(cfg.data.train_beton, lbs, workers, device, decode="once", decode_size=cfg.data.decode_size,
                          seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True)
+    if len(train) == 0:
+        raise RunError(f"the linear batch {lbs} exceeds the training images of {cfg.data.train_beton}; "
+                       "pass a smaller --linear-batch-size")
     return linear.linear_full(backbone, train, val, device, cfg.views.mean, cfg.views.std, epochs=epochs,
                               base_lr=base_lr, trust_coef=args.trust_coef, crop_size=cfg.data.eval_size,
-                              amp_dtype=amp, seed=args.seed, log=log, set_epoch=lambda e: set_epoch(train, e))
+                              amp_dtype=amp, seed=args.seed, micro_batch=micro or None, val_every=args.val_every,
+                              log=log, set_epoch=lambda e: set_epoch(train, e))
 
 
 def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str, top1: float) -> None:
@@ -164,9 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    what = f"kNN (k={rec['k']}, T={rec['T']})" if rec["kind"] == "knn" else f"linear {rec['mode']} ({rec['epochs']} epochs)"
+    if rec["kind"] == "knn":
+        what = f"kNN (k={rec['k']}, T={rec['T']})"
+    elif rec["mode"] == "full":
+        what = f"linear full (released protocol, batch {rec['batch_size']}, {rec['epochs']} epochs)"
+    else:
+        what = f"linear fast (quick estimate on cached centre-crop features, {rec['epochs']} epochs)"
     train = f"  (train top-1 {rec['train_top1']:.2f}%)" if "train_top1" in rec else ""
-    print(f"{what} {rec['arch']} {rec['ckpt']} ({rec['which']}): top-1 {rec['top1']:.2f}%  top-5 {rec['top5']:.2f}%{train}")
+    final = "final " if "best_top1" in rec else ""
+    print(f"{what} {rec['arch']} {rec['ckpt']} ({rec['which']}): {final}top-1 {rec['top1']:.2f}%  "
+          f"{final}top-5 {rec['top5']:.2f}%{train}")
+    if "best_top1" in rec:
+        print(f"  best of the validations at epochs {rec['val_epochs']}: top-1 {rec['best_top1']:.2f}%  "
+              f"top-5 {rec['best_top5']:.2f}% (epoch {rec['best_epoch']})")
     if not args.no_log:
         with open(Path(args.run) / "eval.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")

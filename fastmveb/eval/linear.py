@@ -4,19 +4,22 @@
     r = linear_full(backbone, train_loader, val_loader, device, mean, std, epochs=90)
     r["top1"], r["top5"], r["head"]       # head: {"weight", "bias"} of a Linear on raw backbone features
 
-full: the released evaluation protocol (MVEB.md "Evaluation"): every step a fresh RandomResizedCrop(224,
-  scale 0.08-1) + horizontal flip of the training images (cut here, batched, on the device, from the loader's
-  uint8 batch), forward through the frozen backbone, a Linear trained with SGD momentum 0.9 + LARS trust
-  scaling (weights only, coefficient 0.001), lr 0.1 * batch / 256, weight decay 0, cosine over 90 epochs.
-  The val set is centre-cropped (256 -> 224), so its features are fixed and extracted once.
+full: the released evaluation protocol (MVEB.md "Evaluation"): batch 4096; every step a fresh
+  RandomResizedCrop(224, scale 0.08-1) + horizontal flip of the training images (cut here, batched, on the
+  device, from the loader's uint8 batch), forward through the frozen backbone (in micro-batches when the
+  device needs them: the head's step still sees the whole batch), a Linear trained with SGD momentum 0.9
+  inside LARC (trust 0.001, no clipping, weight AND bias), lr 0.1 * batch / 256 = 1.6, weight decay 0,
+  90 epochs with a per-epoch cosine. The val set is centre-cropped (resize 256 -> centre 224), so its
+  features are fixed and extracted once; validation every 10 epochs: final AND best are reported.
 fast: one centre-crop feature pass over train and val, then many cheap epochs of a Linear on the cached
   features. The features are standardised per dimension with train-set statistics first (a BatchNorm
   without affine parameters, frozen): that makes one learning rate work for any backbone, whatever its
   feature scale, so the default is plain SGD momentum 0.9, lr 0.1 * batch / 256 (``base_lr``), no LARS,
   cosine. Without the standardisation, post-ReLU ResNet features (mean >> std) need per-backbone lr tuning.
   The learned layer is folded back onto raw features, so ``head`` is directly a torchvision fc.
-  Fast mode lacks crop augmentation, so it slightly underestimates the full protocol on large sets and
-  overfits sooner on small ones; use it for monitoring and comparisons, full mode for the headline number.
+  A quick estimate, not the paper's protocol: without crop augmentation it slightly underestimates the full
+  protocol on large sets and overfits sooner on small ones; use it for monitoring and comparisons, full mode
+  for the headline number.
 """
 from __future__ import annotations
 
@@ -32,16 +35,19 @@ from fastmveb.eval.features import _autocast, extract_features, normalize_uint8
 from fastmveb.eval.knn import topk_accuracy
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust scaling (You et al. 2017), as used for linear evaluation.
+class LARC(torch.optim.Optimizer):
+    """SGD with momentum inside LARC in its scaling mode (no clipping), as the released linear evaluation wraps it.
 
-    For tensors with ndim > 1: d = grad + wd * w, then d *= trust_coef * ||w|| / ||d|| (1 when either norm
-    is 0). 1-D tensors (biases) get neither weight decay nor scaling. Then buf = momentum * buf + d; w -= lr * buf.
-    trust_coef = 0 turns it into plain SGD with momentum (weight decay on ndim > 1 only).
+    For EVERY tensor, weight and bias alike: d = grad + wd * w, then d *= trust_coef * ||w|| / (||grad|| +
+    wd * ||w|| + 1e-8) when both norms are non-zero (a zero-initialised bias takes its first step unscaled).
+    Then torch's SGD momentum: buf = d on the first step, buf = momentum * buf + d after; w -= lr * buf.
+    trust_coef = 0 turns it into plain SGD with momentum.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coef: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef))
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coef: float = 0.001,
+                 eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef,
+                                      eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,15 +55,11 @@ class LARS(torch.optim.Optimizer):
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad
-                if p.ndim > 1:
-                    if g["weight_decay"]:
-                        d = d.add(p, alpha=g["weight_decay"])
-                    if g["trust_coef"] > 0:
-                        pn, dn = p.norm(), d.norm()
-                        one = torch.ones_like(pn)
-                        q = torch.where((pn > 0) & (dn > 0), g["trust_coef"] * pn / dn, one)
-                        d = d * q
+                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad
+                if g["trust_coef"] > 0:
+                    pn, gn = p.norm(), p.grad.norm()
+                    q = g["trust_coef"] * pn / (gn + g["weight_decay"] * pn + g["eps"])
+                    d = d * torch.where((pn > 0) & (gn > 0), q, torch.ones_like(q))
                 st = self.state[p]
                 if "mu" not in st:
                     st["mu"] = d.clone()
@@ -220,10 +222,15 @@ def linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs: i
 def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: int = 90, base_lr: float = 0.1,
                 weight_decay: float = 0.0, trust_coef: float = 0.001, momentum: float = 0.9, crop_size: int = 224,
                 crop_scale=(0.08, 1.0), num_classes: int | None = None, amp_dtype=None, seed: int = 0,
-                max_steps_per_epoch: int | None = None, log=None, set_epoch=None) -> dict:
-    """The MVEB linear protocol on a frozen backbone (module docstring). ``train_loader`` yields shuffled uint8
-    batches of whole (uncropped) training images; the batch size is read from the first batch.
-    ``set_epoch(e)``, when given, is called before epoch e (FFCV's order is a function of the epoch)."""
+                micro_batch: int | None = None, val_every: int = 10, max_steps_per_epoch: int | None = None,
+                log=None, set_epoch=None) -> dict:
+    """The released linear protocol on a frozen backbone (module docstring). ``train_loader`` yields shuffled
+    uint8 batches of whole training images; its batch is the protocol's batch (released: 4096), read from the
+    first batch, and sets lr = base_lr * batch / 256. ``micro_batch``: the backbone sees the batch in chunks of
+    this many images (the device's limit); the head still takes ONE step on the whole batch's features, so the
+    result equals an undivided batch. Validation every ``val_every`` epochs and after the last; returns the
+    final top-1/5 and the best of those validations (``best_top1``, ``best_top5``, ``best_epoch``), plus a
+    per-epoch ``history`` (lr, loss, and top-1/5 where validated). ``set_epoch(e)`` is called before epoch e."""
     device = torch.device(device)
     va, val = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
     if num_classes is None:
@@ -234,8 +241,7 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
         head.weight.normal_(0, 0.01, generator=g)
         head.bias.zero_()
     head.to(device)
-    opt = None
-    step, total = 0, None
+    opt, lr, history, batch = None, None, [], None
     was_training = backbone.training
     backbone.eval()  # frozen: BatchNorm uses its running statistics
     try:
@@ -247,26 +253,33 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
                 if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
                     break
                 if opt is None:  # lr scales with the batch the loader actually delivers
-                    bs = x.shape[0]
-                    steps_per_epoch = len(train_loader) if max_steps_per_epoch is None else min(len(train_loader), max_steps_per_epoch)
-                    total = epochs * steps_per_epoch
-                    lr = base_lr * bs / 256
-                    opt = LARS(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef)
+                    batch = x.shape[0]
+                    lr = base_lr * batch / 256
+                    opt = LARC(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               trust_coef=trust_coef)
                 x = x.to(device, non_blocking=True)
                 y = y.reshape(-1).to(device, dtype=torch.long, copy=True)
                 if int(y.max()) >= num_classes:
                     raise ValueError(f"train label {int(y.max())} >= {num_classes} classes seen in the val set")
                 with torch.no_grad(), _autocast(device, amp_dtype):
-                    v = normalize_uint8(rrc_flip(x, crop_size, crop_scale, generator=g), mean, std)
-                    h = backbone(v).float().flatten(1)
-                tot += _head_step(head, opt, h, y, cosine_lr(lr, step, total))
-                step += 1
+                    crops = rrc_flip(x, crop_size, crop_scale, generator=g)
+                    h = torch.cat([backbone(normalize_uint8(c, mean, std)).float().flatten(1)
+                                   for c in crops.split(micro_batch or crops.shape[0])])
+                tot += _head_step(head, opt, h, y, lr * 0.5 * (1.0 + math.cos(math.pi * ep / epochs)))  # per epoch
                 nb += 1
+            row = {"epoch": ep + 1, "lr": opt.param_groups[0]["lr"] if opt else None, "loss": float(tot) / max(nb, 1)}
+            if (ep + 1) % val_every == 0 or ep + 1 == epochs:
+                row["top1"], row["top5"] = _evaluate(head, va, val, device)
+            history.append(row)
             if log is not None:
-                top1, _ = _evaluate(head, va, val, device)
-                log(f"linear full epoch {ep + 1}/{epochs} loss {float(tot) / max(nb, 1):.4f} val top1 {top1:.2f}")
+                acc = f" val top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}" if "top1" in row else ""
+                log(f"linear full epoch {ep + 1}/{epochs} lr {row['lr']:.4g} loss {row['loss']:.4f}{acc}")
     finally:
         backbone.train(was_training)
-    top1, top5 = _evaluate(head, va, val, device)
+    validated = [r for r in history if "top1" in r]
+    best = max(validated, key=lambda r: r["top1"])           # the earliest of equal tops
     head_sd = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
-    return {"top1": top1, "top5": top5, "head": head_sd, "mode": "full", "epochs": epochs, "n_val": va.shape[0]}
+    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"],
+            "best_top5": best["top5"], "best_epoch": best["epoch"], "val_epochs": [r["epoch"] for r in validated],
+            "head": head_sd, "mode": "full", "epochs": epochs, "batch": batch, "micro_batch": micro_batch or batch,
+            "n_val": va.shape[0], "history": history}
