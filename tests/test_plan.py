@@ -115,3 +115,16 @@ def test_gpu_hours_only_from_a_measured_cuda_step(tmp_path):
     (tmp_path / "step-cuda-2026-12-01.json").write_text(json.dumps({"rows": [row]}))
     text = gpu_hours(cfg, p, tmp_path)
     assert text.startswith(f"~{249_600 * 4096 / 1000 / 3600:,.0f} GPU-hours") and "step-cuda-2026-12-01.json" in text
+
+
+def test_real_run_with_a_non_dividing_batch_stops_with_one_line(small_betons, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"),
+                        f"data.train_beton={small_betons / 'train.beton'}", f"data.val_beton={small_betons / 'val.beton'}",
+                        "data.global_batch_size=30", "data.per_device_batch_size=7", f"train.run_dir={tmp_path}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: data.per_device_batch_size=7 does not divide the 30 samples per "
+                                             "process (global 30 / 1 processes); valid nearby: 3, 5, 6, 10 "
+                                             "(0 = 30, no accumulation)"]
+    assert not any(tmp_path.iterdir())                                  # nothing written
