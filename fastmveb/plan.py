@@ -166,7 +166,7 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
                 start_lr=lr_at(0, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
                 end_lr=lr_at(total, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
                 views=views, entropy_groups=describe_groups(cfg.loss.group, micro, world_size),
-                batchnorm=f"normalises each micro-batch: {micro} samples per process" + (
+                batchnorm=f"statistics per view and micro-batch: {micro} samples per process" + (
                     f" x {world_size} processes = {micro * world_size} (model.sync_bn)"
                     if world_size > 1 and cfg.model.sync_bn else ""))
     if memory:
