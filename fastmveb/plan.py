@@ -197,9 +197,10 @@ def saved_bytes_per_sample(model: torch.nn.Module, size: int, bf16: bool) -> flo
 
 def estimate_memory(cfg: Config, micro: int, per_process: int, world_size: int) -> dict[str, float]:
     """GiB per device by part (see the module docstring for what is and is not counted)."""
+    from .batchnorm import convert_batchnorm
     from .model import MVEBModel
     with torch.device("meta"):
-        model = MVEBModel.from_config(cfg.model)
+        model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=False)   # the trainer's BatchNorm
     model.train()
     v, bf16 = cfg.views, cfg.train.mixed_precision == "bf16"
     act = 2 * saved_bytes_per_sample(model, v.global_size, bf16)

@@ -1,5 +1,6 @@
 """Run under torchrun (2 CPU ranks): the DDP-wrapped MultiView network must produce gradients equal to the
-average of what each rank computes alone on its own views (several backbone calls in one forward included)."""
+average of what each rank computes alone on its own views (several backbone calls in one forward included),
+and gradient accumulation over two micro-batches (the first under accelerator.no_sync) must give the same."""
 import json
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ from fastmveb.model import MVEBModel  # noqa: E402
 from fastmveb.build import MultiView  # noqa: E402
 
 
-def objective(net, v, t):
+def objective(net, v, t, group="local"):
     _, p, _ = net(v)
     z = [F.normalize(x.float(), dim=1) for x in p]
-    return mveb_loss(z, t, lam=0.01, group="local")[0]
+    return mveb_loss(z, t, lam=0.01, group=group)[0]
 
 
 def main(out: str):
@@ -43,9 +44,41 @@ def main(out: str):
     differs = torch.tensor([float(sum(p.grad.abs().sum() for p in local.parameters()))])
     all_d = [torch.zeros(1) for _ in range(acc.num_processes)]
     dist.all_gather(all_d, differs)
+    accum_err, unsynced = accumulation(acc, net, local, v, t)
     if acc.is_main_process:
         Path(out).write_text(json.dumps({"world": acc.num_processes, "max_rel_err": worst,
-                                         "local_grad_sums": [float(x) for x in all_d]}))
+                                         "local_grad_sums": [float(x) for x in all_d],
+                                         "accum_max_rel_err": accum_err, "first_micro_step_unsynced": unsynced}))
+
+
+def accumulation(acc, net, local, v, t):
+    """Two half-batches under DDP, the first inside accelerator.no_sync, each loss weighted 1/2, against the
+    rank-average of the full-batch gradient. BN in eval mode (a micro-batch is normalised as the full batch)
+    and entropy groups of 4 rows (the same groups either way)."""
+    net.eval()
+    local.eval()
+    with torch.no_grad():                 # the same running statistics everywhere (DDP broadcasts rank 0's)
+        for b_ddp, b_loc in zip(net.module.buffers(), local.buffers()):
+            dist.broadcast(b_ddp, 0)
+            b_loc.copy_(b_ddp)
+    for m in (net, local):
+        m.zero_grad(set_to_none=True)
+    objective(local, v, t, group=4).backward()
+    halves = [([x[:4] for x in v], [y[:4] for y in t]), ([x[4:] for x in v], [y[4:] for y in t])]
+    with acc.no_sync(net):
+        (0.5 * objective(net, *halves[0], group=4)).backward()
+    g = torch.tensor([float(sum(p.grad.double().sum() for p in net.module.parameters()))])
+    gs = [torch.zeros(1, dtype=g.dtype) for _ in range(acc.num_processes)]
+    dist.all_gather(gs, g)
+    unsynced = bool(gs[0] != gs[1])                                 # no all-reduce yet: ranks still differ
+    (0.5 * objective(net, *halves[1], group=4)).backward()
+    worst = 0.0
+    for p_ddp, p_loc in zip(net.module.parameters(), local.parameters()):
+        ref = p_loc.grad.clone()
+        dist.all_reduce(ref)
+        ref /= acc.num_processes
+        worst = max(worst, (p_ddp.grad - ref).abs().max().item() / (ref.abs().max().item() + 1e-12))
+    return worst, unsynced
 
 
 if __name__ == "__main__":
