@@ -23,7 +23,7 @@ RUNS = {
     },
     "bf16_partial_batch_progress_knn": {
         # 160 images / 112: one full batch and a partial one (drop_last off), i.e. two steps.
-        "data.batch_size": 112, "data.drop_last": "false", "data.order": "quasi_random", "optim.epochs": 1,
+        "data.global_batch_size": 112, "data.drop_last": "false", "data.order": "quasi_random", "optim.epochs": 1,
         "optim.warmup_epochs": 0, "train.mixed_precision": "bf16", "train.progress": "true",
         "eval.knn_at_end": "true", "train.deterministic": "false", "views.interpolation": "bicubic",
         "views.dtype": "bfloat16", "views.jitter_order": "random", "data.decode": "once",
