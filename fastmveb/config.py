@@ -164,6 +164,7 @@ class EvalConfig:
     knn_t: float = 0.1
     knn_every_epochs: int = 0        # online kNN monitor during training (0 = off)
     knn_max_val: int = 10000         # val subset for the online monitor
+    knn_max_train: int = 0           # train (bank) subset for the online monitor (0 = the whole train set)
     knn_at_end: bool = True          # kNN of trained and random-init encoders after training
     online_linear: bool = False      # online linear probe on detached features
     linear_epochs: int = 90
@@ -382,6 +383,7 @@ RANGES: dict[str, Range] = {
     "train.seed": Range(0, 2**32 - 1), "train.max_steps": _NONNEG, "train.log_every": _ONE_UP,
     "train.ckpt_every_steps": _NONNEG, "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
     "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
+    "eval.knn_max_train": _NONNEG,
     "eval.linear_epochs": _ONE_UP, "eval.linear_base_lr": _POS, "eval.linear_batch_size": _ONE_UP,
     "eval.linear_full_batch_size": _ONE_UP, "eval.linear_micro_batch": _NONNEG,
 }

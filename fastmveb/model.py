@@ -114,8 +114,12 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: torch.Tensor | fl
     if tp:
         if isinstance(momentum, torch.Tensor):
             weight = (1 - momentum).to(device=tp[0].device, dtype=tp[0].dtype)
-            # The List overload broadcasts one 0-d weight per tensor; there is no single-Tensor overload.
-            torch._foreach_lerp_(tp, op, [weight] * len(tp))
+            # lerp as t + w (o - t) (lerp's own formula for w < 0.5): _foreach_lerp_ has no single 0-d
+            # Tensor weight, and its list-of-0-d-weights overload runs one kernel per tensor on CUDA; these
+            # three foreach calls are fused multi-tensor kernels (for one temporary the size of the params).
+            diff = torch._foreach_sub(op, tp)
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(tp, diff)
         else:
             torch._foreach_lerp_(tp, op, 1.0 - float(momentum))
     tb, ob = list(target.buffers()), list(online.buffers())

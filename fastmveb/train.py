@@ -33,12 +33,12 @@ from fastmveb import checkpoint as ckpt
 from fastmveb.batchnorm import views
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, set_epoch, train_loader, unpack_train_batch
-from fastmveb.eval.knn import knn_eval
+from fastmveb.eval.knn import distributed_knn
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, uniformity
 from fastmveb.build import build_training
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
-from fastmveb.optim import lr_at
+from fastmveb.optim import lr_at, where_
 from fastmveb.plan import dataset_length, make_plan
 
 
@@ -81,9 +81,7 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
             g["lr"] = lr
         optimizer.step(skip=skip)
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, old in zip(buffers, saved):
-                torch.where(skip, old, b, out=b)
+        where_(skip, buffers, saved)                                   # a few launches, not one per buffer
     with phase("ema"):
         ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
     stats = dict(stats, grad_norm=grad_norm.detach())
@@ -113,9 +111,22 @@ def _micro_step(net, target, view_maker, x, y, cfg: Config, accelerator, share: 
     return loss, dict(stats, loss=loss.detach()), z[0].detach()
 
 
-def phase(name: str):
-    """A named profiler range around one phase of the step (a few microseconds; records only under a profiler)."""
-    return torch.profiler.record_function("fastmveb/" + name)
+class phase(torch.profiler.record_function):
+    """A named profiler range around one phase of the step (a few microseconds; records only under a profiler).
+    ``phase.current`` names the phase running (bench profile's launch counter reads it)."""
+    current = "other"
+
+    def __init__(self, name: str):
+        super().__init__("fastmveb/" + name)
+        self.phase = name
+
+    def __enter__(self):
+        self.prev, phase.current = phase.current, self.phase
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        phase.current = self.prev
+        return super().__exit__(*exc)
 
 
 def _group(g: str):
@@ -302,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.train.ckpt_every_epochs and epoch % cfg.train.ckpt_every_epochs == 0 and step < last_step:
                 save(epoch, 0)
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
-                knn = run_knn(cfg, ckpt.unwrap(net).model.backbone, device, main_proc, accelerator, max_val=cfg.eval.knn_max_val)
-                if knn:
+                knn = run_knn(cfg, ckpt.unwrap(net).model.backbone, device, accelerator,
+                              max_train=cfg.eval.knn_max_train or None, max_val=cfg.eval.knn_max_val)
+                if main_proc:
                     logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"]})
                     tqdm.write(f"epoch {epoch}: kNN top-1 {knn['top1']:.2f}%")
                 net.train()
@@ -317,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- the learning check: kNN of the trained encoder next to the same encoder at initialisation -------
     if cfg.eval.knn_at_end:
-        trained = run_knn(cfg, ckpt.unwrap(net).model.backbone, device, main_proc, accelerator)
+        trained = run_knn(cfg, ckpt.unwrap(net).model.backbone, device, accelerator)
         set_seed(cfg.train.seed)                                      # rebuilds the run's exact initial weights
         init = MVEBModel.from_config(cfg.model).to(device, memory_format=parts["memory_format"])
-        random = run_knn(cfg, init.backbone, device, main_proc, accelerator)
+        random = run_knn(cfg, init.backbone, device, accelerator)
         if main_proc:
             logger.log(step, epoch + batch_in_epoch / steps_per_epoch,
                        {"final_knn_top1": trained["top1"], "final_knn_top5": trained["top5"],
@@ -332,19 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_knn(cfg: Config, backbone: nn.Module, device, main_proc: bool, accelerator, max_val: int | None = None):
-    """Weighted kNN (train bank, val queries) on the main process; the other ranks wait."""
-    result = None
-    if main_proc:
-        workers = cfg.data.num_workers
-        bank = eval_loader(cfg.data.train_beton, cfg.data.eval_batch_size, workers, device,
-                           size=cfg.data.eval_size, crop_ratio=cfg.data.eval_crop_ratio)
-        queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, workers, device,
-                              size=cfg.data.eval_size, crop_ratio=cfg.data.eval_crop_ratio)
-        result = knn_eval(backbone, bank, queries, device, cfg.views.mean, cfg.views.std,
-                          k=cfg.eval.knn_k, T=cfg.eval.knn_t, max_val=max_val)
-    accelerator.wait_for_everyone()
-    return result
+def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,
+            max_val: int | None = None):
+    """Weighted kNN (train bank, val queries), the work split over all processes (no rank waits alone at a
+    barrier); every rank gets the result of one process over the whole sets."""
+    kw = dict(size=cfg.data.eval_size, crop_ratio=cfg.data.eval_crop_ratio, distributed=accelerator.num_processes > 1)
+    bank = eval_loader(cfg.data.train_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
+    queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
+    return distributed_knn(backbone, bank, queries, device, cfg.views.mean, cfg.views.std, k=cfg.eval.knn_k,
+                           T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=torch.float32)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,11 @@ def test_profile_short_splits_the_step_by_phase(tmp_path):
     total = sum(r["ms_per_step"] for r in phases.values())
     assert total == pytest.approx(wall[0]["ms_per_step"], rel=0.02)
     assert phases["backward"]["ms_per_step"] > phases["ema"]["ms_per_step"]
+    launches = {r["name"].split(":")[0]: r["calls_per_step"] for r in rows if r["kind"] == "launches"}
+    for name in ("views", "forward", "target", "loss", "backward", "optimizer", "ema"):
+        assert launches[name] >= 1, name
+    assert launches["step"] == sum(v for k, v in launches.items() if k != "step")
+    assert launches["ema"] < 20                     # fused foreach calls, not one launch per tensor
     assert len(ops) == 8 and all(r["ms_per_step"] >= ops[i + 1]["ms_per_step"] for i, r in enumerate(ops[:-1]))
     assert any(r["name"].startswith("backward: aten::convolution_backward") for r in ops), [r["name"] for r in ops]
     assert any(r["name"].startswith("forward: ") and "convolution" in r["name"] for r in ops)

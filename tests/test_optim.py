@@ -239,3 +239,20 @@ def test_lr_schedule_matches_the_released_cosine():
         assert lr_at(t, total, warm, peak) == pytest.approx(released_lr(t, total, warm, peak), rel=1e-12), t
     assert lr_at(total, total, warm, peak) / peak == pytest.approx(1.385e-3, abs=1e-6)   # "near 1.4e-3 x peak"
     assert lr_at(warm + total // 2, total, warm, peak) == pytest.approx(peak * (1 + 1e-3) / 2)
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_where_matches_per_tensor_where(cond):
+    from fastmveb.optim import where_
+    g = torch.Generator().manual_seed(0)
+    dst = [torch.randn(4, 3, 2, 2, generator=g).contiguous(memory_format=torch.channels_last),
+           torch.randn(5, generator=g), torch.randint(0, 9, (3,), generator=g), torch.randn(2, 3, generator=g),
+           torch.randn(70_000, generator=g)]                  # above optim.SMALL: its own where
+    src = [torch.full_like(d, float("nan")) if d.is_floating_point() else d + 1 for d in dst]
+    src[0] = src[0].contiguous()                         # a different layout from its destination
+    want = [torch.where(torch.tensor(cond), s, d) for d, s in zip(dst, src)]
+    ptrs = [d.data_ptr() for d in dst]
+    where_(torch.tensor(cond), dst, src)
+    for d, w, p in zip(dst, want, ptrs):
+        assert d.data_ptr() == p and torch.equal(d.nan_to_num(7.0), w.nan_to_num(7.0))
+    assert dst[0].is_contiguous(memory_format=torch.channels_last)

@@ -134,13 +134,17 @@ sys.exit(T.main(sys.argv[1:]))
 
 
 def test_two_cpu_processes(small_betons, tmp_path):
-    # Two steps, then resumed for two more (2 gloo ranks; per-view BatchNorm synchronised over them). The global
-    # batch is the recipe's: 32 over 2 processes = 16 each, run as 2 accumulated micro-batches of 8.
+    # Two steps, then resumed for four more (2 gloo ranks; per-view BatchNorm synchronised over them), with the
+    # kNN monitor split over both ranks at the end of epoch 1 (step 5) and after training. The global batch is
+    # the recipe's: 32 over 2 processes = 16 each, run as 2 accumulated micro-batches of 8.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for steps in (2, 4):
+    for steps in (2, 6):
         args = tiny_overrides(small_betons, tmp_path, "ddp", **{"train.max_steps": steps, "train.deterministic": "false",
                                                                 "model.sync_bn": "true", "data.global_batch_size": 32,
-                                                                "data.per_device_batch_size": 8})
+                                                                "data.per_device_batch_size": 8,
+                                                                "eval.knn_every_epochs": 1, "eval.knn_max_train": 60,
+                                                                "eval.knn_max_val": 20,
+                                                                "eval.knn_at_end": str(steps == 6).lower()})
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                             str(29500 + os.getpid() % 1000), TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -153,10 +157,12 @@ def test_two_cpu_processes(small_betons, tmp_path):
     assert meta["peak_lr"] == pytest.approx(load_config(ROOT / "rcs/tiny.yaml").optim.base_lr * 32 / 256)
     assert meta["total_steps"] == 2 * 5 and meta["warmup_steps"] == 5
     ls = losses(d)
-    assert sorted(ls) == [1, 2, 3, 4]                                   # one writer: no duplicated lines
+    assert sorted(ls) == [1, 2, 3, 4, 5, 6]                             # one writer: no duplicated lines
     assert all(torch.isfinite(torch.tensor(list(ls.values()))))
+    rows = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [5] and "final_knn_top1" in rows[-1]
     state = load_checkpoint(latest_checkpoint(d))
-    assert state["step"] == 4 and len(state["rng"]) == 2
+    assert state["step"] == 6 and len(state["rng"]) == 2
     assert not any("SyncBatchNorm" in k for k in state["model"])
 
 

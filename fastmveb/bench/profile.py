@@ -13,6 +13,9 @@ the same construction and settings as the ``step`` stage, and splits the time of
     optimizer  gradient norm, NaN/Inf check, LARS, BN-buffer restore bookkeeping
     ema        target update
 
+Launch rows (kind "launches") count, per phase and per step, the kernels launched on CUDA (profiler), or on the
+CPU what eager CUDA would launch (LaunchCounter, one more step at the dispatcher): per-tensor loops show there.
+
 The phases are ``torch.profiler.record_function`` ranges in train_step. What is counted: on CUDA each CPU op's
 self *device* time (the kernels it launched, minus its children's), on CPU each op's self *CPU* time; each op
 goes to the nearest enclosing phase. "host only" is the wall time of the profiled steps that no op accounts
@@ -27,6 +30,7 @@ import os
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmveb.bench import common
 from fastmveb.bench.step import (RECIPES, add_settings_args, bench_config, build, default_threads, free,
@@ -85,6 +89,47 @@ def attribute(events, on_device: bool) -> tuple[dict[str, float], dict[tuple[str
     return phases, ops
 
 
+def kernel_launches(events) -> dict[str, int]:
+    """CUDA: the device kernels launched per phase, as the profiler linked them to the ops that launched them."""
+    from torch.autograd import DeviceType
+    out: dict[str, int] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and not e.is_async and e.kernels:
+            ph = phase_of(e)
+            out[ph] = out.get(ph, 0) + len(e.kernels)
+    return out
+
+
+class LaunchCounter(TorchDispatchMode):
+    """CPU stand-in for CUDA kernel launches, per phase: one per op at the dispatcher (views and allocations
+    launch nothing), and for a foreach op what CUDA's multi-tensor path does: ~one launch per call when its
+    tensor lists match in shape, one per tensor when they do not (e.g. a list of 0-d weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fastmveb.train import phase
+        n = self.launches(func, args)
+        if n:
+            self.counts[phase.current] = self.counts.get(phase.current, 0) + n
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def launches(func, args) -> int:
+        name = func.__name__
+        if func.is_view or name.startswith(("empty", "detach", "_local_scalar_dense", "lift_fresh")):
+            return 0
+        if name.startswith("_foreach_"):
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            shapes = [[t.shape for t in lst] for lst in lists]
+            if any(s != shapes[0] for s in shapes[1:]):
+                return len(lists[0])
+            return -(-len(lists[0]) // 110) if lists else 1    # CUDA's multi-tensor chunks: <= 110 tensors
+        return 1
+
+
 def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int, top: int,
                    threads: int | None, trace: str | None) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
@@ -120,6 +165,14 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
         os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
         prof.export_chrome_trace(f"{root}-{name}{ext or '.json'}")
     phases, ops = attribute(prof.events(), on_device)
+    if on_device:
+        counts = {k: v / steps for k, v in kernel_launches(prof.events()).items()}
+    elif not uses_compile(cfg, device):   # eager CPU: count at the dispatcher over one more step
+        with LaunchCounter() as counter:
+            step()
+        counts = counter.counts
+    else:
+        counts = {}                       # compiled on the CPU: inductor's kernels bypass the dispatcher
     counted = sum(phases.values())
     settings = settings_of(cfg, device)
     per = 1e-3 / steps                                                    # us over all steps -> ms per step
@@ -132,6 +185,11 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
     rows.append({"recipe": name, "kind": "phase", "name": "host only (no op running)" if not on_device
                  else "device idle", "ms_per_step": max(0.0, wall_us - counted) * per,
                  "share": max(0.0, wall_us - counted) / wall_us})
+    what = "kernel launches" if on_device else "launches as on CUDA eager (counted at the dispatcher)"
+    for ph in PHASES + sorted(set(counts) - set(PHASES)):
+        if ph in counts:
+            rows.append({"recipe": name, "kind": "launches", "name": f"{ph}: {what}", "calls_per_step": counts[ph]})
+    rows.append({"recipe": name, "kind": "launches", "name": f"step: {what}", "calls_per_step": sum(counts.values())})
     for (ph, op), (us, calls) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
         rows.append({"recipe": name, "kind": "op", "name": f"{ph}: {op}", "ms_per_step": us * per, "share": us / wall_us,
                      "calls_per_step": calls / steps})
@@ -152,7 +210,8 @@ def main(args) -> dict:
         rows += got
         wall = got[0]["ms_per_step"]
         print(f"profile {name}: {wall:.1f} ms/step under the profiler; " + ", ".join(
-            f"{r['name']} {r['share']:.0%}" for r in got if r["kind"] == "phase"), flush=True)
+            f"{r['name']} {r['share']:.0%}" for r in got if r["kind"] == "phase") + "; launches/step: " + ", ".join(
+            f"{r['name'].split(':')[0]} {r['calls_per_step']:.0f}" for r in got if r["kind"] == "launches"), flush=True)
     settings = {"rc": args.rc or ("rcs/rn50.yaml" if cuda else "rcs/tiny.yaml"), "short": bool(args.short),
                 "device": str(device), "warmup_steps": warmup, "profiled_steps": steps,
                 "threads_pinned": default_threads(args, device),

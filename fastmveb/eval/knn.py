@@ -102,3 +102,109 @@ def knn_eval(backbone, train_loader, val_loader, device, mean, std, k: int = 200
     # Queries stay on the compute device in chunks; the bank streams from host memory.
     top1, top5 = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=k, T=T, device=device)
     return {"top1": top1, "top5": top5}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kNN monitor on every process: no rank works alone while the others wait at a barrier.
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` from every rank, concatenated in rank order (ranks may hold different row counts)."""
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]                      # one small read per call, outside the training step
+    pad = t.new_zeros((max(sizes) - t.shape[0],) + tuple(t.shape[1:]))
+    out = [t.new_empty((max(sizes),) + tuple(t.shape[1:])) for _ in range(world)]
+    dist.all_gather(out, torch.cat([t, pad]))
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def _first_occurrence(idx: torch.Tensor, all_idx: torch.Tensor, offset: int) -> torch.Tensor:
+    """Mask of this rank's rows (idx, at ``offset`` in the rank-ordered all_idx) that are the first copy of
+    their sample: FFCV's distributed sampler pads the shards with repeats, which would vote twice."""
+    order = torch.argsort(all_idx, stable=True)
+    first = torch.ones_like(all_idx, dtype=torch.bool)
+    s = all_idx[order]
+    first[order[1:]] = s[1:] != s[:-1]
+    return first[offset:offset + idx.shape[0]]
+
+
+@torch.no_grad()
+def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: int = 200, T: float = 0.1,
+                    max_train: int | None = None, max_val: int | None = None, amp_dtype=None,
+                    feature_dtype: torch.dtype = torch.bfloat16, comm_device=None) -> dict:
+    """knn_eval with the work split over the processes: every rank extracts features of its shard of the
+    bank and of the queries (loaders made with distributed=True; ``max_train`` / ``max_val`` bound the
+    totals), the queries are gathered, every rank takes the top-k of all queries against its own bank shard,
+    and the (Q, k) candidates of all ranks are merged: the result equals one process over the whole sets.
+    Features are kept in ``feature_dtype`` (bf16 halves memory and traffic; similarities are float32).
+    Returns {"top1", "top5"} on every rank. Without a process group it is knn_eval on one process.
+    """
+    import torch.distributed as dist
+    from fastmveb.data import epoch_indices
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return knn_eval(backbone, bank_loader, query_loader, device, mean, std, k=k, T=T, max_train=max_train,
+                        max_val=max_val, amp_dtype=amp_dtype)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device(device)
+    comm = torch.device(comm_device) if comm_device is not None else (device if dist.get_backend() == "nccl"
+                                                                       else torch.device("cpu"))
+    per_rank = lambda m: None if m is None else -(-m // world)              # noqa: E731
+
+    def shard(loader, limit):
+        # Eval loaders read in file order, rank r taking samples r, r + world, ...: the first `limit` samples
+        # (what one process would use) are within each rank's first ceil(limit / world) rows.
+        f, y = extract_features(backbone, loader, device, mean, std, per_rank(limit), amp_dtype)
+        idx = torch.as_tensor(epoch_indices(loader, 0)[: f.shape[0]], dtype=torch.int64)
+        keep = idx < limit if limit is not None else torch.ones_like(idx, dtype=torch.bool)
+        return f[keep].to(comm, feature_dtype), y[keep].to(comm), idx[keep].to(comm)
+
+    bank, bank_y, bank_i = shard(bank_loader, max_train)
+    q, q_y, q_i = shard(query_loader, max_val)
+    # Queries: every rank gets all of them, each sample once.
+    all_qi = _all_gather_cat(q_i)
+    keep_q = _first_occurrence(all_qi, all_qi, 0)
+    queries, query_y = _all_gather_cat(q)[keep_q], _all_gather_cat(q_y)[keep_q]
+    # Bank: this rank's shard, minus rows that another rank (or an earlier row) holds too.
+    sizes = _all_gather_cat(torch.tensor([bank_i.shape[0]], device=comm))
+    offset = int(sizes[:rank].sum())
+    keep_b = _first_occurrence(bank_i, _all_gather_cat(bank_i), offset)
+    bank, bank_y = bank[keep_b], bank_y[keep_b]
+    num_classes = int(torch.stack([bank_y.max(), query_y.max()]).max().item()) + 1
+    num_classes = int(_all_gather_cat(torch.tensor([num_classes], device=comm)).max())
+    # Local top-k (similarity, label) per query against this shard, merged over the ranks.
+    k_all = min(k, int(_all_gather_cat(torch.tensor([bank.shape[0]], device=comm)).sum()))
+    sims, labs = _local_topk(bank, bank_y, queries, k_all, device)
+    sims, labs = sims.to(comm), labs.to(comm)
+    all_s = [torch.empty_like(sims) for _ in range(world)]
+    all_l = [torch.empty_like(labs) for _ in range(world)]
+    dist.all_gather(all_s, sims)
+    dist.all_gather(all_l, labs)
+    cand_s, cand_l = torch.cat(all_s, 1), torch.cat(all_l, 1)
+    best, pos = cand_s.topk(k_all, dim=1)                  # k_all <= the bank: the -inf pads never win
+    scores = torch.zeros(queries.shape[0], num_classes, device=comm)
+    scores.scatter_add_(1, cand_l.gather(1, pos), (best / T).exp())
+    top1, top5 = topk_accuracy(scores, query_y, (1, 5))
+    return {"top1": top1, "top5": top5}
+
+
+def _local_topk(bank, bank_y, queries, k: int, device, chunk: int = 65536):
+    """(Q, k) best similarities and their labels of every query against ``bank``, padded with -inf / 0 where
+    the bank has fewer than k rows."""
+    qs = queries.to(device, torch.float32)
+    best_s = torch.full((qs.shape[0], 0), -float("inf"), device=device)
+    best_l = torch.zeros((qs.shape[0], 0), dtype=torch.long, device=device)
+    for b0 in range(0, bank.shape[0], chunk):
+        b = bank[b0:b0 + chunk].to(device, torch.float32)
+        lab = bank_y[b0:b0 + chunk].to(device).long()
+        cand_s = torch.cat([best_s, qs @ b.T], 1)
+        cand_l = torch.cat([best_l, lab.expand(qs.shape[0], -1)], 1)
+        best_s, i = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_l = cand_l.gather(1, i)
+    if best_s.shape[1] < k:
+        pad = k - best_s.shape[1]
+        best_s = torch.cat([best_s, best_s.new_full((qs.shape[0], pad), -float("inf"))], 1)
+        best_l = torch.cat([best_l, best_l.new_zeros((qs.shape[0], pad))], 1)
+    return best_s, best_l
