@@ -212,6 +212,33 @@ def test_rrc_boxes_and_crops():
     assert out.shape == (3, 3, 8, 8) and out.min() >= 0 and out.max() <= 255
 
 
+def test_rrc_on_whole_images_held_in_a_canvas():
+    # A 30 x 60 image squeezed into a 16 x 16 canvas (the decode-once batch): crops are drawn on 30 x 60.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    extent = torch.tensor([[30, 60], [16, 16]])
+    # scale 1 at the image's own aspect: the box is the whole image, i.e. the whole canvas
+    whole = rrc_flip(x[:1], 16, scale=(1.0, 1.0), ratio=(2.0, 2.0), flip_p=0.0, extent=extent[:1])
+    torch.testing.assert_close(whole, x[:1].float())
+    # per-image extents: the crop scale is relative to each image's own area, boxes stay inside it
+    ext = torch.tensor([[30, 60], [80, 40]]).repeat(1000, 1)
+    boxes = sample_rrc_boxes(2000, ext[:, 0], ext[:, 1], (0.08, 1.0), (3 / 4, 4 / 3), g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, 2] <= ext[:, 1]).all() and (boxes[:, 3] <= ext[:, 0]).all() and (boxes[:, :2] >= 0).all()
+    area = w * h / (ext[:, 0] * ext[:, 1])
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    for k, (hh, ww) in enumerate(((30, 60), (80, 40))):        # torchvision on the same image sizes
+        tv = torch.tensor([(lambda b: b[2] * b[3] / (hh * ww))(RandomResizedCrop.get_params(
+            torch.empty(3, hh, ww), (0.08, 1.0), (3 / 4, 4 / 3))) for _ in range(1000)])
+        assert area[k::2].min() >= 0.06 and area[k::2].max() <= tv.max() + 1e-6
+        assert abs(float(area[k::2].mean() - tv.mean())) < 4 * float(tv.std()) / 1000 ** 0.5 * 2 ** 0.5
+    # a square box in the 30 x 60 image covers half the canvas width and all its height
+    half = rrc_flip(x[:1].expand(64, -1, -1, -1), 8, scale=(0.5, 0.5), ratio=(1.0, 1.0), flip_p=0.0,
+                    extent=extent[:1].expand(64, -1), generator=g)
+    assert half.shape == (64, 3, 8, 8)
+
+
 def test_linear_full_protocol_learns_colour_classes():
     train, val = colour_dataset(96, size=32, seed=0), colour_dataset(30, size=32, seed=1)
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))  # feature scale ~1

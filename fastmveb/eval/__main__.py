@@ -153,8 +153,8 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
     micro = args.micro_batch if args.micro_batch is not None else cfg.eval.linear_micro_batch
     if args.val_every < 1 or micro < 0:
         raise RunError(f"--val-every must be >= 1 and --micro-batch >= 0; got {args.val_every} and {micro}")
-    # decode "once" yields the largest centred square at decode_size: the RRC below samples from it
-    # (224-px crops from a 256-px square, as the pretraining views do).
+    # The pretraining's decode-once batches: when they carry each image's (H, W) beside a whole-image canvas,
+    # linear_full draws every RandomResizedCrop on the true extent (rrc_flip), as the released protocol does.
     train = train_loader(cfg.data.train_beton, lbs, workers, device, decode="once", decode_size=cfg.data.decode_size,
                          seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True)
     if len(train) == 0:

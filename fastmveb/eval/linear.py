@@ -87,33 +87,32 @@ def _head_step(head: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor,
     opt.step()
     return loss.detach()
 
-def sample_rrc_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+def sample_rrc_boxes(n: int, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                      generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
     """[n, 4] boxes (x1, y1, x2, y2) in pixels, drawn like torchvision's RandomResizedCrop.
 
-    Up to ``attempts`` (area, log-ratio) draws per image; the first that fits wins, else the centre crop
-    with the aspect ratio clamped into ``ratio`` (torchvision's fallback).
+    height, width: ints (one size for all) or (n,) tensors (each image's own size). Up to ``attempts``
+    (area, log-ratio) draws per image; the first that fits wins, else the centre crop with the aspect ratio
+    clamped into ``ratio`` (torchvision's fallback).
     """
-    area = height * width
+    height = torch.as_tensor(height, dtype=torch.float64).cpu().expand(n)
+    width = torch.as_tensor(width, dtype=torch.float64).cpu().expand(n)
+    area = (height * width)[:, None]
     u = torch.rand(n, attempts, generator=generator, dtype=torch.float64)
     target = area * (scale[0] + (scale[1] - scale[0]) * u)
     lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
     r = torch.exp(lr0 + (lr1 - lr0) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
     w = torch.sqrt(target * r).round()
     h = torch.sqrt(target / r).round()
-    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    ok = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
     first = ok.to(torch.int8).argmax(dim=1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     found = ok.any(dim=1)
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
     uy, ux = torch.rand(n, generator=generator, dtype=torch.float64), torch.rand(n, generator=generator, dtype=torch.float64)
     y0 = torch.where(found, torch.floor(uy * (height - h + 1)), torch.floor((height - h) / 2))
     x0 = torch.where(found, torch.floor(ux * (width - w + 1)), torch.floor((width - w) / 2))
@@ -121,14 +120,23 @@ def sample_rrc_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(
 
 
 def rrc_flip(x: torch.Tensor, size: int = 224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, extent: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 NCHW -> float NCHW (0-255) crops of ``size``: RandomResizedCrop + horizontal flip, one batched op.
 
+    extent: (N, 2) each image's true (H, W) when x holds whole images resized to a canvas (the train loader's
+    decode-once batches): crops are drawn on the true extent (scale and ratio mean what they mean for the
+    full image) and mapped onto the canvas. None: x is the image itself.
     roi_align with adaptive sampling averages ceil(box/size) points per output pixel in each direction, so
     large crops are low-passed before downsampling (plain grid_sample would alias).
     """
     n, _, height, width = x.shape
-    boxes = sample_rrc_boxes(n, height, width, scale, ratio, generator).to(x.device)
+    if extent is None:
+        boxes = sample_rrc_boxes(n, height, width, scale, ratio, generator)
+    else:
+        ext = extent.detach().to("cpu", torch.float32)
+        boxes = sample_rrc_boxes(n, ext[:, 0], ext[:, 1], scale, ratio, generator)
+        boxes = boxes * torch.stack([width / ext[:, 1], height / ext[:, 0]] * 2, dim=1)   # image -> canvas px
+    boxes = boxes.to(x.device)
     rois = torch.cat([torch.arange(n, device=x.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
     out = roi_align(x.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     flip = (torch.rand(n, generator=generator) < flip_p).to(x.device)
@@ -249,7 +257,9 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
             if set_epoch is not None:
                 set_epoch(ep)
             tot, nb = 0.0, 0
-            for i, (x, y) in enumerate(train_loader):
+            for i, out in enumerate(train_loader):
+                # (x, y), or (x, extent, y) from a decode-once loader of whole images on a canvas
+                x, y, extent = out[0], out[-1], (out[1] if len(out) == 3 else None)
                 if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
                     break
                 if opt is None:  # lr scales with the batch the loader actually delivers
@@ -262,7 +272,7 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
                 if int(y.max()) >= num_classes:
                     raise ValueError(f"train label {int(y.max())} >= {num_classes} classes seen in the val set")
                 with torch.no_grad(), _autocast(device, amp_dtype):
-                    crops = rrc_flip(x, crop_size, crop_scale, generator=g)
+                    crops = rrc_flip(x, crop_size, crop_scale, generator=g, extent=extent)
                     h = torch.cat([backbone(normalize_uint8(c, mean, std)).float().flatten(1)
                                    for c in crops.split(micro_batch or crops.shape[0])])
                 tot += _head_step(head, opt, h, y, lr * 0.5 * (1.0 + math.cos(math.pi * ep / epochs)))  # per epoch
