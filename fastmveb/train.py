@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 save(epoch, 0)
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
                 knn = run_knn(cfg, ckpt.unwrap(net).model.backbone, device, accelerator,
-                              max_train=cfg.eval.knn_max_train or None, max_val=cfg.eval.knn_max_val)
+                              max_train=cfg.eval.knn_max_train or None, max_val=cfg.eval.knn_max_val,
+                              feature_dtype=torch.bfloat16)           # bf16: top-1 within noise (knn.py)
                 if main_proc:
                     logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"]})
                     tqdm.write(f"epoch {epoch}: kNN top-1 {knn['top1']:.2f}%")
@@ -345,14 +346,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,
-            max_val: int | None = None):
+            max_val: int | None = None, feature_dtype=torch.float32):
     """Weighted kNN (train bank, val queries), the work split over all processes (no rank waits alone at a
-    barrier); every rank gets the result of one process over the whole sets."""
+    barrier); every rank gets the result of one process over the whole sets (distributed_knn)."""
     kw = dict(size=cfg.data.eval_size, crop_ratio=cfg.data.eval_crop_ratio, distributed=accelerator.num_processes > 1)
     bank = eval_loader(cfg.data.train_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
     queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
     return distributed_knn(backbone, bank, queries, device, cfg.views.mean, cfg.views.std, k=cfg.eval.knn_k,
-                           T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=torch.float32)
+                           T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
 
 
 if __name__ == "__main__":

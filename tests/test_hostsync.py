@@ -87,3 +87,34 @@ def test_train_step_has_no_host_sync_on_the_device_path():
     with HostSyncDetector() as det:
         train_step(b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y, 0.1, m_table[4], cfg, acc)
     assert det.syncs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_step_has_no_cuda_sync():
+    # The device itself: any device-to-host sync inside train_step raises (bf16 autocast, per-view BN, LARS
+    # skip select, EMA, the entropy's sync-free branch).
+    from fastmveb.bench.step import build, make_accelerator
+    from fastmveb.config import load_config
+    from fastmveb.model import ema_momentum_table
+    from fastmveb.train import train_step
+    cfg = load_config(None, ["data.global_batch_size=16", "data.decode_size=64", "views.global_size=48",
+                             "views.n_local=2", "views.local_size=24", "model.arch=resnet18",
+                             "model.proj_hidden=256", "model.proj_out=256", "loss.group=8",
+                             "train.mixed_precision=bf16", "train.compile=false"])
+    device = torch.device("cuda")
+    acc = make_accelerator(cfg, device)
+    b = build(cfg, device, acc)
+    x = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device=device)
+    m_table = ema_momentum_table(8, cfg.model.ema_momentum, device)
+    args = (b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y, 0.1)
+    train_step(*args, m_table[0], cfg, acc)                               # state creation, cudnn autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            stats, skip, _ = train_step(*args, m_table[step], cfg, acc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats["loss"]).item() and not skip.item()

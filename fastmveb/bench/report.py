@@ -83,6 +83,10 @@ def headline(stage: str, payload: dict) -> list[dict]:
             split = ", ".join(f"{p['name']} {p['share']:.0%}" for p in payload["rows"]
                               if p.get("recipe") == r.get("recipe") and p.get("kind") == "phase"
                               and p.get("share", 0) >= 0.005)
+            launches = [p for p in payload["rows"] if p.get("recipe") == r.get("recipe") and p.get("kind") == "launches"
+                        and p.get("name", "").startswith("step:")]
+            if launches:
+                split += f"; {launches[0]['calls_per_step']:,.0f} launches/step"
             out.append({"stage": "profile", "what": f"{r.get('recipe')} {r.get('views')} {r.get('arch')} step split",
                         "samples_per_s": None, "vs": split})
         elif stage == "views" and r.get("kind") in ("recipe", "pil-cpu") and "images_per_s" in r:

@@ -140,13 +140,18 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
     totals), the queries are gathered, every rank takes the top-k of all queries against its own bank shard,
     and the (Q, k) candidates of all ranks are merged: the result equals one process over the whole sets.
     Features are kept in ``feature_dtype`` (bf16 halves memory and traffic; similarities are float32).
+    Measured on the synthetic set (3,000 / 500 images, k=20, untrained ResNet-10/18, the worst case: all
+    cosines close): bf16 moved top-1 by 0.0, +0.2, +0.4 points (binomial noise at 500 queries: ~1.5).
     Returns {"top1", "top5"} on every rank. Without a process group it is knn_eval on one process.
     """
     import torch.distributed as dist
     from fastmveb.data import epoch_indices
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return knn_eval(backbone, bank_loader, query_loader, device, mean, std, k=k, T=T, max_train=max_train,
-                        max_val=max_val, amp_dtype=amp_dtype)
+        bank, bank_y = extract_features(backbone, bank_loader, device, mean, std, max_train, amp_dtype)
+        queries, query_y = extract_features(backbone, query_loader, device, mean, std, max_val, amp_dtype)
+        top1, top5 = knn_accuracy(bank.to(feature_dtype), bank_y, queries.to(feature_dtype), query_y, k=k, T=T,
+                                  device=device)
+        return {"top1": top1, "top5": top5}
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(device)
     comm = torch.device(comm_device) if comm_device is not None else (device if dist.get_backend() == "nccl"
