@@ -146,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.rc, args.overrides)
         if args.world_size is not None and not args.dry_run:
             raise ConfigError("--world-size only applies to --dry-run; a real run takes it from the launcher")
-        if args.dry_run:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            print(make_plan(cfg, world, dataset_length(cfg.data.train_beton)).format())
-            return 0
+        # Every batch/step/lr quantity of the run, for the world size torchrun / accelerate launch set.
+        plan = make_plan(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")),
+                         dataset_length(cfg.data.train_beton))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":                        # one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(plan.format())
+        return 0
     for path in (cfg.data.train_beton,) + ((cfg.data.val_beton,) if cfg.eval.knn_at_end or cfg.eval.knn_every_epochs else ()):
         if not Path(path).is_file():
             print(f"error: dataset '{path}' not found; run 'make beton' (synthetic) or set data.train_beton/"
@@ -174,11 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                               kwargs_handlers=[ddp])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
-    try:                                                              # every batch/step/lr quantity of the run
-        plan = make_plan(cfg, world, dataset_length(cfg.data.train_beton))
-    except ConfigError as e:
-        if main_proc:
-            print(f"error: {e}", file=sys.stderr)
+    if world != plan.world_size:                                      # a launcher that left WORLD_SIZE unset
+        print(f"error: {world} processes but WORLD_SIZE={plan.world_size}; launch with torchrun or accelerate "
+              "launch (they set it)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True                      # conv/matmul speed; the estimator turns it off
     torch.backends.cudnn.allow_tf32 = True
