@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml constraints.txt scripts/system_deps.sh Makefile
 beton: setup
 	$(BIN)/python -m dataset_prep $(if $(DATA),imagefolder --data $(DATA),synthetic) --out $(OUT) $(if $(filter 1,$(FORCE)),--force,) $(BETON_ARGS)
 
-data/synthetic/train.beton: | setup
-	$(BIN)/python -m dataset_prep synthetic --out data/synthetic
+# Rewritten when the generator changes (a stale set would silently give other demo figures).
+data/synthetic/train.beton: dataset_prep/synthetic.py | setup
+	$(BIN)/python -m dataset_prep synthetic --out data/synthetic --force
 
 demo: setup data/synthetic/train.beton
 	$(BIN)/python fastmveb/train.py --rc rcs/tiny.yaml

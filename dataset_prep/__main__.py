@@ -1,4 +1,4 @@
-"""Command line: ``python -m dataset_prep {synthetic,imagefolder} --out DIR [...]`` (see --help of each).
+"""Command line: ``python -m dataset_prep {synthetic,imagefolder,grid} --out PATH [...]`` (see --help of each).
 
 Fatal problems print one line ``error: ...`` and exit with status 2; nothing partial is left behind.
 """
@@ -55,14 +55,22 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
     i.add_argument("--splits", default="train,val", help="comma-separated splits to write (default train,val)")
+    g = sub.add_parser("grid", help="PNG of synthetic sample images, one row per class (README picture)")
+    g.add_argument("--out", required=True, help="PNG path")
+    g.add_argument("--per-class", type=int, default=6, help="images per class (default 6)")
+    g.add_argument("--thumb", type=int, default=80, help="thumbnail side in px (default 80)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the generated images (default 0, as the betons)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    max_side = args.max_side or None
+    max_side = getattr(args, "max_side", 0) or None
     try:
-        if args.cmd == "synthetic":
+        if args.cmd == "grid":
+            from .synthetic import write_grid
+            write_grid(args.out, per_class=args.per_class, thumb=args.thumb, seed=args.seed)
+        elif args.cmd == "synthetic":
             from .synthetic import make_synthetic
             if args.train_per_class < 1 or args.val_per_class < 1:
                 raise PrepError("--train-per-class and --val-per-class must be >= 1")

@@ -156,3 +156,21 @@ def test_fatal_problems_are_one_line_errors(tmp_path, case, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
     assert not (out / "train.beton").exists() and not (out / "val.beton").exists()
+
+
+def test_grid_command_writes_a_class_per_row_png(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert cli(["grid", "--out", str(out), "--per-class", "3", "--thumb", "32", "--seed", "1"]) == 0
+    img = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+    k = len(synthetic.CLASSES)
+    assert img.shape[0] == k * 34 + 2 and img.shape[1] == 90 + 3 * 34 + 2
+    # The same images (up to the 256-colour palette), not those of another seed.
+    assert np.abs(img - synthetic.sample_grid(per_class=3, thumb=32, seed=1)).mean() < 6
+    assert np.abs(img - synthetic.sample_grid(per_class=3, thumb=32, seed=0)).mean() > 20
+    capsys.readouterr()
+    for bad in (["--out", str(tmp_path / "no" / "g.png")], ["--out", str(tmp_path / "g.jpg")],
+                ["--out", str(tmp_path / "g.png"), "--per-class", "0"]):
+        assert cli(["grid", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), bad
+    assert not list(tmp_path.glob("*g.*")) and not list(tmp_path.glob(".*tmp"))

@@ -1,32 +1,53 @@
 """The learning check that a broken objective cannot pass: the same short run with the entropy term
 (lambda = 0.01, MVEB) and without it (lambda = 0, alignment to an EMA target only). Without the entropy
-term nothing stops the embeddings from collapsing; with it they stay spread. The kNN margin on the full
-synthetic set is checked by the demo (rcs/tiny.yaml), which is too slow for CI."""
+term nothing stops the embeddings from collapsing; with it they stay spread. The demo's kNN margin is checked
+at half the demo's budget by the slow test below (at this test's 32-px, 80-step budget there is none: 30.0%
+trained against 32.5% at random init, 4 classes), and in full by python -m fastmveb.demo run (README)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_train import ROOT, TRAIN, tiny_overrides
 
 
-def final_row(betons, tmp_path, name, lam):
+def final_rows(betons, tmp_path, name, lam, knn=False):
     args = tiny_overrides(betons, tmp_path, name, **{"loss.lam": lam, "optim.base_lr": 20, "optim.epochs": 8,
                                                      "train.log_every": 10, "train.deterministic": "false",
-                                                     "train.ckpt_every_epochs": 0})
+                                                     "train.ckpt_every_epochs": 0, "eval.knn_at_end": knn})
     r = subprocess.run([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "erank" in r][-1]
+    return [r for r in rows if "erank" in r][-1], rows[-1]
 
 
 def test_entropy_term_prevents_collapse(small_betons, tmp_path):
-    mveb = final_row(small_betons, tmp_path, "mveb", 0.01)
-    align_only = final_row(small_betons, tmp_path, "align_only", 0.0)
+    mveb, _ = final_rows(small_betons, tmp_path, "mveb", 0.01)
+    align_only, _ = final_rows(small_betons, tmp_path, "align_only", 0.0)
     print("mveb", {k: mveb[k] for k in ("erank", "uniformity", "align")},
           "lambda=0", {k: align_only[k] for k in ("erank", "uniformity", "align")})
-    # Measured at 80 steps: uniformity -0.49 with the entropy term, -0.09 without (0 = every embedding equal).
+    # Measured at 80 steps: uniformity -0.33 with the entropy term, -0.002 without (0 = every embedding equal).
     assert align_only["uniformity"] > -0.2, "alignment alone should be close to collapse"
     assert mveb["uniformity"] < align_only["uniformity"] - 0.2, "the entropy term should keep embeddings spread"
+
+
+@pytest.mark.slow
+def test_demo_recipe_margin_at_half_budget(tmp_path):
+    """rcs/tiny.yaml on the default synthetic set (10 classes), stopped after half its schedule (train.max_steps=92
+    of 184): a few minutes on 2 cores. Measured during the redesign (one step before the set's final version, same
+    recipe): 28.4% against 13.8% at random init at step 92, 36.8% at step 184."""
+    data = tmp_path / "syn"
+    subprocess.run([sys.executable, "-m", "dataset_prep", "synthetic", "--out", str(data), "--quiet"], check=True,
+                   cwd=ROOT, timeout=1800)
+    args = [f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'val.beton'}", "train.max_steps=92",
+            f"train.run_dir={tmp_path}", "train.name=half", "train.progress=false", "train.ckpt_every_epochs=0"]
+    r = subprocess.run([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    knn = [json.loads(ln) for ln in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()][-1]
+    print(knn)
+    assert knn["final_knn_top1"] >= knn["random_knn_top1"] + 10 and knn["random_knn_top1"] <= 30, knn

@@ -1,0 +1,72 @@
+"""The demo's figures: README block == what the committed results file generates; run/report CLIs end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fastmveb import demo
+from test_train import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+PAYLOAD = {"env": {"cpu": "x86_64, 2 cores", "torch": "2.x", "date": "2026-12-01T00:00:00+00:00"}, "generate_s": 30.0,
+           "seeds": [{"seed": 0, "trained_top1": 61.2, "random_top1": 20.4, "train_s": 300.0, "load": 1.5, "steps": 300},
+                     {"seed": 1, "trained_top1": 57.0, "random_top1": 22.6, "train_s": 330.0, "load": 2.0, "steps": 300}]}
+
+
+def test_demo_block_figures_come_from_the_payload():
+    b = demo.demo_block(PAYLOAD)
+    assert "57.00-61.20%" in b and "20.40-22.60%" in b and "5.5 min" in b and "300 steps" in b
+
+
+def test_report_rewrites_only_the_block_and_errors_in_one_line(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{demo.BEGIN}\nstale 20.00%\n{demo.END}\nafter\n")
+    results = tmp_path / "demo.json"
+    results.write_text(json.dumps(PAYLOAD))
+    assert demo.main(["report", "--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# x\nbefore\n") and text.endswith(f"{demo.END}\nafter\n")
+    assert demo.demo_block(json.loads(results.read_text())) in text
+    capsys.readouterr()
+    # Missing results, a README without the markers: one line, exit 2, README untouched.
+    assert demo.main(["report", "--results", str(tmp_path / "none.json"), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot read demo results")
+    (tmp_path / "plain.md").write_text("# no markers\n")
+    assert demo.main(["report", "--results", str(results), "--readme", str(tmp_path / "plain.md")]) == 2
+    assert "no demo block" in capsys.readouterr().err
+    assert (tmp_path / "plain.md").read_text() == "# no markers\n"
+
+
+def test_run_trains_each_seed_and_writes_results_readme_and_picture(small_betons, tmp_path):
+    """The real command on the test set: two seeds of a few steps, the embedding page of the first."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{demo.BEGIN}\n{demo.END}\n")
+    over = [o for o in tiny_overrides(small_betons, tmp_path, "unused", **{"eval.knn_at_end": "true",
+                                                                          "train.deterministic": "false"})
+            if not o.startswith(("train.run_dir=", "train.name="))]
+    r = subprocess.run([sys.executable, "-m", "fastmveb.demo", "run", "--seeds", "0", "1", "--jobs", "2", "--no-generate",
+                        "--rc", "rcs/tiny.yaml", "--run-dir", str(tmp_path / "runs"),
+                        "--results", str(tmp_path / "demo.json"), "--readme", str(readme),
+                        "--embedding", str(tmp_path / "emb.png"), "--", *over],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads((tmp_path / "demo.json").read_text())
+    assert [s["seed"] for s in p["seeds"]] == [0, 1] and "generate_s" not in p
+    for s, name in zip(p["seeds"], ("demo-seed0", "demo-seed1")):
+        rows = [json.loads(ln) for ln in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert s["trained_top1"] == rows[-1]["final_knn_top1"] and s["random_top1"] == rows[-1]["random_knn_top1"]
+    # Different seeds train different runs (initial weights, order, views): the logged losses differ.
+    first = [[json.loads(ln) for ln in (tmp_path / "runs" / n / "metrics.jsonl").read_text().splitlines()][0]["loss"]
+             for n in ("demo-seed0", "demo-seed1")]
+    assert first[0] != first[1]
+    assert demo.demo_block(p) in readme.read_text()
+    assert (tmp_path / "emb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "fastmveb.demo", "run", "--rc", str(tmp_path / "nope.yaml"),
+                          "--readme", str(readme)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: run config") and "Traceback" not in bad.stderr
