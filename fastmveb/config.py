@@ -173,7 +173,7 @@ class EvalConfig:
     linear_full_batch_size: int = 4096  # full mode: the released protocol's batch
     linear_micro_batch: int = 0      # full mode: images per backbone forward (0 = whole batch); the head's step
                                      # still sees the whole batch, so this changes memory, not the result
-    linear_mode: str = "fast"        # "fast": cached features | "full": augmented protocol
+    linear_mode: str = "fast"        # "fast": cached features | "full": the released protocol
 
 
 @dataclass
