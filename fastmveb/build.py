@@ -65,11 +65,11 @@ def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = N
                      momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
     net = accelerator.prepare(net)                                    # DDP when world > 1; FFCV shards itself
     use_compile = uses_compile(cfg, device)
-    net_c, target_c, views_c = net, target, view_maker
-    if use_compile:
-        net_c = torch.compile(net, backend=cfg.train.compile_backend)
-        target_c = torch.compile(target, backend=cfg.train.compile_backend)
-        views_c = torch.compile(view_maker, backend=cfg.train.compile_backend)
+    # dynamic=False: one specialised graph per input size; progressive resolution has a handful of sizes, each
+    # compiled once (fastmveb/resolution.py says why not dynamo's symbolic shapes)
+    compile_fn = (lambda m: torch.compile(m, backend=cfg.train.compile_backend, dynamic=False)) if use_compile \
+        else (lambda m: m)
+    net_c, target_c, views_c = compile_fn(net), compile_fn(target), compile_fn(view_maker)
     return {"model": model, "target": target, "probe": probe, "net": net, "view_maker": view_maker,
             "optimizer": optimizer, "net_c": net_c, "target_c": target_c, "views_c": views_c,
-            "use_compile": use_compile, "memory_format": memory_format}
+            "use_compile": use_compile, "memory_format": memory_format, "compile": compile_fn}

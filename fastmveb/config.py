@@ -51,6 +51,8 @@ def yaml_load(text: str):
 RENAMED = {
     "data.batch_size": "data.global_batch_size (the batch of one optimizer step over ALL processes, e.g. old "
                        "batch_size x processes) and data.per_device_batch_size (0 = global / processes)",
+    "data.eval_size": "eval.size (the fixed test resolution)",
+    "data.eval_crop_ratio": "eval.crop_ratio",
 }
 
 
@@ -73,8 +75,6 @@ class DataConfig:
     order: str = "random"            # "random" | "quasi_random" (single process only, see NOTES.md)
     os_cache: bool = True            # memory-map the whole beton (fits in RAM) vs. process-level page reads
     drop_last: bool = True
-    eval_size: int = 224             # eval centre crop side
-    eval_crop_ratio: float = 0.875   # centre crop = eval_size / (eval_size / ratio) resize (224 of 256)
     eval_batch_size: int = 256
 
 
@@ -104,6 +104,13 @@ class ViewsConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     dtype: str = "float32"           # "float32" | "bfloat16" output
     channels_last: bool = True
+    # Progressive resolution (fastmveb/resolution.py), off when res_start_size = 0: the global views grow
+    # linearly from res_start_size at epoch res_start_epoch to global_size at res_end_epoch, in steps of
+    # res_step px (FFCV's rule); local views and data.decode_size keep their ratio to global_size.
+    res_start_size: int = 0
+    res_start_epoch: int = 0
+    res_end_epoch: int = 0
+    res_step: int = 32
 
 
 @dataclass
@@ -160,6 +167,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # The test resolution, fixed whatever size the views were trained at (offline eval, online and final kNN):
+    # centre crop of side crop_ratio x the short side, resized to size (224 of 256 by default).
+    size: int = 224
+    crop_ratio: float = 0.875
     knn_k: int = 200
     knn_t: float = 0.1
     knn_every_epochs: int = 0        # online kNN monitor during training (0 = off)
@@ -337,6 +348,14 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where} must be in {rng}, got {v!r}")
         if isinstance(val, tuple) and len(val) == 2 and rng.ordered and val[0] > val[1]:
             raise ConfigError(f"{key} must be (low, high) with low <= high, got {list(val)}")
+    v = cfg.views
+    if v.res_start_size:   # progressive resolution (fastmveb/resolution.py)
+        if v.res_start_size < 8:
+            raise ConfigError(f"views.res_start_size must be 0 (off) or in {_SIDE}, got {v.res_start_size}")
+        if not v.res_start_epoch < v.res_end_epoch <= cfg.optim.epochs:
+            raise ConfigError(f"progressive resolution needs views.res_start_epoch < views.res_end_epoch <= "
+                              f"optim.epochs, got {v.res_start_epoch}, {v.res_end_epoch}, {cfg.optim.epochs}; set "
+                              "the ramp's epochs inside the run (or views.res_start_size=0 to turn it off)")
 
 
 @dataclass(frozen=True)
@@ -364,8 +383,8 @@ _POS, _NONNEG, _ONE_UP, _UNIT = Range(0, lo_open=True), Range(0), Range(1), Rang
 _SIDE = Range(8, 8192)   # image sides in pixels: under 8 px a ResNet's stride-32 features are empty
 # Every int and float key with the values it may take; a key missing here is checked for finiteness only.
 RANGES: dict[str, Range] = {
-    "data.global_batch_size": _ONE_UP, "data.per_device_batch_size": _NONNEG, "data.num_workers": _ONE_UP, "data.decode_size": _SIDE, "data.eval_size": _SIDE,
-    "data.eval_crop_ratio": Range(0, 1, lo_open=True), "data.eval_batch_size": _ONE_UP,
+    "data.global_batch_size": _ONE_UP, "data.per_device_batch_size": _NONNEG, "data.num_workers": _ONE_UP, "data.decode_size": _SIDE,
+    "data.eval_batch_size": _ONE_UP,
     "views.global_size": _SIDE, "views.local_size": _SIDE, "views.n_local": _NONNEG,
     "views.global_scale": Range(0, 1, lo_open=True, ordered=True),
     "views.local_scale": Range(0, 1, lo_open=True, ordered=True),
@@ -373,7 +392,8 @@ RANGES: dict[str, Range] = {
     "views.brightness": _NONNEG, "views.contrast": _NONNEG, "views.saturation": _NONNEG,
     "views.hue": Range(0, 0.5), "views.gray_p": _UNIT, "views.blur_sigma": Range(0, lo_open=True, ordered=True),
     "views.blur_p": _UNIT, "views.solarize_p": _UNIT, "views.solarize_threshold": _UNIT, "views.mean": _UNIT,
-    "views.std": _POS,
+    "views.std": _POS, "views.res_start_size": Range(0, 8192), "views.res_start_epoch": _NONNEG,
+    "views.res_end_epoch": _NONNEG, "views.res_step": _ONE_UP,
     "model.proj_hidden": _ONE_UP, "model.proj_out": _ONE_UP, "model.proj_layers": _ONE_UP,
     "model.ema_momentum": _UNIT,
     "loss.lam": _NONNEG, "loss.eta": _POS, "loss.min_tau": _POS,
@@ -382,7 +402,7 @@ RANGES: dict[str, Range] = {
     "optim.warmup_start_ratio": _UNIT, "optim.final_lr_ratio": _UNIT, "optim.max_bad_steps": _ONE_UP,
     "train.seed": Range(0, 2**32 - 1), "train.max_steps": _NONNEG, "train.log_every": _ONE_UP,
     "train.ckpt_every_steps": _NONNEG, "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
-    "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
+    "eval.size": _SIDE, "eval.crop_ratio": Range(0, 1, lo_open=True), "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
     "eval.knn_max_train": _NONNEG,
     "eval.linear_epochs": _ONE_UP, "eval.linear_base_lr": _POS, "eval.linear_batch_size": _ONE_UP,
     "eval.linear_full_batch_size": _ONE_UP, "eval.linear_micro_batch": _NONNEG,

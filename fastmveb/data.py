@@ -94,6 +94,18 @@ def set_epoch(loader: ResumableLoader, epoch: int, skip_batches: int = 0) -> Non
     loader.set_epoch(epoch, skip_batches)
 
 
+def set_output_sizes(loader: ResumableLoader, sizes: list[int]) -> None:
+    """Square sides of the image decoders' outputs from the next epoch on (progressive resolution,
+    fastmveb/resolution.py): one size in decode "once" mode, one per view in "per_view" mode. FFCV sizes its
+    buffers from the decoders when it generates the pipeline code (~2 ms), so nothing else needs rebuilding."""
+    decoders = [s.decoder for s in loader.pipeline_specs.values() if hasattr(s.decoder, "output_size")]
+    if len(decoders) != len(sizes):
+        raise ValueError(f"{len(sizes)} sizes given for the loader's {len(decoders)} image decoders")
+    for dec, size in zip(decoders, sizes):
+        dec.output_size = (size, size)
+    loader.generate_code()
+
+
 def _image_out(device: torch.device, channels_last: bool) -> list:
     # ToDevice copies into its own buffer (also on CPU), after which the NHWC -> NCHW permute is free.
     return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]

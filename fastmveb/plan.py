@@ -29,6 +29,7 @@ import torch
 from .config import Config, ConfigError
 from .entropy import group_bounds, parse_group
 from .optim import lr_at, peak_lr
+from .resolution import schedule_lines
 
 IMAGENET_TRAIN = 1_281_167   # ImageNet-1k train images: the steps per epoch when the beton does not exist yet
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -55,6 +56,7 @@ class Plan:
     entropy_groups: str
     batchnorm: str                 # what one BatchNorm normalisation spans
     memory: dict[str, float] = field(default_factory=dict)   # GiB per device, by part; empty = not estimated
+    resolution: list[str] = field(default_factory=list)      # view / decode sizes per epoch range (resolution.py)
     cost: str = ""
 
     def meta(self) -> dict:
@@ -81,6 +83,7 @@ class Plan:
             ("lr", f"peak {self.peak_lr:g} (base_lr x {self.global_batch}/256), warm-up from {self.start_lr:.4g}, "
                    f"cosine to {self.end_lr:.4g} at the last step"),
             ("views", views),
+            *[("view sizes" if i == 0 else "", line) for i, line in enumerate(self.resolution)],
             ("entropy groups", self.entropy_groups),
         ]
         if self.memory:
@@ -165,7 +168,7 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
                 last_step=min(total, cfg.train.max_steps) if cfg.train.max_steps else total, peak_lr=peak,
                 start_lr=lr_at(0, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
                 end_lr=lr_at(total, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
-                views=views, entropy_groups=describe_groups(cfg.loss.group, micro, world_size),
+                views=views, resolution=schedule_lines(cfg), entropy_groups=describe_groups(cfg.loss.group, micro, world_size),
                 batchnorm=f"statistics per view and micro-batch: {micro} samples per process" + (
                     f" x {world_size} processes = {micro * world_size} (model.sync_bn)"
                     if world_size > 1 and cfg.model.sync_bn else ""))

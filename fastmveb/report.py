@@ -275,8 +275,8 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
     from fastmveb.data import eval_loader
     device = torch.device("cpu")
     workers = max(1, min(cfg.data.num_workers, os.cpu_count() or 1))
-    loaders = [eval_loader(p, cfg.data.eval_batch_size, workers, device, size=cfg.data.eval_size,
-                           crop_ratio=cfg.data.eval_crop_ratio) for p in (cfg.data.train_beton, cfg.data.val_beton)]
+    loaders = [eval_loader(p, cfg.data.eval_batch_size, workers, device, size=cfg.eval.size,
+                           crop_ratio=cfg.eval.crop_ratio) for p in (cfg.data.train_beton, cfg.data.val_beton)]
     panels = []
     for title, net in (("trained", trained), ("random init", untrained)):
         bank, bank_y = extract_features(net, loaders[0], device, cfg.views.mean, cfg.views.std)

@@ -40,6 +40,8 @@ from fastmveb.build import build_training
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
 from fastmveb.optim import lr_at, where_
 from fastmveb.plan import dataset_length, make_plan
+from fastmveb.resolution import ViewSwitch
+from fastmveb.views import ViewMaker
 
 
 def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
@@ -194,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         classes = num_classes(cfg.data.train_beton)
     parts = build_training(cfg, accelerator, plan.peak_lr, classes)
     net, target, probe, optimizer = parts["net"], parts["target"], parts["probe"], parts["optimizer"]
-    net_c, target_c, views_c = parts["net_c"], parts["target_c"], parts["views_c"]
+    net_c, target_c = parts["net_c"], parts["target_c"]
     loader = train_loader(cfg.data.train_beton, plan.per_process_batch, cfg.data.num_workers, device,
                           decode=cfg.data.decode, decode_size=cfg.data.decode_size, views=cfg.views,
                           seed=cfg.train.seed, distributed=world > 1, order=cfg.data.order,
                           os_cache=cfg.data.os_cache, drop_last=cfg.data.drop_last)
     steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     assert len(loader) == steps_per_epoch, f"plan {steps_per_epoch} != loader {len(loader)} steps per epoch"
+    # One view maker per view size (progressive resolution: views.res_*), made when its first epoch starts.
+    views = ViewSwitch(cfg, lambda views_cfg: parts["compile"](ViewMaker(views_cfg).to(device)), loader)
 
     # ---- resume (exact: weights, target, optimizer, position in the data, every RNG) -------------------
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -258,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     net.train()
     target.train()
     while step < last_step and stop_reason is None:
+        views_c, change = views.enter_epoch(epoch)                    # sizes depend on the epoch only: resume-exact
+        if change and main_proc:
+            tqdm.write(change)
         set_epoch(loader, epoch, skip_batches=batch_in_epoch)
         batches = iter(loader)
         while step < last_step:
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["skipped"] = vals[keys.index("skipped")]
                 row.update(uniformity=vals[-3], erank=vals[-2], lr=lr, ema_momentum=float(m),
                            samples_per_s=n_acc * plan.global_batch / (now - t_window),
-                           time_data=data_wait / n_acc, time_total=(now - t_window) / n_acc)
+                           time_data=data_wait / n_acc, time_total=(now - t_window) / n_acc, **views.metrics())
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(step, step / steps_per_epoch, row)
@@ -318,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_train=cfg.eval.knn_max_train or None, max_val=cfg.eval.knn_max_val,
                               feature_dtype=torch.bfloat16)           # bf16: top-1 within noise (knn.py)
                 if main_proc:
-                    logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"]})
-                    tqdm.write(f"epoch {epoch}: kNN top-1 {knn['top1']:.2f}%")
+                    logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_size": cfg.eval.size})
+                    tqdm.write(f"epoch {epoch}: kNN top-1 {knn['top1']:.2f}% at {cfg.eval.size} px")
                 net.train()
     bar.close()
     if stop_reason:
@@ -338,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         if main_proc:
             logger.log(step, epoch + batch_in_epoch / steps_per_epoch,
                        {"final_knn_top1": trained["top1"], "final_knn_top5": trained["top5"],
-                        "random_knn_top1": random["top1"], "random_knn_top5": random["top5"]})
-            print(f"kNN top-1 on {cfg.data.val_beton} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}): "
+                        "random_knn_top1": random["top1"], "random_knn_top5": random["top5"], "knn_size": cfg.eval.size})
+            print(f"kNN top-1 on {cfg.data.val_beton} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, {cfg.eval.size} px): "
                   f"trained {trained['top1']:.2f}%  |  same encoder at random init {random['top1']:.2f}%")
     logger.close()
     accelerator.end_training()
@@ -350,7 +357,7 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
             max_val: int | None = None, feature_dtype=torch.float32):
     """Weighted kNN (train bank, val queries), the work split over all processes (no rank waits alone at a
     barrier); every rank gets the result of one process over the whole sets (distributed_knn)."""
-    kw = dict(size=cfg.data.eval_size, crop_ratio=cfg.data.eval_crop_ratio, distributed=accelerator.num_processes > 1)
+    kw = dict(size=cfg.eval.size, crop_ratio=cfg.eval.crop_ratio, distributed=accelerator.num_processes > 1)
     bank = eval_loader(cfg.data.train_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
     queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
     return distributed_knn(backbone, bank, queries, device, cfg.views.mean, cfg.views.std, k=cfg.eval.knn_k,

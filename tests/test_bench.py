@@ -153,3 +153,33 @@ def test_all_short(small_betons, tmp_path):
         assert list(tmp_path.glob(f"{stage}-cpu-*.json")), (stage, r.stdout[-3000:])
     text = (tmp_path / "README.md").read_text()
     assert all(f"### {s}" in text for s in ("loader", "views", "entropy", "step", "train", "profile"))
+
+
+def test_step_ramp_times_every_size_and_projects_the_saving(tmp_path):
+    """`bench step --ramp`: one row per epoch range of each config's schedule (the ramp's sizes, in order),
+    then a projection row per config against the first; the report turns them into headline lines."""
+    rc = tmp_path / "ramp.yaml"
+    from fastmveb.config import dump_config, load_config
+    cfg = load_config(ROOT / "rcs" / "tiny.yaml", ["views.res_start_size=32", "views.res_start_epoch=0",
+                                                   "views.res_end_epoch=2", "views.res_step=16"])
+    dump_config(cfg, rc)                          # tiny.yaml with globals 32 -> 48 -> 64 over epochs 0-2
+    bench("step", "--ramp", f"rcs/tiny.yaml,{rc}", "--short", "--device", "cpu", "--out-dir", tmp_path,
+          "--warmup", 1, "--iters", 1)
+    payload = only_json(tmp_path, "ramp")
+    rows = payload["rows"]
+    assert [(r["recipe"], r["epochs"]) for r in rows] == [("tiny", "0-3"), ("tiny", "all 4"), ("ramp", "0"),
+                                                          ("ramp", "1"), ("ramp", "2-3"), ("ramp", "all 4")]
+    assert [r["views"] for r in rows if r["recipe"] == "ramp"][:3] == ["2x32 + 2x16", "2x48 + 2x24", "2x64 + 2x32"]
+    sized = [r for r in rows if "samples_per_s" in r]
+    assert all(positive(r["samples_per_s"]) and r["graphs_added"] == 0 and r["arch"] == "resnet10" for r in sized)
+    base = 1 / sized[0]["samples_per_s"]
+    for r in sized:                               # epoch time relative to the base config's, per size
+        assert r["epoch_time_vs_base"] == pytest.approx((1 / r["samples_per_s"]) / base)
+    proj = rows[-1]
+    mean = (1 / sized[1]["samples_per_s"] + 1 / sized[2]["samples_per_s"] + 2 / sized[3]["samples_per_s"]) / 4
+    assert proj["mean_epoch_time_vs_base"] == pytest.approx(mean / base)
+    assert proj["ramp_saving"] == pytest.approx(1 - mean * sized[3]["samples_per_s"])
+    assert rows[1]["mean_epoch_time_vs_base"] == pytest.approx(1.0) and rows[1]["ramp_saving"] == pytest.approx(0.0)
+    from fastmveb.bench import report
+    text = report.build(tmp_path).read_text()
+    assert "ramp projected over all 4 epochs" in text and "the ramp saves" in text

@@ -282,7 +282,7 @@ def _run_dir(root: Path, betons: Path) -> Path:
     from fastmveb.model import MVEBModel
     cfg = load_config(ROOT / "rcs/tiny.yaml", [f"data.train_beton={betons / 'train.beton'}",
                                                f"data.val_beton={betons / 'val.beton'}", "data.decode_size=48",
-                                               "data.eval_size=32", "data.num_workers=1", "model.proj_hidden=32",
+                                               "eval.size=32", "data.num_workers=1", "model.proj_hidden=32",
                                                "model.proj_out=32"])
     run = root / "run"
     run.mkdir()

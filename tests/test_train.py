@@ -24,7 +24,7 @@ def tiny_overrides(betons: Path, run_dir: Path, name: str, **extra) -> list[str]
     """A ResNet-10 at 32 px: 160 images / batch 16 = 10 steps per epoch, deterministic, one FFCV thread."""
     o = {
         "data.train_beton": betons / "train.beton", "data.val_beton": betons / "val.beton",
-        "data.global_batch_size": 16, "data.num_workers": 1, "data.decode_size": 48, "data.eval_size": 32,
+        "data.global_batch_size": 16, "data.num_workers": 1, "data.decode_size": 48, "eval.size": 32,
         "data.eval_batch_size": 64, "views.global_size": 32, "views.n_local": 2, "views.local_size": 16,
         "model.arch": "resnet10", "model.proj_hidden": 64, "model.proj_out": 64, "loss.group": "local",
         "optim.epochs": 2, "optim.warmup_epochs": 1, "train.mixed_precision": "no", "train.compile": "false",

@@ -266,6 +266,10 @@ def add_args(parser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="timed steps")
     parser.add_argument("--sweep", action="store_true",
                         help="also flip compile, channels-last and precision, one at a time")
+    parser.add_argument("--ramp", nargs="?", const="rcs/rn50.yaml,rcs/rn50_fast.yaml", default=None, metavar="RC,RC",
+                        help="instead: time every size of these configs' progressive-resolution schedules and "
+                             "project their epoch times against the first (default rn50 vs rn50_fast; "
+                             "fastmveb/bench/ramp.py)")
 
 
 def recipe_names(args) -> list[str]:
@@ -277,6 +281,9 @@ def recipe_names(args) -> list[str]:
 
 
 def main(args) -> dict:
+    if args.ramp:
+        from fastmveb.bench import ramp
+        return ramp.main(args)
     device = pick_device(args.device)
     warmup, iters = step_iters(args, device)
     warmup, iters = args.warmup or warmup, args.iters or iters

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cuda / cuda:1 / cpu (default: cuda when available)")
     common.add_argument("--amp", default="auto", choices=["auto", "bf16", "no"],
                         help="autocast for the backbone forward (auto: bf16 on CUDA when the run trained in bf16)")
+    common.add_argument("--size", type=int, help="test resolution: centre-crop side in px (default: the run's eval.size; "
+                        "a run trained at low resolution may test best a little above its training size)")
     common.add_argument("--max-train", type=int, help="use only the first N training images")
     common.add_argument("--max-val", type=int, help="use only the first N val images")
     common.add_argument("--no-log", action="store_true", help="do not append to run_dir/eval.jsonl")
@@ -71,7 +73,7 @@ def _eval_loaders(cfg, batch_size, workers, device):
             raise RunError(f"dataset '{path}' (from the run's config.yaml) not found; run from the directory the run was "
                            "started in, or make the betons (make beton)")
     try:
-        return tuple(eval_loader(p, batch_size, workers, device, size=cfg.data.eval_size, crop_ratio=cfg.data.eval_crop_ratio)
+        return tuple(eval_loader(p, batch_size, workers, device, size=cfg.eval.size, crop_ratio=cfg.eval.crop_ratio)
                      for p in (cfg.data.train_beton, cfg.data.val_beton))
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
@@ -96,6 +98,10 @@ def run(args) -> dict:
     else:
         backbone, info = load_run_backbone(args.run, args.ckpt, args.which)
         cfg, run_dir, path, ck = info["cfg"], Path(args.run), info["ckpt_path"], info["ckpt"]
+    if args.size is not None:
+        if args.size < 1:
+            raise RunError(f"--size must be >= 1, got {args.size}")
+        cfg.eval.size = args.size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
@@ -110,7 +116,7 @@ def run(args) -> dict:
     mean, std = cfg.views.mean, cfg.views.std
     record = {"kind": args.cmd, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "ckpt": path.name if path is not None else "random-init", "step": ck.get("step"), "epoch": ck.get("epoch"),
-              "which": args.which, "arch": cfg.model.arch, "device": str(device)}
+              "which": args.which, "arch": cfg.model.arch, "device": str(device), "size": cfg.eval.size}
     t0 = time.perf_counter()
     if args.cmd == "knn":
         from fastmveb.eval.knn import knn_eval
@@ -161,7 +167,7 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
         raise RunError(f"the linear batch {lbs} exceeds the training images of {cfg.data.train_beton}; "
                        "pass a smaller --linear-batch-size")
     return linear.linear_full(backbone, train, val, device, cfg.views.mean, cfg.views.std, epochs=epochs,
-                              base_lr=base_lr, trust_coef=args.trust_coef, crop_size=cfg.data.eval_size,
+                              base_lr=base_lr, trust_coef=args.trust_coef, crop_size=cfg.eval.size,
                               amp_dtype=amp, seed=args.seed, micro_batch=micro or None, val_every=args.val_every,
                               log=log, set_epoch=lambda e: set_epoch(train, e))
 
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         what = f"linear fast (quick estimate on cached centre-crop features, {rec['epochs']} epochs)"
     train = f"  (train top-1 {rec['train_top1']:.2f}%)" if "train_top1" in rec else ""
     final = "final " if "best_top1" in rec else ""
-    print(f"{what} {rec['arch']} {rec['ckpt']} ({rec['which']}): {final}top-1 {rec['top1']:.2f}%  "
+    print(f"{what} {rec['arch']} {rec['ckpt']} ({rec['which']}) at {rec['size']} px: {final}top-1 {rec['top1']:.2f}%  "
           f"{final}top-5 {rec['top5']:.2f}%{train}")
     if "best_top1" in rec:
         print(f"  best of the validations at epochs {rec['val_epochs']}: top-1 {rec['best_top1']:.2f}%  "
