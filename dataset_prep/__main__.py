@@ -1,4 +1,5 @@
-"""Command line: ``python -m dataset_prep {synthetic,imagefolder,grid} --out PATH [...]`` (see --help of each).
+"""Command line: ``python -m dataset_prep {synthetic,imagefolder,grid} --out PATH [...]``, ``... verify PATH...``
+(see --help of each).
 
 Fatal problems print one line ``error: ...`` and exit with status 2; nothing partial is left behind.
 """
@@ -8,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .writer import DEFAULT_MAX_SIDE, WRITE_MODES, PrepError
+from .writer import DEFAULT_MAX_SIDE, MIN_SIDE, WRITE_MODES, PrepError
 
 
 def _common(p: argparse.ArgumentParser, max_side_default, max_side_help):
@@ -55,6 +56,18 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
     i.add_argument("--splits", default="train,val", help="comma-separated splits to write (default train,val)")
+    i.epilog = ("Images: 16/32-bit grey is scaled to 8 bits, alpha is dropped (as torchvision's loader does), images "
+                f"with a side under {MIN_SIDE} px as stored are skipped. Directory symlinks are followed only to "
+                "folders outside the split folder (each real folder once); links back into it (loops, other "
+                "classes) are skipped. Skips are listed in OUT/skipped-<split>.txt.")
+
+    v = sub.add_parser("verify", help="check betons completely: SHA-256 against NAME.beton.sha256.json + FFCV structure",
+                       description="Check each beton: the FFCV header and allocation table against the file, the "
+                                   "size and SHA-256 recorded when it was written (NAME.beton.sha256.json), and that "
+                                   "every sample's data lies in the data region. Loaders check the cheap part on "
+                                   "every open; this reads the whole file. A copy that only changed its time gets "
+                                   "the new time recorded. Exit status 2 if any file fails.")
+    v.add_argument("paths", nargs="+", metavar="PATH", help="beton files")
     g = sub.add_parser("grid", help="PNG of synthetic sample images, one row per class (README picture)")
     g.add_argument("--out", required=True, help="PNG path")
     g.add_argument("--per-class", type=int, default=6, help="images per class (default 6)")
@@ -65,6 +78,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.cmd == "verify":
+        from .integrity import BetonError, verify
+        code = 0
+        for path in args.paths:
+            try:
+                print(verify(path))
+            except BetonError as e:
+                print(f"error: {e}", file=sys.stderr)
+                code = 2
+        return code
     max_side = getattr(args, "max_side", 0) or None
     try:
         if args.cmd == "grid":

@@ -11,18 +11,34 @@ What can go wrong, and what happens:
 - an image that PIL cannot decode completely (corrupt, truncated, not really an image): skipped and listed.
   Every file is decoded once before writing (in parallel, at reduced JPEG scale where possible) because a
   sample that fails inside FFCV's writer processes would abort, or in 1.0.2 even hang, the whole write;
+- an image with a side under MIN_SIDE (16) pixels as stored (after --max-side): skipped and listed (the
+  eval centre crop of a 1-px image is empty and aborts inside OpenCV);
+- pixel formats: 16-bit and 32-bit integer grey (I;16, I) are scaled to 8 bits (v * 255 / 65535), 32-bit
+  float grey (F) in [0, 1] is scaled by 255 (outside [0, 1] it has no known scale: skipped and listed); an
+  alpha channel (RGBA, LA, P with transparency) is dropped, keeping the stored colours, as torchvision's
+  ImageFolder loader does; everything else goes through PIL's convert("RGB");
+- directory symlinks inside a class folder are followed only when they point outside the split folder and
+  do not contain it, and each real folder is read once: a link back into the split (a loop, another class)
+  is skipped and listed instead of adding the same images again, maybe under another class's label;
 - missing DATA/train or DATA/val, a train class folder without images, no images at all, an existing beton
-  without --force: one-line error, exit status 2, nothing written;
+  without --force, an OUT folder that cannot be written: one-line error, exit status 2, nothing written;
 - the beton is written under a temporary name in OUT and renamed when complete, so a crash or Ctrl-C never
-  leaves a partial train.beton behind.
+  leaves a partial train.beton behind; a writer process that dies (disk full) stops the write with one line
+  and the temporary file is removed (ffcv 1.0.2 itself would wait forever);
+- next to each beton, NAME.beton.sha256.json records its size and SHA-256 (dataset_prep.integrity): the
+  loaders check it on every open, and `python -m dataset_prep verify PATH` checks everything.
 Skipped files are printed (first 20) and written in full to OUT/skipped-<split>.txt.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import multiprocessing as mp
+import multiprocessing.queues
 import os
+import queue
+import shutil
 import sys
 import tempfile
 import time
@@ -41,10 +57,42 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 DEFAULT_MAX_SIDE = 384
 DEFAULT_SMART_THRESHOLD = 3 * 256 * 256   # bytes of raw RGB above which 'smart' stores JPEG (ffcv's default: never)
 MAX_LISTED = 20
+MIN_SIDE = 16   # px, as stored: smaller images are skipped (an empty eval centre crop aborts inside OpenCV)
 
 
 class PrepError(Exception):
     """A fatal, user-facing problem; its message is the single line printed before exiting with status 2."""
+
+
+class SkipImage(Exception):
+    """A readable image this writer will not store; the message is the reason listed in skipped-<split>.txt."""
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB without silent damage (see the module doc); raises SkipImage."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # convert("RGB") clips these at 255: a 16-bit image becomes nearly binary. Scale the full range instead.
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise SkipImage(f"{mode} pixels outside 0..65535: no known 8-bit scale")
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 1)):
+            raise SkipImage("32-bit float pixels outside [0, 1]: no known 8-bit scale")
+        img = Image.fromarray(np.rint(a * 255).astype(np.uint8), "L")
+    elif mode == "PA" or (mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")      # then the alpha is dropped below, keeping the palette colours
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def stored_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) as ffcv's RGBImageField stores it: scaled down so the longest side is at most max_side."""
+    if max_side and max(w, h) > max_side:
+        r = max_side / max(w, h)
+        return int(w * r), int(h * r)
+    return w, h
 
 
 @dataclass
@@ -66,8 +114,18 @@ def list_classes(train_dir: Path) -> list[str]:
     return classes
 
 
+def _inside(a: str, b: str) -> bool:
+    """Is real path ``a`` the folder ``b`` or inside it?"""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 def scan_split(split_dir: Path, classes: list[str], name: str) -> Split:
-    """List one split's image files with labels from ``classes``; non-image files go to ``skipped``."""
+    """List one split's image files with labels from ``classes``; non-image files go to ``skipped``.
+
+    Directory symlinks are followed only to folders outside the split that do not contain it, each real
+    folder once (a loop such as ``train/cat/up -> ..`` would otherwise list the whole split again, under
+    ``cat``'s label); the others are skipped and listed.
+    """
     if not split_dir.is_dir():
         raise PrepError(f"{split_dir} not found: expected the ImageFolder layout {split_dir}/<class>/<image>")
     index = {c: i for i, c in enumerate(classes)}
@@ -80,13 +138,28 @@ def scan_split(split_dir: Path, classes: list[str], name: str) -> Split:
     for e in entries:
         if not e.is_dir():
             split.skipped.append((str(e), "not inside a class folder"))
+    split_real = os.path.realpath(split_dir)
+    class_reals = [os.path.realpath(split_dir / c) for c in classes if (split_dir / c).is_dir()]
+    seen: set[str] = set(class_reals)
     for c in classes:
         cdir = split_dir / c
         if not cdir.is_dir():
             continue
         n_before = len(split.samples)
         for root, dirs, files in os.walk(cdir, followlinks=True):
-            dirs.sort()
+            keep = []
+            for d in sorted(dirs):
+                full = os.path.join(root, d)
+                real = os.path.realpath(full)
+                if os.path.islink(full) and any(_inside(real, r) or _inside(r, real) for r in [split_real] + class_reals):
+                    split.skipped.append((full, f"directory link to {real}: inside the split folder or containing "
+                                                f"it (a loop or another class), not followed"))
+                elif real in seen:
+                    split.skipped.append((full, f"directory {real} already read through another link, not read again"))
+                else:
+                    seen.add(real)
+                    keep.append(d)
+            dirs[:] = keep
             for f in sorted(files):
                 p = os.path.join(root, f)
                 if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
@@ -99,24 +172,30 @@ def scan_split(split_dir: Path, classes: list[str], name: str) -> Split:
     return split
 
 
-def _check_image(path: str) -> tuple[str, str | None, int]:
-    """(path, None, pixels) if PIL decodes the whole image, else (path, reason, 0)."""
+def _check_image(path: str, max_side: int | None = None) -> tuple[str, str | None, int]:
+    """(path, None, pixels) if PIL decodes the whole image and it can be stored, else (path, reason, 0)."""
     try:
         with Image.open(path) as img:
-            pixels = img.width * img.height
+            w, h = img.size
+            pixels = w * h
+            sw, sh = stored_size(w, h, max_side)
+            if min(sw, sh) < MIN_SIDE:
+                return path, (f"too small: {w}x{h}" + (f" ({sw}x{sh} at --max-side {max_side})" if (sw, sh) != (w, h)
+                                                       else "") + f", under the {MIN_SIDE}-px minimum side"), 0
             # draft() lets JPEGs decode at 1/2..1/8 scale: every entropy-coded byte is still read (truncation and
             # corruption still fail) at a fraction of the IDCT cost.
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-        if pixels < 1:
-            return path, "empty image", 0
+            to_rgb8(img)
         return path, None, pixels
+    except SkipImage as e:
+        return path, str(e), 0
     except Exception as e:   # noqa: BLE001 -- any decode failure means "skip this file"
         msg = str(e).splitlines()[0] if str(e) else ""
         return path, f"unreadable: {type(e).__name__}" + (f": {msg}" if msg else ""), 0
 
 
-def validate(split: Split, num_workers: int, progress: bool = True) -> Split:
+def validate(split: Split, num_workers: int, progress: bool = True, max_side: int | None = None) -> Split:
     """Decode every file once (in parallel); move failures from ``samples`` to ``skipped``."""
     from tqdm import tqdm
     paths = [p for p, _ in split.samples]
@@ -124,7 +203,8 @@ def validate(split: Split, num_workers: int, progress: bool = True) -> Split:
     bar = tqdm(total=len(paths), desc=f"check {split.name}", unit="img", disable=not progress, leave=False)
     pool = mp.get_context("fork").Pool(num_workers) if num_workers > 1 and len(paths) > 256 else None
     try:
-        results = pool.imap_unordered(_check_image, paths, chunksize=64) if pool else map(_check_image, paths)
+        check = functools.partial(_check_image, max_side=max_side)
+        results = pool.imap_unordered(check, paths, chunksize=64) if pool else map(check, paths)
         for p, reason, pixels in results:
             if reason:
                 bad[p] = reason
@@ -161,24 +241,85 @@ class _Samples:
             with Image.open(path) as img:
                 if self.max_side:
                     img.draft("RGB", (self.max_side, self.max_side))   # JPEG DCT-domain downscale: cheap
-                arr = np.asarray(img.convert("RGB"))
+                arr = np.asarray(to_rgb8(img))
         except Exception as e:   # noqa: BLE001
             Path(self.fail_dir, str(i)).write_text(f"{path}\t{type(e).__name__}: {e}")
             arr = np.zeros((8, 8, 3), np.uint8)
         return arr, label
 
 
+class WriterDied(Exception):
+    """An ffcv writer process ended before its work was done (disk full, killed, out of memory)."""
+
+
 @contextlib.contextmanager
-def _ffcv_progress(enabled: bool):
-    """ffcv's writer always draws a tqdm bar; swap in a disabled one for --quiet and tests."""
+def _ffcv_guarded(enabled: bool, fail_dir: str):
+    """Run ffcv 1.0.2's DatasetWriter so that a dead writer process stops the write instead of hanging it.
+
+    ffcv's main process polls a shared counter until every sample is done, then blocks on a queue for each
+    worker's allocation table; it never looks at the workers. A worker that dies (ENOSPC in its page flush,
+    OOM kill) therefore hangs the write forever. The hooks below (module attributes ffcv.writer looks up at
+    call time): the polling sleep and the blocking queue read check the workers and raise WriterDied; each
+    worker runs inside a wrapper that records its error in ``fail_dir`` and exits without a traceback. Also
+    swaps ffcv's progress bar for a disabled one when ``enabled`` is False (--quiet, tests).
+    """
     import ffcv.writer as fw
     from tqdm import tqdm
-    saved = fw.tqdm
-    fw.tqdm = tqdm if enabled else functools.partial(tqdm, disable=True)
+    main_pid, procs = os.getpid(), []
+
+    def check_workers():
+        if os.getpid() != main_pid:
+            return
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise WriterDied(f"exit code {dead[0].exitcode}")
+
+    def process(*args, **kw):
+        p = mp.Process(*args, **kw)
+        procs.append(p)
+        return p
+
+    def sleep(seconds):
+        check_workers()
+        time_sleep(seconds)
+
+    class WatchedQueue(multiprocessing.queues.Queue):
+        def __init__(self):
+            super().__init__(ctx=mp.get_context())
+
+        def get(self, block=True, timeout=None):
+            if not block or timeout is not None or os.getpid() != main_pid:
+                return super().get(block, timeout)
+            while True:
+                try:
+                    return super().get(timeout=0.2)
+                except queue.Empty:
+                    check_workers()
+
+    job = fw.worker_job_indexed_dataset
+
+    def quiet_job(*args):
+        try:
+            job(*args)
+        except BaseException as e:   # noqa: BLE001 -- reported by the main process in one line
+            Path(fail_dir, "writer").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
+            os._exit(1)
+
+    time_sleep = time.sleep
+    hooks = {"tqdm": tqdm if enabled else functools.partial(tqdm, disable=True), "Process": process,
+             "sleep": sleep, "Queue": WatchedQueue, "worker_job_indexed_dataset": quiet_job}
+    saved = {k: getattr(fw, k) for k in hooks}
+    for k, v in hooks.items():
+        setattr(fw, k, v)
     try:
         yield
     finally:
-        fw.tqdm = saved
+        for k, v in saved.items():
+            setattr(fw, k, v)
+        for p in procs:                # after a failure the others wait forever for their turn to write
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=5)
 
 
 def _page_size(max_pixels: int, max_side: int | None) -> int:
@@ -220,7 +361,10 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
                                compress_probability=compress_probability, smart_threshold=smart_threshold),
         "label": IntField(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise PrepError(f"cannot write to {out.parent}: {e.strerror}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -234,14 +378,25 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
             # Each writer process keeps its own last page part-empty: no more processes than chunks of work.
             workers = max(1, min(num_workers, -(-len(samples) // chunk)))
             writer = DatasetWriter(tmp, fields, num_workers=workers, page_size=_page_size(max_pixels, max_side))
-            with _ffcv_progress(progress):
-                writer.from_indexed_dataset(ds, indices=order.tolist(), chunksize=chunk, shuffle_indices=False)
-            failed = sorted(os.listdir(fail_dir), key=int)
+            try:
+                with _ffcv_guarded(progress, fail_dir):
+                    writer.from_indexed_dataset(ds, indices=order.tolist(), chunksize=chunk, shuffle_indices=False)
+            except (WriterDied, OSError) as e:
+                _free_shared_memory(writer)
+                raise PrepError(_write_failure(out, tmp, fail_dir, e)) from None
+            failed = sorted((f for f in os.listdir(fail_dir) if f.isdigit()), key=int)
             if failed:
                 first = Path(fail_dir, failed[0]).read_text().splitlines()[0]
                 raise PrepError(f"{len(failed)} image(s) failed while writing {out} (changed since the check?): "
                                 f"{first}")
-            os.replace(tmp, out)
+            from .integrity import make_sidecar, sidecar_path, write_sidecar
+            try:
+                record = make_sidecar(tmp)
+                sidecar_path(out).unlink(missing_ok=True)   # never an old record next to a new beton
+                os.replace(tmp, out)
+                write_sidecar(record, sidecar_path(out))
+            except OSError as e:
+                raise PrepError(_write_failure(out, tmp, fail_dir, e)) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -249,6 +404,28 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
     labels = {y for _, y in samples}
     return {"file": str(out), "images": len(samples), "classes": len(labels), "bytes": out.stat().st_size,
             "seconds": dt, "images_per_s": len(samples) / dt if dt > 0 else float("inf")}
+
+
+def _free_shared_memory(writer) -> None:
+    """ffcv unlinks its metadata block in /dev/shm only after a successful write."""
+    sm = getattr(writer, "metadata_sm", None)
+    if sm is not None and hasattr(sm, "unlink"):
+        with contextlib.suppress(OSError):
+            sm.close()
+            sm.unlink()
+
+
+def _write_failure(out: Path, tmp: str, fail_dir: str, e: Exception) -> str:
+    """One line for a write that failed part-way: why, and how much space there is."""
+    reason = Path(fail_dir, "writer").read_text() if Path(fail_dir, "writer").is_file() else f"{type(e).__name__}: {e}"
+    reason = reason.splitlines()[0] if reason else type(e).__name__
+    written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+    free = shutil.disk_usage(out.parent).free
+    full = "No space left" in reason or "File too large" in reason or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG)
+    what = "disk full" if full else "a writer process failed"
+    return (f"{what} while writing {out} ({reason}; {written / 2**20:,.1f} MiB written, "
+            f"{free / 2**20:,.1f} MiB free in {out.parent}); the partial file was removed"
+            + ("; free space or choose another --out" if full else ""))
 
 
 def report_skipped(split: Split, out_dir: Path, stream=sys.stderr) -> None:
@@ -262,6 +439,16 @@ def report_skipped(split: Split, out_dir: Path, stream=sys.stderr) -> None:
         print(f"  skipped {p}: {r}", file=stream)
     if len(split.skipped) > MAX_LISTED:
         print(f"  ... and {len(split.skipped) - MAX_LISTED} more", file=stream)
+
+
+def check_writable(out: Path) -> None:
+    """OUT can be created and written (checked before the slow validation pass)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise PrepError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
 
 
 def format_summary(s: dict) -> str:
@@ -287,11 +474,12 @@ def convert_imagefolder(data: str | Path, out: str | Path, *, splits=("train", "
     for name in splits:
         if (out / f"{name}.beton").exists() and not force:
             raise PrepError(f"{out / f'{name}.beton'} exists; pass --force to overwrite it")
+    check_writable(out)
     classes = classes or list_classes(data / "train")
     scanned = [scan_split(data / name, classes, name) for name in splits]
     summaries = []
     for split in scanned:
-        validate(split, num_workers, progress)
+        validate(split, num_workers, progress, max_side)
         report_skipped(split, out)
         if not split.samples:
             raise PrepError(f"{data / split.name} has no readable images")

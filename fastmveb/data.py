@@ -44,6 +44,8 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from dataset_prep.integrity import check_beton
+
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
 
@@ -118,6 +120,7 @@ def _label_pipeline(device: torch.device) -> list:
 def _check(beton, batch_size: int, num_workers: int) -> int:
     if not Path(beton).is_file():
         raise FileNotFoundError(f"beton {beton} not found (make beton writes data/synthetic/*.beton)")
+    check_beton(beton)   # header, size and integrity record: a truncated or foreign file stops here, in one line
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # Workers are numba threads; more than the cores only adds contention (and fails on some setups).

@@ -1,0 +1,174 @@
+"""Beton integrity: a sidecar written with every beton, a cheap check on every open, a full check on demand.
+
+    python -m dataset_prep verify data/synthetic/train.beton [...]     # full SHA-256 + FFCV structure
+
+Writing (dataset_prep.writer) stores ``NAME.beton.sha256.json`` next to ``NAME.beton``: size, SHA-256,
+modification time and sample count of the finished file. Every loader calls ``check_beton`` on open:
+
+- always (microseconds): the FFCV header (format version, field count, page size), the allocation table's
+  position and size against the file size, and the size recorded in the sidecar. This catches truncated
+  files, files that are not betons at all, and betons cut or padded since they were written;
+- when the file's modification time differs from the one recorded (it was rewritten in place, or copied
+  without keeping times): the full SHA-256, once per process. A match is accepted with a note; `verify`
+  then records the new time so later opens skip the hash again.
+
+A beton without a sidecar (written before sidecars existed, or by other tools) gets the structural checks
+only. ``verify`` adds the full hash and checks every sample's allocation against the data region.
+Problems raise ``BetonError`` with one line that names the file and the fix.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SIDECAR_SUFFIX = ".sha256.json"
+FIX = "rewrite it with 'make beton FORCE=1' (or dataset_prep ... --force)"
+_CHUNK = 1 << 24
+
+
+class BetonError(ValueError):
+    """A beton that must not be read; the message is one line naming the file and the fix."""
+
+
+def sidecar_path(beton: str | Path) -> Path:
+    beton = Path(beton)
+    return beton.with_name(beton.name + SIDECAR_SUFFIX)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_sidecar(beton: str | Path) -> dict:
+    """The integrity record of a finished beton (hash it before renaming it into place)."""
+    header = _header(Path(beton))
+    st = os.stat(beton)
+    return {"format": "fastmveb-beton-integrity/1", "size": st.st_size, "sha256": sha256_file(beton),
+            "mtime_ns": st.st_mtime_ns, "num_samples": int(header["num_samples"])}
+
+
+def write_sidecar(record: dict, path: str | Path) -> None:
+    """Atomic: a temp file renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_sidecar(beton: Path) -> dict | None:
+    p = sidecar_path(beton)
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+        int(rec["size"]), str(rec["sha256"]), int(rec["mtime_ns"])
+        return rec
+    except (ValueError, KeyError, TypeError, OSError):
+        raise BetonError(f"{p} (the integrity record of {beton}) is unreadable; {FIX}") from None
+
+
+def _header(beton: Path):
+    """The FFCV header after checking it against the file size; BetonError when it cannot be a beton."""
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+    from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+    size = beton.stat().st_size
+    if size < HeaderType.itemsize:
+        raise BetonError(f"{beton} is not an FFCV beton (only {size} bytes); {FIX}")
+    header = np.fromfile(beton, dtype=HeaderType, count=1)[0]
+    version, n_fields, page = int(header["version"]), int(header["num_fields"]), int(header["page_size"])
+    n, table = int(header["num_samples"]), int(header["alloc_table_ptr"])
+    if version != CURRENT_VERSION or not 1 <= n_fields <= 64 or page < MIN_PAGE_SIZE or page >= MAX_PAGE_SIZE \
+            or page & (page - 1):
+        raise BetonError(f"{beton} is not an FFCV beton (header: version {version}, {n_fields} fields, page size "
+                         f"{page}); {FIX}")
+    data_start = HeaderType.itemsize + n_fields * FieldDescType.itemsize
+    if table < data_start or table > size or (size - table) % ALLOC_TABLE_TYPE.itemsize or n < 1:
+        raise BetonError(f"{beton} is truncated or damaged ({size} bytes; its header puts the allocation table at "
+                         f"byte {table} for {n} samples); {FIX}")
+    return header
+
+
+@functools.lru_cache(maxsize=64)
+def _check_cached(beton: str, size: int, mtime_ns: int) -> None:
+    path = Path(beton)
+    _header(path)
+    rec = _read_sidecar(path)
+    if rec is None:
+        return
+    if size != rec["size"]:
+        raise BetonError(f"{beton} is truncated or changed since it was written ({size} bytes, "
+                         f"{rec['size']} recorded in {sidecar_path(path).name}); {FIX}")
+    if mtime_ns != rec["mtime_ns"]:
+        # Rewritten in place, or copied without its times: only the hash can tell which.
+        if sha256_file(path) != rec["sha256"]:
+            raise BetonError(f"{beton} is corrupted (its SHA-256 differs from {sidecar_path(path).name}, recorded "
+                             f"when it was written); {FIX}")
+        print(f"note: {beton} changed time since it was written but its SHA-256 matches; run 'python -m "
+              f"dataset_prep verify {beton}' to record the new time and skip this check", file=sys.stderr)
+
+
+def check_beton(beton: str | Path) -> None:
+    """The cheap check every loader runs on open (see the module doc); raises BetonError."""
+    st = os.stat(beton)
+    _check_cached(str(beton), st.st_size, st.st_mtime_ns)
+
+
+def verify(beton: str | Path, restamp: bool = True) -> str:
+    """Everything: header, sidecar size and SHA-256, and every sample's allocation. -> a one-line summary.
+
+    ``restamp``: when the hash matches but the time differs (a copy), record the new time in the sidecar.
+    """
+    from ffcv.reader import Reader
+    from ffcv.types import FieldDescType, HeaderType
+    beton = Path(beton)
+    if not beton.is_file():
+        raise BetonError(f"{beton} not found")
+    header = _header(beton)
+    rec = _read_sidecar(beton)
+    st = beton.stat()
+    if rec is not None:
+        if st.st_size != rec["size"]:
+            raise BetonError(f"{beton} is truncated or changed since it was written ({st.st_size} bytes, "
+                             f"{rec['size']} recorded); {FIX}")
+        if sha256_file(beton) != rec["sha256"]:
+            raise BetonError(f"{beton} is corrupted (its SHA-256 differs from {sidecar_path(beton).name}); {FIX}")
+        if st.st_mtime_ns != rec["mtime_ns"] and restamp:
+            try:
+                write_sidecar(dict(rec, mtime_ns=st.st_mtime_ns), sidecar_path(beton))
+            except OSError:
+                pass
+    try:
+        reader = Reader(str(beton))
+    except Exception as e:  # noqa: BLE001 -- any failure to parse is the finding
+        raise BetonError(f"{beton} cannot be read by FFCV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {FIX}") from None
+    n, table_at = int(header["num_samples"]), int(header["alloc_table_ptr"])
+    data_start = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize \
+        + n * reader.metadata.dtype.itemsize
+    alloc = reader.alloc_table
+    ids, ptr, size = alloc["sample_id"], alloc["ptr"].astype(np.int64), alloc["size"].astype(np.int64)
+    bad = (ids >= n) | (ptr < data_start) | (ptr + size > table_at)
+    if bad.any():
+        raise BetonError(f"{beton}: {int(bad.sum())} of {len(alloc)} allocations point outside the data region; {FIX}")
+    for name in reader.metadata.dtype.names:
+        meta = reader.metadata[name]
+        if "data_ptr" in (meta.dtype.names or ()):
+            # every variable-size field (images) must start at an allocation recorded for its own sample
+            known = set(zip(ids.tolist(), ptr.tolist()))
+            missing = sum((i, int(p)) not in known for i, p in enumerate(meta["data_ptr"].tolist()))
+            if missing:
+                raise BetonError(f"{beton}: {missing} sample(s) of field {name} have no matching allocation; {FIX}")
+    how = "SHA-256 matches its record" if rec is not None else f"no {SIDECAR_SUFFIX} record: structure only"
+    return f"{beton}: ok ({n:,} samples, {st.st_size / 2**20:,.1f} MiB; {how})"
