@@ -20,7 +20,9 @@ import logging
 import os
 import random
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+_TMP_RE = re.compile(r"^\.step_\d+\.pt\.\d+\.tmp$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or does not fit this run; the message is one line with the way out."""
 
 
 def git_revision() -> str:
@@ -73,6 +80,45 @@ def _checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = _checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def remove_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temp files of saves a kill interrupted (``.step_N.pt.PID.tmp``: tens of MB to GBs each).
+
+    Call it only while holding the run directory's lock (fastmveb.rundir): then no save is in flight.
+    """
+    d = Path(run_dir) / "checkpoints"
+    gone = [p for p in d.iterdir() if _TMP_RE.match(p.name)] if d.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def load_latest(run_dir: str | Path, map_location="cpu", warn=None) -> tuple[Path | None, dict | None]:
+    """(path, state) of the newest checkpoint that loads, or (None, None). An unreadable newer one (cut by a
+    full disk, damaged on storage) is skipped with a warning naming it; it is left in place for inspection."""
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    for _, path in reversed(_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path, map_location=map_location)
+            if not isinstance(state, dict) or "model" not in state or "step" not in state:
+                raise ValueError("not a training checkpoint")
+            return path, state
+        except Exception as e:  # noqa: BLE001 -- any failure to read means "try the previous one"
+            reason = str(e).splitlines()[0] if str(e) else ""
+            warn(f"checkpoint {path} is unreadable ({type(e).__name__}{': ' + reason[:120] if reason else ''}); "
+                 f"trying the previous one")
+    return None, None
+
+
+def load_module_state(module: nn.Module, state_dict: dict, what: str, path: str | Path) -> None:
+    """module.load_state_dict(strict=True) with a one-line CheckpointError instead of the key/shape listing."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path} holds a different {what} than this config builds ({first}...); resume it "
+                              f"with the config it was trained with, or give this config another train.name") from None
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
@@ -126,6 +172,17 @@ def save_checkpoint(path: str | Path, state: dict) -> bool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos ..."): the space
+        # left after removing the partial file tells whether that is what happened.
+        tmp.unlink(missing_ok=True)
+        free, need = shutil.disk_usage(path.parent).free, _state_bytes(state)
+        if isinstance(e, RuntimeError) and free >= need:
+            raise
+        why = "no space left on device" if free < need else (e.strerror or str(e).splitlines()[0])
+        raise CheckpointError(f"cannot write checkpoint {path}: {why} (it needs about {need / 2**20:,.1f} MiB, "
+                              f"{free / 2**20:,.1f} MiB free in {path.parent}); the previous checkpoints are "
+                              f"intact: free space, then rerun to resume") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -139,6 +196,17 @@ def save_checkpoint(path: str | Path, state: dict) -> bool:
     except OSError:
         pass
     return True
+
+
+def _state_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: what torch.save needs, give or take the pickle framing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

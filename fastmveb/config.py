@@ -162,6 +162,7 @@ class TrainConfig:
     ckpt_every_epochs: int = 1
     keep_last: int = 3
     resume: bool = True              # continue from the newest checkpoint in the run directory
+    allow_config_change: bool = False  # resume although trajectory keys changed (fastmveb/rundir.py says what it does)
     progress: bool = True
 
 

@@ -1,11 +1,12 @@
 """Export a trained backbone as a torchvision ResNet state_dict (.pth) and as safetensors.
 
-    python -m fastmveb.export --run runs/NAME --out rn50.pth [--ckpt PATH] [--which online|target] [--fc auto|zero]
+    python -m fastmveb.export --run runs/NAME --out rn50.pth [--ckpt PATH] [--which online|target] [--fc auto|zero] [--force]
 
 Writes rn50.pth (torch.save of a plain state_dict; loads with torch.load(weights_only=True)) and
 rn50.safetensors (the same tensors; metadata: arch, step, epoch, git revision, which, fc source, and the
 run's resolved config as a JSON string). Both are written to a temp file and renamed, so an interrupted
-export never leaves a half-written file under the final name. Then, for example:
+export never leaves a half-written file under the final name; an existing rn50.pth or rn50.safetensors is
+replaced only with --force. Then, for example:
 
     model = torchvision.models.resnet50()
     model.load_state_dict(torch.load("rn50.pth", weights_only=True))       # strict: every key matches
@@ -62,7 +63,7 @@ def _probe_head(state: dict) -> dict | None:
 def find_head(run_dir: Path | None, ck: dict, ckpt_path: Path, which: str, feat_dim: int) -> tuple[dict | None, str]:
     """(head {'weight', 'bias'} or None, description of where it came from)."""
     if run_dir is not None and (run_dir / HEAD_FILE).is_file():
-        saved = torch.load(run_dir / HEAD_FILE, map_location="cpu", weights_only=True)
+        saved = _read_head(run_dir / HEAD_FILE)
         # A head trained on another checkpoint would be a wrong classifier, not merely a worse one.
         if (saved.get("ckpt") == ckpt_path.name and saved.get("which") == which
                 and tuple(saved["weight"].shape[1:]) == (feat_dim,)):
@@ -73,6 +74,21 @@ def find_head(run_dir: Path | None, ck: dict, ckpt_path: Path, which: str, feat_
             if head is not None and tuple(head["weight"].shape[1:]) == (feat_dim,):
                 return head, f"online linear probe (checkpoint '{key}')"
     return None, "zero-initialised (1000 classes)"
+
+
+def _read_head(path: Path) -> dict:
+    """The saved linear head, loaded weights_only (no pickled code runs); RunError for anything else."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch's message suggests weights_only=False: never pass that on
+        kind = "holds Python objects that are not loaded (unsafe to unpickle)" if "GLOBAL" in str(e).upper() \
+            else f"is unreadable ({type(e).__name__}: not a torch tensor file)"
+        raise RunError(f"{path} {kind}; delete it and rerun 'python -m fastmveb.eval linear', or pass --fc zero") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("weight"), torch.Tensor)
+            and isinstance(saved.get("bias"), torch.Tensor) and saved["weight"].ndim == 2):
+        raise RunError(f"{path} is not a linear head (weight, bias); delete it and rerun 'python -m fastmveb.eval "
+                       f"linear', or pass --fc zero")
+    return saved
 
 
 def torchvision_state(backbone_sd: dict, arch: str, head: dict | None = None, ref: ResNet | None = None) -> dict[str, torch.Tensor]:
@@ -111,7 +127,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | Path | None = None,
-                    which: str = "online", fc: str = "auto") -> dict:
+                    which: str = "online", fc: str = "auto", force: bool = False) -> dict:
     """Write OUT (.pth) and OUT with suffix .safetensors; -> {"pth", "safetensors", "arch", "step", "fc"}."""
     from safetensors.torch import save_file
 
@@ -122,6 +138,12 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         raise RunError(f"--fc must be auto or zero, got {fc!r}")
     if not out.parent.exists():
         raise RunError(f"output directory '{out.parent}' does not exist")
+    st_path = out.with_suffix(".safetensors")
+    for p in (out, st_path):
+        if p.is_dir():
+            raise RunError(f"--out: '{p}' is a directory; give a file name such as {p / 'backbone.pth'}")
+        if p.exists() and not force:
+            raise RunError(f"'{p}' exists; pass --force to overwrite it (and its .pth/.safetensors sibling)")
     run_dir, path = resolve_checkpoint(run, ckpt)
     ck = read_checkpoint(path)
     cfg = run_config(run_dir, ck)
@@ -146,9 +168,12 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         # The checkpoint's own copy is the config that produced these weights, byte for byte.
         "config": json.dumps(ck["config"] if isinstance(ck.get("config"), dict) else to_dict(cfg)),
     }
-    st_path = out.with_suffix(".safetensors")
-    _atomic(out, lambda p: torch.save(sd, p))
-    _atomic(st_path, lambda p: save_file(sd, str(p), metadata=meta))
+    try:
+        _atomic(out, lambda p: torch.save(sd, p))
+        _atomic(st_path, lambda p: save_file(sd, str(p), metadata=meta))
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise RunError(f"cannot write '{out}' / '{st_path.name}': {why}; choose another --out") from None
     return {"pth": out, "safetensors": st_path, "arch": arch, "step": ck.get("step"), "fc": source}
 
 
@@ -159,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="FILE.pth; FILE.safetensors is written next to it")
     ap.add_argument("--which", default="online", choices=["online", "target"], help="online encoder or EMA target")
     ap.add_argument("--fc", default="auto", choices=["auto", "zero"], help="fc from a saved probe when one fits, or zeros")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing OUT and its .safetensors sibling")
     args = ap.parse_args(argv)
     try:
-        r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc)
+        r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

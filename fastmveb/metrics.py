@@ -1,13 +1,15 @@
 """Run metrics: JSONL + TensorBoard on the main process, and the collapse monitors.
 
 The trainer reads device scalars only every ``train.log_every`` steps (one host sync per read); everything
-here runs at those points only.
+here runs at those points only. The monitors return NaN, never raise, when the embeddings are not finite
+(the trainer's NaN guard then reports the cause, not a LinAlgError from inside an SVD).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,11 +18,12 @@ import torch
 @torch.no_grad()
 def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     """log E_{i != j} exp(-t ||z_i - z_j||^2) for L2-normalised z (Wang & Isola): -4 when spread, 0 when collapsed."""
-    z = z.detach().float()
+    z, finite = _finite(z)
     n = z.shape[0]
     sq = (2 - 2 * z @ z.T).clamp_min(0)            # ||zi - zj||^2 on the sphere
     off = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    return torch.logsumexp(-t * sq[off], dim=0) - math.log(n * (n - 1))
+    u = torch.logsumexp(-t * sq[off], dim=0) - math.log(n * (n - 1))
+    return torch.where(finite, u, torch.full_like(u, float("nan")))
 
 
 @torch.no_grad()
@@ -29,10 +32,18 @@ def effective_rank(z: torch.Tensor) -> torch.Tensor:
 
     1 for a collapse onto one direction, up to min(N, d) for a spread batch.
     """
-    z = z.detach().float()
-    s = torch.linalg.svdvals(z - z.mean(0, keepdim=True))
+    z, finite = _finite(z)
+    s = torch.linalg.svdvals(z - z.mean(0, keepdim=True))   # raises on NaN/inf input: hence _finite
     p = s / s.sum().clamp_min(1e-12)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    r = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return torch.where(finite, r, torch.full_like(r, float("nan")))
+
+
+def _finite(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z as float with non-finite entries zeroed, 0-d bool: all finite), without a host sync."""
+    z = z.detach().float()
+    ok = torch.isfinite(z)
+    return torch.where(ok, z, torch.zeros_like(z)), ok.all()
 
 
 def collapse_warning(erank: float, unif: float, batch: int, dim: int) -> str | None:
@@ -59,7 +70,20 @@ class MetricsLogger:
         """On resume, drop lines past the checkpoint so the file reads as one uninterrupted run."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep, bad = [], 0
+        for ln in self.path.read_text(errors="replace").splitlines():
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+                s = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1               # a line cut by a kill mid-write (the last one), or damaged
+                continue
+            if s <= step:
+                keep.append(ln)
+        if bad:
+            print(f"warning: {self.path}: dropped {bad} incomplete line(s) (a write cut by a kill)", file=sys.stderr)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)

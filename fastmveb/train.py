@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
+from dataset_prep.integrity import BetonError, check_beton
 from fastmveb import checkpoint as ckpt
 from fastmveb.batchnorm import views
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
@@ -42,6 +43,7 @@ from fastmveb.optim import lr_at, where_
 from fastmveb.plan import dataset_length, make_plan
 from fastmveb.resolution import ViewSwitch
 from fastmveb.views import ViewMaker
+from fastmveb.rundir import RunDirError, open_run_dir
 
 
 def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
@@ -163,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: dataset '{path}' not found; run 'make beton' (synthetic) or set data.train_beton/"
                   f"data.val_beton to betons written by 'make beton DATA=... OUT=...'", file=sys.stderr)
             return 2
+        try:
+            check_beton(path)                                         # header, size, integrity record
+        except BetonError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     # ---- build --------------------------------------------------------------------------------------
     if cfg.train.deterministic:                                       # before CUDA and cuBLAS start
@@ -188,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
     git = ckpt.git_revision()                                         # once: meta.json and every checkpoint
+    # Lock the run dir (a second training stops here), choose the checkpoint, refuse a changed trajectory:
+    # all before anything is written.
+    try:
+        lock, latest, state = open_run_dir(run_dir, cfg, main_proc, device, world)
+    except RunDirError as e:
+        if main_proc:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
 
     set_seed(cfg.train.seed)                                          # same initial weights on every rank
     classes = None
@@ -208,15 +223,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume (exact: weights, target, optimizer, position in the data, every RNG) -------------------
     step, epoch, batch_in_epoch = 0, 0, 0
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.train.resume else None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, map_location=device if device.type != "cpu" else "cpu")  # not cpu:0
-        ckpt.unwrap(net).model.load_state_dict(state["model"], strict=True)
-        target.load_state_dict(state["target"], strict=True)
-        if probe is not None and "probe" in state:
-            probe.load_state_dict(state["probe"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        try:
+            ckpt.load_module_state(ckpt.unwrap(net).model, state["model"], "model", latest)
+            ckpt.load_module_state(target, state["target"], "model", latest)
+            if probe is not None and "probe" in state:
+                ckpt.load_module_state(probe, state["probe"], "online probe", latest)
+            optimizer.load_state_dict(state["optimizer"])
+        except (ckpt.CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        step, epoch = state["step"], state["epoch"]
+        batch_in_epoch = min(state["batch_in_epoch"], steps_per_epoch)  # train.allow_config_change: batch changed
     set_seed(cfg.train.seed + 1 + rank)                               # the view stream differs per rank
     if latest is not None:
         rngs = state["rng"]
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                      "batch_in_epoch": at_batch, "rng": rngs, "config": to_dict(cfg), "git": git}
             if probe is not None:
                 state["probe"] = probe.state_dict()
-            if ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), state):
+            if ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), state):   # CheckpointError: disk full
                 ckpt.prune_checkpoints(run_dir, cfg.train.keep_last)
         accelerator.wait_for_everyone()
 
@@ -365,4 +383,8 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ckpt.CheckpointError as e:                                 # a full disk while saving: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -94,3 +94,421 @@ def test_scientific_notation_on_command_line_and_in_rc(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(rc)
 
+
+# ---------------------------------------------------------------------------------------------- dataset_prep
+def _tree(root: Path, classes=("a_stripes", "b_dots"), per_class=3, side=40, splits=("train",)) -> Path:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (side, side + i, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _labels(beton: Path):
+    import numpy as np
+    from ffcv.reader import Reader
+    r = Reader(str(beton))
+    return np.bincount(r.metadata["f1"].ravel()).tolist()
+
+
+def _raw_images(beton: Path) -> list:
+    """The stored pixels of a write_mode=raw beton, straight from the file (metadata + data pointers)."""
+    import numpy as np
+    from ffcv.reader import Reader
+    r = Reader(str(beton))
+    out = []
+    for m in r.metadata["f0"]:
+        h, w = int(m["height"]), int(m["width"])
+        out.append(np.fromfile(beton, dtype=np.uint8, count=h * w * 3, offset=int(m["data_ptr"])).reshape(h, w, 3))
+    return out
+
+
+# Case 1: `ln -s .. train/00_stripes/loop` gave 656 samples from 16 images, 320 under the wrong label.
+def test_symlink_loops_and_links_into_other_classes_are_not_followed(tmp_path):
+    from dataset_prep.writer import convert_imagefolder
+    data = _tree(tmp_path / "data")
+    (data / "train" / "a_stripes" / "loop").symlink_to("..")                   # the split folder: a loop
+    (data / "train" / "a_stripes" / "self").symlink_to(".")                    # its own folder
+    (data / "train" / "a_stripes" / "other").symlink_to("../b_dots")           # another class
+    (data / "train" / "a_stripes" / "up").symlink_to("../../..")               # a folder containing the split
+    extra = _tree(tmp_path / "extra", classes=("x",), per_class=2)
+    (data / "train" / "b_dots" / "more").symlink_to(extra / "train" / "x")     # outside: followed, once
+    (data / "train" / "b_dots" / "more2").symlink_to(extra / "train" / "x")
+    out = tmp_path / "out"
+    s = convert_imagefolder(data, out, splits=("train",), num_workers=1, progress=False, max_side=None)
+    assert s[0]["images"] == 3 + 5
+    assert _labels(out / "train.beton") == [3, 5]
+    listed = (out / "skipped-train.txt").read_text()
+    for name in ("loop", "self", "other", "up", "more2"):
+        assert f"/{name}\t" in listed, listed
+
+
+# Case 2: 16-bit PNGs were binarised to 0/255; other modes must be converted or skipped with a reason.
+def test_high_bit_depth_and_alpha_images_are_converted_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from dataset_prep.writer import convert_imagefolder
+    d = tmp_path / "data" / "train" / "c"
+    d.mkdir(parents=True)
+    g16 = (np.arange(32 * 48, dtype=np.int64).reshape(32, 48) * 43).astype(np.uint16)   # 0 .. 66,005 -> wraps? no
+    g16 = (g16.astype(np.int64) * 65535 // g16.max()).astype(np.uint16)
+    Image.fromarray(g16).save(d / "g16.png")
+    assert Image.open(d / "g16.png").mode == "I;16"
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0                                                    # fully transparent red
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(np.full((32, 32, 2), 100, np.uint8), "LA").save(d / "la.png")
+    pal = Image.fromarray(np.full((32, 32), 7, np.uint8), "L").convert("P")
+    pal.info["transparency"] = 7
+    pal.save(d / "pal.png", transparency=7)
+    Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), "F").save(d / "f01.tif")
+    Image.fromarray(np.full((32, 32), 1000.0, np.float32), "F").save(d / "fbig.tif")
+    out = tmp_path / "out"
+    convert_imagefolder(tmp_path / "data", out, splits=("train",), num_workers=1, progress=False, max_side=None,
+                        write_mode="raw", shuffle=False)
+    imgs = {im.shape: im for im in _raw_images(out / "train.beton")}
+    assert len(_raw_images(out / "train.beton")) == 5
+    got = imgs[(32, 48, 3)]
+    want = (g16.astype(np.int64) * 255 + 32767) // 65535
+    assert (got[..., 0] == want).all() and (got[..., 1] == want).all()
+    assert len(np.unique(got)) > 200                                                        # not binarised
+    listed = (out / "skipped-train.txt").read_text()
+    assert "fbig.tif" in listed and "no known 8-bit scale" in listed and "f01" not in listed
+
+
+# Case 8 (write part): a 1x1 image passed dataset_prep, then aborted kNN evaluation inside OpenCV (rc 134).
+def test_images_under_the_minimum_side_are_skipped_and_listed(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from dataset_prep.writer import MIN_SIDE, convert_imagefolder
+    data = _tree(tmp_path / "data", per_class=2)
+    c = data / "train" / "a_stripes"
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(c / "one.png")
+    Image.new("RGB", (MIN_SIDE - 1, 64), (9, 9, 9)).save(c / "thin.png")
+    Image.new("RGB", (2000, 40), (9, 9, 9)).save(c / "panorama.png")   # 384 x 7 as stored at --max-side 384
+    Image.new("RGB", (MIN_SIDE, MIN_SIDE), (9, 9, 9)).save(c / "ok.png")
+    out = tmp_path / "out"
+    s = convert_imagefolder(data, out, splits=("train",), num_workers=1, progress=False, max_side=384)
+    assert s[0]["images"] == 4 + 1
+    listed = (out / "skipped-train.txt").read_text()
+    assert all(n in listed for n in ("one.png", "thin.png", "panorama.png")) and "ok.png" not in listed
+    assert "16-px minimum side" in listed
+    assert np.array(_labels(out / "train.beton")).sum() == 5
+
+
+# Case 5: a beton with 1 MiB overwritten in the middle trained with 36 images silently altered.
+def _small_beton(tmp_path: Path) -> Path:
+    from dataset_prep.writer import convert_imagefolder
+    data = _tree(tmp_path / "data", per_class=4, side=64)
+    convert_imagefolder(data, tmp_path / "b", splits=("train",), num_workers=1, progress=False, max_side=None)
+    return tmp_path / "b" / "train.beton"
+
+
+def test_beton_integrity_record_and_checks(tmp_path, capsys):
+    import os
+    import shutil
+    from dataset_prep.__main__ import main as prep
+    from dataset_prep.integrity import BetonError, check_beton, sidecar_path, verify
+    beton = _small_beton(tmp_path)
+    assert sidecar_path(beton).is_file()
+    check_beton(beton)
+    assert "SHA-256 matches" in verify(beton)
+
+    # overwritten in place (same size, new mtime): the open-time check hashes and refuses
+    bad = tmp_path / "bad.beton"
+    shutil.copy2(beton, bad)
+    shutil.copy2(sidecar_path(beton), sidecar_path(bad))
+    with open(bad, "r+b") as f:
+        f.seek(bad.stat().st_size // 2)
+        f.write(os.urandom(4096))
+    with pytest.raises(BetonError, match=r"bad.beton is corrupted .*make beton FORCE=1"):
+        check_beton(bad)
+    # the same damage with the old time put back: only `verify` (full hash) can see it
+    st = beton.stat()
+    os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
+    check_beton(bad)
+    assert prep(["verify", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupted" in err[0] and "FORCE=1" in err[0]
+
+    # truncated, and not a beton at all (with or without a record)
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes(beton.read_bytes()[: st.st_size // 2])
+    with pytest.raises(BetonError, match=r"cut.beton is truncated"):
+        check_beton(cut)
+    shutil.copy2(sidecar_path(beton), sidecar_path(cut))
+    with pytest.raises(BetonError, match=r"cut.beton is truncated"):
+        check_beton(cut)
+    with pytest.raises(BetonError, match=r"README.md is not an FFCV beton.*FORCE=1"):
+        check_beton(ROOT / "README.md")
+
+    # a plain copy (new time, same bytes) is accepted once hashed; verify records the new time
+    cp = tmp_path / "cp.beton"
+    shutil.copy(beton, cp)
+    shutil.copy(sidecar_path(beton), sidecar_path(cp))
+    check_beton(cp)
+    assert "SHA-256 matches" in capsys.readouterr().err
+    assert prep(["verify", str(cp)]) == 0
+    import json
+    assert json.loads(sidecar_path(cp).read_text())["mtime_ns"] == cp.stat().st_mtime_ns
+
+
+def test_train_and_eval_refuse_a_corrupted_or_foreign_beton(small_betons, tmp_path):
+    import os
+    import shutil
+    from dataset_prep.integrity import sidecar_path
+    from fastmveb.data import eval_loader
+    bad = tmp_path / "train.beton"
+    shutil.copy(small_betons / "train.beton", bad)
+    shutil.copy(sidecar_path(small_betons / "train.beton"), sidecar_path(bad))
+    with open(bad, "r+b") as f:                                     # 1 MiB overwritten in the middle
+        f.seek(bad.stat().st_size // 2 - 2**19)
+        f.write(os.urandom(2**20))
+    for beton, what in ((bad, "is corrupted"), (ROOT / "README.md", "is not an FFCV beton")):
+        r = subprocess.run([sys.executable, str(ROOT / "fastmveb/train.py"), "--rc", str(ROOT / "rcs/tiny.yaml"),
+                            f"data.train_beton={beton}", f"data.val_beton={small_betons / 'val.beton'}",
+                            f"train.run_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        line = one_line_error(r)
+        assert what in line and str(beton) in line and "FORCE=1" in line
+        assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="is corrupted"):
+        eval_loader(bad, 8, 1, "cpu")
+
+
+# Case 6: a full disk killed an ffcv writer process; the main process hung forever and left a hidden .tmp.
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1-MiB tmpfs (root only): smaller than any beton (FFCV pages are 2 MiB)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_while_writing_a_beton_fails_in_one_line(small_disk, tmp_path):
+    data = _tree(tmp_path / "data", per_class=3, side=64, splits=("train", "val"))
+    out = small_disk / "out"
+    r = subprocess.run([sys.executable, "-m", "dataset_prep", "imagefolder", "--data", str(data), "--out", str(out),
+                        "--quiet", "--max-side", "0"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    line = one_line_error(r)
+    assert r.returncode == 2 and "disk full while writing" in line and "train.beton" in line
+    assert list(out.iterdir()) == []                                   # no beton, no hidden temporary file
+
+
+def test_unwritable_output_fails_before_the_slow_pass(tmp_path):
+    data = _tree(tmp_path / "data", per_class=1, splits=("train", "val"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "dataset_prep", "imagefolder", "--data", str(data), "--out",
+                        str(blocker / "out"), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    line = one_line_error(r)
+    assert "cannot write to" in line and "--out" in line
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+def _train(betons, run_dir, name, *extra, timeout=600, **over):
+    import os
+    from test_train import ROOT as _R, TRAIN, tiny_overrides   # the shared tiny ResNet-10 settings
+    args = tiny_overrides(betons, run_dir, name, **{"train.max_steps": 2, "train.ckpt_every_steps": 1,
+                                                    "train.keep_last": 0, **over})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, TRAIN, "--rc", str(_R / "rcs/tiny.yaml"), *args, *extra], cwd=_R, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _steps(run: Path) -> list[int]:
+    import json
+    return [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+# Case 3: two trainings in one run directory both ran to exit 0, interleaving metrics and checkpoints.
+def test_second_training_in_a_locked_run_dir_stops_and_the_lock_dies_with_kill_9(small_betons, tmp_path):
+    import fcntl
+    import os
+    import signal
+    import time
+    from test_train import ROOT as _R, TRAIN, tiny_overrides
+    args = tiny_overrides(small_betons, tmp_path, "busy", **{"optim.epochs": 50})
+    first = subprocess.Popen([sys.executable, TRAIN, "--rc", str(_R / "rcs/tiny.yaml"), *args], cwd=_R,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "busy" / ".lock"
+        deadline = time.time() + 300
+        while not (tmp_path / "busy" / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended early"
+        second = _train(small_betons, tmp_path, "busy")
+        line = one_line_error(second)
+        assert f"in use by another training (pid {first.pid})" in line and "train.name" in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with open(lock) as f:                                 # kill -9 left no lock behind
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    from fastmveb.rundir import lock_run_dir
+    lock_run_dir(tmp_path / "busy").close()
+
+
+@pytest.fixture(scope="module")
+def base_run(small_betons, tmp_path_factory):
+    """A 2-step run with checkpoints at steps 1 and 2."""
+    d = tmp_path_factory.mktemp("base")
+    r = _train(small_betons, d, "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "run"
+
+
+def _copy_run(base: Path, tmp_path: Path) -> Path:
+    import shutil
+    shutil.copytree(base, tmp_path / "run")
+    return tmp_path / "run"
+
+
+# Case 4: data.batch_size 16 -> 32 on resume was silent (lr jump, wrong data position, config.yaml rewritten).
+# Case 13: an architecture change on resume gave a traceback.
+def test_resume_with_a_changed_trajectory_stops_in_one_line(small_betons, base_run, tmp_path):
+    run = _copy_run(base_run, tmp_path)
+    before = (run / "config.yaml").read_bytes()
+    r = _train(small_betons, tmp_path, "run", **{"data.batch_size": 32, "model.arch": "resnet18",
+                                                   "train.max_steps": 3})
+    line = one_line_error(r)
+    assert "data.batch_size 16 -> 32" in line and "model.arch 'resnet10' -> 'resnet18'" in line
+    assert "train.name" in line and "train.allow_config_change=true" in line
+    assert (run / "config.yaml").read_bytes() == before and _steps(run) == [1, 2]
+    # the way out that keeps the weights: the arch still cannot load, in one line
+    r = _train(small_betons, tmp_path, "run", **{"model.arch": "resnet18", "train.allow_config_change": "true"})
+    line = one_line_error(r)
+    assert "holds a different model" in line and "train.name" in line
+    # a batch change under the override runs on from the checkpoint
+    r = _train(small_betons, tmp_path, "run", **{"data.batch_size": 32, "train.allow_config_change": "true",
+                                                   "train.max_steps": 3})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _steps(run) == [1, 2, 3]
+
+
+# Cases 9 and 10: a cut last metrics line broke every resume; a corrupt newest checkpoint gave a traceback;
+# temp files of killed saves (55-61 MB each here) stayed forever. Harmless keys may change on resume.
+def test_resume_survives_cut_metrics_corrupt_checkpoint_and_temp_files(small_betons, base_run, tmp_path):
+    run = _copy_run(base_run, tmp_path)
+    ck = run / "checkpoints"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "epoch": 0.3, "lo')                     # a write cut by a kill
+    newest = ck / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100_000])                   # damaged on storage
+    stale = ck / ".step_00000003.pt.999999.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    r = _train(small_betons, tmp_path, "run", **{"train.max_steps": 3, "train.log_every": 1, "train.keep_last": 0,
+                                                   "train.progress": "false", "eval.knn_k": 5})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert f"checkpoint {newest} is unreadable" in r.stderr
+    assert "dropped 1 incomplete line" in r.stderr
+    assert not stale.exists()
+    assert _steps(run) == [1, 2, 3]                                     # resumed from step 1: steps 2 and 3 again
+    from fastmveb.checkpoint import load_checkpoint
+    assert load_checkpoint(ck / "step_00000003.pt")["step"] == 3
+
+
+def test_metrics_monitors_return_nan_not_raise():
+    import torch
+    from fastmveb.metrics import effective_rank, uniformity
+    z = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    assert torch.isfinite(effective_rank(z)) and torch.isfinite(uniformity(z))
+    z[3, 2] = float("nan")
+    assert torch.isnan(effective_rank(z)) and torch.isnan(uniformity(z))
+    z[3, 2] = float("inf")
+    assert torch.isnan(effective_rank(z)) and torch.isnan(uniformity(z))
+
+
+# Case 13: a full disk during a checkpoint save gave a traceback.
+def test_disk_full_during_a_checkpoint_save_is_one_line(small_betons, tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {r.stderr.strip()}")
+    try:
+        r = _train(small_betons, mnt, "full")
+        line = one_line_error(r)
+        assert "cannot write checkpoint" in line and "step_00000001.pt" in line and "no space left" in line
+        assert "MiB free" in line and "needs about" in line
+        assert list((mnt / "full" / "checkpoints").iterdir()) == []     # no partial file left
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------- export
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+# Case 12: export silently overwrote an existing .pth and its .safetensors sibling.
+def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
+    import torch
+    from fastmveb.export import main
+    from test_export import make_run
+    run, *_ = make_run(tmp_path, "resnet10", own_target=False)
+    out = tmp_path / "bb.pth"
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    pth, st = out.read_bytes(), out.with_suffix(".safetensors").read_bytes()
+    capsys.readouterr()
+    out.with_suffix(".safetensors").unlink()
+    out.with_suffix(".safetensors").write_bytes(st)
+    for existing in (out, out.with_suffix(".safetensors")):
+        keep = existing.read_bytes()
+        other = out.with_suffix(".safetensors") if existing == out else out
+        other.rename(tmp_path / "aside")
+        assert main(["--run", str(run), "--out", str(out), "--fc", "zero"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "exists; pass --force" in err[0] and existing.name in err[0]
+        assert existing.read_bytes() == keep and not other.exists()
+        (tmp_path / "aside").rename(other)
+    assert main(["--run", str(run), "--out", str(out), "--force"]) == 0
+    assert torch.load(out, weights_only=True).keys() == torch.load(tmp_path / "bb.pth", weights_only=True).keys()
+    assert pth and st
+
+
+# Case 13: export to a directory or an unwritable path, an unpicklable or malicious linear head: tracebacks.
+def test_export_bad_outputs_and_bad_heads_are_one_line(tmp_path, capsys):
+    import pickle
+
+    from fastmveb.export import main
+    from test_export import make_run
+    run, *_ = make_run(tmp_path, "resnet10", own_target=False)
+    (tmp_path / "adir.pth").mkdir()
+    cases = [([f"--out={tmp_path / 'adir.pth'}"], "is a directory"),
+             (["--out=/sys/fastmveb_export.pth"], "cannot write")]
+    for extra, what in cases:
+        assert main(["--run", str(run), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and what in err[0], err
+    marker = tmp_path / "pwned"
+    import torch
+    head = run / "linear_head.pt"
+    for content, what in (({"weight": _Evil(str(marker)), "ckpt": "step_00000007.pt"}, "not loaded (unsafe to unpickle)"),
+                          (pickle.dumps(_Evil(str(marker))), "is unreadable"),
+                          (b"\x80\x04garbage", "is unreadable"),
+                          ({"weight": "not a tensor"}, "is not a linear head")):
+        if isinstance(content, bytes):
+            head.write_bytes(content)
+        else:
+            torch.save(content, head)
+        assert main(["--run", str(run), "--out", str(tmp_path / "h.pth")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0] and "weights_only=False" not in err[0], err
+        assert not marker.exists()                                       # nothing in the pickle ran
+        assert not (tmp_path / "h.pth").exists()

@@ -1,0 +1,131 @@
+"""The run directory's guards: one training at a time, and a resume only under the config that made it.
+
+    lock = lock_run_dir(run_dir)                  # before anything is written; held until the process exits
+    check_resume(state["config"], to_dict(cfg), latest, allow=cfg.train.allow_config_change)
+
+Lock: an OS lock (fcntl.flock) on run_dir/.lock, taken by the main process. The kernel drops it when the
+process ends, however it ends (kill -9 included), so there is never a stale lock to delete by hand. The file
+holds the pid of the holder, for the message the second run prints.
+
+Resume: the checkpoint stores the resolved config it was trained with. A resume under a config that
+changes the trajectory (batch, model, views, loss, optimiser, seed, training data, precision, compilation)
+would silently mix two runs: the lr jumps, the data position means another sample, and the run no longer
+repeats any uninterrupted run. Such a resume stops with one line naming the keys. Keys that only change
+what is logged, evaluated or saved (HARMLESS) may change; every other key, including keys added later,
+counts as trajectory-changing. ``train.allow_config_change=true`` resumes anyway: the weights, optimiser
+state, step and position (as a batch index) come from the checkpoint, the new values apply from there on.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+# Keys whose change cannot alter the weights a run produces (sections: prefix match on "section.").
+HARMLESS = (
+    "data.val_beton", "data.num_workers", "data.os_cache", "data.eval_size", "data.eval_crop_ratio",
+    "data.eval_batch_size", "optim.max_bad_steps", "train.run_dir", "train.name", "train.deterministic",
+    "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.ckpt_every_epochs", "train.keep_last",
+    "train.resume", "train.progress", "train.allow_config_change",
+    "eval.knn_k", "eval.knn_t", "eval.knn_every_epochs", "eval.knn_max_val", "eval.knn_at_end",
+    "eval.linear_epochs", "eval.linear_base_lr", "eval.linear_batch_size", "eval.linear_mode",
+)
+
+
+class RunDirError(Exception):
+    """The run directory cannot be used as asked; the message is one line with the way out."""
+
+
+def lock_run_dir(run_dir: str | Path):
+    """Create run_dir if needed and lock it; returns the open lock file (keep it referenced: closing it unlocks)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise RunDirError(f"cannot create the run directory {run_dir}: {e.strerror or e}; set train.run_dir") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        who = f" (pid {pid})" if pid.isdigit() else ""
+        raise RunDirError(f"run directory {run_dir} is in use by another training{who}; wait for it to finish, "
+                          f"or give this run another train.name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def open_run_dir(run_dir: str | Path, cfg, main_proc: bool, device, world: int = 1):
+    """Lock (main process), clear temp files of killed saves, and pick the checkpoint to resume.
+
+    -> (lock file or None, newest readable checkpoint path or None, its state or None). Raises RunDirError
+    when the directory is in use or the checkpoint's config differs in a trajectory key; with ``world`` > 1
+    on every rank alike (a collective), so no rank is left waiting for one that stopped.
+    """
+    result, problem = None, None
+    try:
+        result = _open_run_dir(run_dir, cfg, main_proc, device)
+    except RunDirError as e:
+        problem = str(e)
+    if world > 1:
+        from accelerate.utils import gather_object
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem:
+        raise RunDirError(problem)
+    return result
+
+
+def _open_run_dir(run_dir, cfg, main_proc, device):
+    from fastmveb import checkpoint as ckpt
+    from fastmveb.config import to_dict
+    lock = None
+    if main_proc:
+        lock = lock_run_dir(run_dir)
+        ckpt.remove_temp_files(run_dir)
+    latest, state = None, None
+    if cfg.train.resume:
+        where = device if device.type != "cpu" else "cpu"   # not "cpu:0": the RNG states must stay on plain cpu
+        latest, state = ckpt.load_latest(run_dir, map_location=where, warn=None if main_proc else (lambda m: None))
+    if state is not None:
+        check_resume(state.get("config"), to_dict(cfg), latest, cfg.train.allow_config_change)
+    return lock, latest, state
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(trajectory-changing keys, harmless keys) whose values differ between two to_dict() configs."""
+    a, b = _flatten(old), _flatten(new)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    harmless = [k for k in changed if k in HARMLESS]
+    return [k for k in changed if k not in HARMLESS], harmless
+
+
+def check_resume(old: dict | None, new: dict, checkpoint: str | Path, allow: bool = False) -> list[str]:
+    """Raise RunDirError when a trajectory key changed (unless ``allow``); returns the changed keys."""
+    if not isinstance(old, dict):
+        return []
+    trajectory, harmless = config_changes(old, new)
+    if trajectory and not allow:
+        a, b = _flatten(old), _flatten(new)
+        shown = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in trajectory[:4])
+        more = f" (+{len(trajectory) - 4} more)" if len(trajectory) > 4 else ""
+        raise RunDirError(f"resuming {checkpoint} with a changed config: {shown}{more}; these change the training "
+                          f"trajectory. Give the new config another train.name (a fresh run), or pass "
+                          f"train.allow_config_change=true to continue these weights under the new values")
+    return trajectory + harmless
