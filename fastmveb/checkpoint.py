@@ -39,6 +39,10 @@ class CheckpointError(Exception):
     """A checkpoint cannot be written or does not fit this run; the message is one line with the way out."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous ones are intact."""
+
+
 def git_revision() -> str:
     """The code revision a run or a result came from (`git describe --always --dirty`), or "unknown"."""
     try:
@@ -180,7 +184,7 @@ def save_checkpoint(path: str | Path, state: dict) -> bool:
         if isinstance(e, RuntimeError) and free >= need:
             raise
         why = "no space left on device" if free < need else (e.strerror or str(e).splitlines()[0])
-        raise CheckpointError(f"cannot write checkpoint {path}: {why} (it needs about {need / 2**20:,.1f} MiB, "
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {why} (it needs about {need / 2**20:,.1f} MiB, "
                               f"{free / 2**20:,.1f} MiB free in {path.parent}); the previous checkpoints are "
                               f"intact: free space, then rerun to resume") from None
     except BaseException:

@@ -43,7 +43,8 @@ class LARS(torch.optim.Optimizer):
     float or a 0-d tensor (so a schedule can update it in place without recompiling a compiled step).
 
     ``step(skip=t)`` with a 0-d bool tensor ``t``: where ``t`` is True, parameters and momentum buffers stay
-    bitwise unchanged, decided on the device without reading ``t`` back. The update is computed out of
+    bitwise unchanged, decided on the device without reading ``t`` back. The step is also skipped when the
+    updated parameters would not be finite; ``self.skipped`` (0-d bool) holds the verdict either way. The update is computed out of
     place and selected per tensor with ``torch.where(skip, old, new)``. A select, unlike blending with a 0/1
     factor, needs no NaN sanitising (a NaN in the unselected branch never reaches the result) and keeps the
     sign of zeros, so "unchanged" holds bit for bit. Without ``skip`` the update runs fully in place.
@@ -63,6 +64,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pending = []   # skip path: (old tensors, new tensors, new params) per group, selected after the last group
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -105,13 +107,23 @@ class LARS(torch.optim.Optimizer):
                     torch._foreach_add_(params, bufs, alpha=-lr)
                 continue
 
-            skip_dev = skip.to(device=device, non_blocking=True)
             new_bufs = torch._foreach_add(d, bufs, alpha=momentum)
             if isinstance(lr, torch.Tensor):
                 new_params = torch._foreach_sub(params, torch._foreach_mul(new_bufs, lr))
             else:
                 new_params = torch._foreach_add(params, new_bufs, alpha=-lr)
-            where_(~skip_dev, bufs + params, new_bufs + new_params)
+            pending.append((bufs + params, new_bufs + new_params, new_params))
+        self.skipped = None
+        if skip is not None and pending:
+            # Finite gradients can still step the weights to inf/NaN (an lr far too high): such an update is
+            # skipped as well, decided on the device from each tensor's largest |value| (max, unlike a sum or an
+            # L2 norm, cannot overflow on finite values, and it propagates NaN).
+            device = pending[0][2][0].device
+            peak = torch.stack([torch.stack(torch._foreach_norm(new_p, ord=float("inf"))).amax().to(device)
+                                for _, _, new_p in pending])
+            skip_dev = skip.to(device=device, non_blocking=True) | ~torch.isfinite(peak.amax())
+            where_(~skip_dev, [t for olds, _, _ in pending for t in olds], [t for _, news, _ in pending for t in news])
+            self.skipped = skip_dev   # the step's verdict: the given skip, or an update that was not finite
         return loss
 
 

@@ -84,6 +84,7 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step(skip=skip)
+        skip = optimizer.skipped                                       # also: an update that was not finite
         optimizer.zero_grad(set_to_none=True)
         where_(skip, buffers, saved)                                   # a few launches, not one per buffer
     with phase("ema"):
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     # Lock the run dir (a second training stops here), choose the checkpoint, refuse a changed trajectory:
     # all before anything is written.
     try:
-        lock, latest, state = open_run_dir(run_dir, cfg, main_proc, device, world)
+        lock, latest, state = open_run_dir(run_dir, cfg, main_proc, device, world)   # lock: held until exit
     except RunDirError as e:
         if main_proc:
             print(f"error: {e}", file=sys.stderr)
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 if warn and main_proc:
                     tqdm.write(f"warning: step {step}: {warn}")
                 if vals[-1] >= cfg.optim.max_bad_steps:
-                    stop_reason = (f"{int(vals[-1])} consecutive non-finite steps (loss or gradients NaN/Inf) by step "
+                    stop_reason = (f"{int(vals[-1])} consecutive non-finite steps (loss, gradients or updated weights NaN/Inf) by step "
                                    f"{step}; they were skipped, the weights are the last finite ones. Lower "
                                    "optim.base_lr or check the data, then rerun to resume from the last checkpoint")
                 sums, n_acc, data_wait, t_window = {}, 0, 0.0, time.perf_counter()

@@ -512,3 +512,32 @@ def test_export_bad_outputs_and_bad_heads_are_one_line(tmp_path, capsys):
         assert len(err) == 1 and what in err[0] and "weights_only=False" not in err[0], err
         assert not marker.exists()                                       # nothing in the pickle ran
         assert not (tmp_path / "h.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- NaN guard
+# Case 7: base_lr=1.0e+9 stepped the weights to inf/NaN from finite gradients; the skip did not catch it.
+def test_lars_skips_an_update_that_would_not_be_finite():
+    import torch
+    from fastmveb.optim import LARS
+    w = torch.nn.Parameter(torch.full((4, 4), 3e38))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = LARS([{"params": [w], "lars_exclude": True}, {"params": [b], "lars_exclude": True}], lr=1.0, momentum=0.0)
+    w.grad, b.grad = torch.full((4, 4), -3e38), torch.ones(4)             # finite gradients, w - lr*g overflows
+    before = (w.detach().clone(), b.detach().clone())
+    opt.step(skip=torch.tensor(False))
+    assert bool(opt.skipped) and torch.equal(w, before[0]) and torch.equal(b, before[1])   # all groups held back
+    w.grad = torch.ones(4, 4)
+    opt.step(skip=torch.tensor(False))
+    assert not bool(opt.skipped) and torch.isfinite(w).all() and not torch.equal(b, before[1])
+
+
+def test_huge_lr_is_stopped_by_the_guard_with_finite_weights(small_betons, tmp_path):
+    import torch
+    from fastmveb.checkpoint import latest_checkpoint, load_checkpoint
+    r = _train(small_betons, tmp_path, "lr", **{"optim.base_lr": "1.0e+9", "optim.warmup_epochs": 0,
+                                                  "optim.max_bad_steps": 2, "train.max_steps": 12})
+    line = one_line_error(r)
+    assert "consecutive non-finite steps" in line and r.returncode == 1
+    assert "not saving" not in r.stderr                                  # never a non-finite state to refuse
+    state = load_checkpoint(latest_checkpoint(tmp_path / "lr"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
