@@ -36,6 +36,8 @@ ELSEWHERE = {
     ("train.compile", "false"): "tiny_overrides (every run above)",
     ("train.resume", True): "tests/test_train.py::test_resume_after_kill_reproduces_the_uninterrupted_run",
     ("train.resume", False): "test_resume_false_starts_over",
+    ("train.allow_config_change", True): "tests/test_faults.py::test_resume_with_a_changed_trajectory_stops_in_one_line",
+    ("train.allow_config_change", False): "tiny_overrides (every run; its refusal: the same test_faults test)",
     ("train.deterministic", True): "tiny_overrides (run per_view_and_view_options)",
     ("eval.linear_mode", "fast"): "tests/test_eval.py (the eval CLI; training never reads it)",
     ("eval.linear_mode", "full"): "tests/test_eval.py (the eval CLI; training never reads it)",
