@@ -31,6 +31,7 @@ HARMLESS = (
     "train.resume", "train.progress", "train.allow_config_change",
     "eval.knn_k", "eval.knn_t", "eval.knn_every_epochs", "eval.knn_max_val", "eval.knn_at_end",
     "eval.linear_epochs", "eval.linear_base_lr", "eval.linear_batch_size", "eval.linear_mode",
+    "eval.linear_full_batch_size", "eval.linear_micro_batch",
 )
 
 

@@ -86,7 +86,11 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
         optimizer.step(skip=skip)
         skip = optimizer.skipped                                       # also: an update that was not finite
         optimizer.zero_grad(set_to_none=True)
-        where_(skip, buffers, saved)                                   # a few launches, not one per buffer
+        # A finite step can still overflow the BN running statistics (huge activations): then they all keep
+        # their previous values. Buffers only, so no rank-dependent decision reaches the shared weights.
+        floats = [b for b in buffers if b.is_floating_point()]
+        held = skip | ~torch.isfinite(torch.stack(torch._foreach_norm(floats, ord=float("inf"))).amax()) if floats else skip
+        where_(held, buffers, saved)                                   # a few launches, not one per buffer
     with phase("ema"):
         ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
     stats = dict(stats, grad_norm=grad_norm.detach())

@@ -373,15 +373,15 @@ def _copy_run(base: Path, tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-# Case 4: data.batch_size 16 -> 32 on resume was silent (lr jump, wrong data position, config.yaml rewritten).
+# Case 4: the batch 16 -> 32 on resume was silent (lr jump, wrong data position, config.yaml rewritten).
 # Case 13: an architecture change on resume gave a traceback.
 def test_resume_with_a_changed_trajectory_stops_in_one_line(small_betons, base_run, tmp_path):
     run = _copy_run(base_run, tmp_path)
     before = (run / "config.yaml").read_bytes()
-    r = _train(small_betons, tmp_path, "run", **{"data.batch_size": 32, "model.arch": "resnet18",
+    r = _train(small_betons, tmp_path, "run", **{"data.global_batch_size": 32, "model.arch": "resnet18",
                                                    "train.max_steps": 3})
     line = one_line_error(r)
-    assert "data.batch_size 16 -> 32" in line and "model.arch 'resnet10' -> 'resnet18'" in line
+    assert "data.global_batch_size 16 -> 32" in line and "model.arch 'resnet10' -> 'resnet18'" in line
     assert "train.name" in line and "train.allow_config_change=true" in line
     assert (run / "config.yaml").read_bytes() == before and _steps(run) == [1, 2]
     # the way out that keeps the weights: the arch still cannot load, in one line
@@ -389,7 +389,7 @@ def test_resume_with_a_changed_trajectory_stops_in_one_line(small_betons, base_r
     line = one_line_error(r)
     assert "holds a different model" in line and "train.name" in line
     # a batch change under the override runs on from the checkpoint
-    r = _train(small_betons, tmp_path, "run", **{"data.batch_size": 32, "train.allow_config_change": "true",
+    r = _train(small_betons, tmp_path, "run", **{"data.global_batch_size": 32, "train.allow_config_change": "true",
                                                    "train.max_steps": 3})
     assert r.returncode == 0, r.stderr[-3000:]
     assert _steps(run) == [1, 2, 3]
