@@ -116,12 +116,9 @@ class LARS(torch.optim.Optimizer):
         self.skipped = None
         if skip is not None and pending:
             # Finite gradients can still step the weights to inf/NaN (an lr far too high): such an update is
-            # skipped as well, decided on the device from each tensor's largest |value| (max, unlike a sum or an
-            # L2 norm, cannot overflow on finite values, and it propagates NaN).
-            device = pending[0][2][0].device
-            peak = torch.stack([torch.stack(torch._foreach_norm(new_p, ord=float("inf"))).amax().to(device)
-                                for _, _, new_p in pending])
-            skip_dev = skip.to(device=device, non_blocking=True) | ~torch.isfinite(peak.amax())
+            # skipped as well, decided on the device.
+            new_params = [t for _, _, new_p in pending for t in new_p]
+            skip_dev = skip.to(device=new_params[0].device, non_blocking=True) | ~all_finite(new_params)
             where_(~skip_dev, [t for olds, _, _ in pending for t in olds], [t for _, news, _ in pending for t in news])
             self.skipped = skip_dev   # the step's verdict: the given skip, or an update that was not finite
         return loss
@@ -145,6 +142,14 @@ def _unflat(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device: every element of every (floating) tensor is finite. From each tensor's largest
+    |value|: a max, unlike a sum or an L2 norm, cannot overflow on finite values, and it propagates NaN."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).amax())
+
+
 def where_(cond: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """dst[i] <- where(cond, src[i], dst[i]) for every i, with a 0-d bool ``cond`` read only on the device.
 

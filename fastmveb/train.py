@@ -39,7 +39,7 @@ from fastmveb.loss import mveb_loss
 from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, uniformity
 from fastmveb.build import build_training
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
-from fastmveb.optim import lr_at, where_
+from fastmveb.optim import all_finite, lr_at, where_
 from fastmveb.plan import dataset_length, make_plan
 from fastmveb.resolution import ViewSwitch
 from fastmveb.views import ViewMaker
@@ -86,11 +86,9 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
         optimizer.step(skip=skip)
         skip = optimizer.skipped                                       # also: an update that was not finite
         optimizer.zero_grad(set_to_none=True)
-        # A finite step can still overflow the BN running statistics (huge activations): then they all keep
-        # their previous values. Buffers only, so no rank-dependent decision reaches the shared weights.
-        floats = [b for b in buffers if b.is_floating_point()]
-        held = skip | ~torch.isfinite(torch.stack(torch._foreach_norm(floats, ord=float("inf"))).amax()) if floats else skip
-        where_(held, buffers, saved)                                   # a few launches, not one per buffer
+        # Also held back: BN statistics a finite step overflowed (huge activations); buffers only, so this
+        # rank-local verdict never reaches the shared weights. where_: a few launches, not one per buffer.
+        where_(skip | ~all_finite([b for b in buffers if b.is_floating_point()]), buffers, saved)
     with phase("ema"):
         ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
     stats = dict(stats, grad_norm=grad_norm.detach())
