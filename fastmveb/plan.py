@@ -126,7 +126,12 @@ def dataset_length(beton: str | Path) -> int | None:
     """Number of samples in a beton (its header only), or None when the file does not exist."""
     if not Path(beton).is_file():
         return None
+    from dataset_prep.integrity import BetonError, check_beton
     from ffcv.reader import Reader
+    try:
+        check_beton(beton)             # a truncated or foreign file: one line, not ffcv's traceback
+    except BetonError as e:
+        raise ConfigError(str(e)) from None
     return int(Reader(str(beton)).num_samples)
 
 
