@@ -139,9 +139,12 @@ def demo_block(p: dict) -> str:
     lines += ["", f"Over seeds {seeds}: trained **{min(tr):.2f}-{max(tr):.2f}%**, random init "
                   f"**{min(rn):.2f}-{max(rn):.2f}%** (min-max; chance 10%)."]
     if "generate_s" in p:
-        total = p["generate_s"] + rows[0]["train_s"]
-        lines[-1] += (f" Writing the dataset took {p['generate_s']:.0f} s, so `make demo` (dataset + seed "
-                      f"{rows[0]['seed']}) took {total / 60:.1f} min with an existing `.venv`.")
+        lines[-1] += f" Writing the dataset took {p['generate_s']:.0f} s"
+        if p.get("jobs", 1) == 1:
+            total = p["generate_s"] + rows[0]["train_s"]
+            lines[-1] += f", so `make demo` (dataset + seed {rows[0]['seed']}) took {total / 60:.1f} min with an existing `.venv`."
+        else:
+            lines[-1] += "."
     if p.get("jobs", 1) > 1:
         lines[-1] += (f" The seeds were trained {p['jobs']} at a time on the same cores, so each time includes that "
                       "sharing.")

@@ -13,6 +13,18 @@ from test_train import tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_readme_demo_block_is_generated_from_the_results_file():
+    payload = demo.read_results(demo.RESULTS)
+    text = demo.README.read_text()
+    assert demo.BEGIN in text and demo.END in text
+    block = text.split(demo.BEGIN, 1)[1].split(demo.END, 1)[0]
+    assert block == "\n" + demo.demo_block(payload), "README demo block is stale: run python -m fastmveb.demo report"
+    # The pictures the README shows are committed and small.
+    for png in (demo.EMBEDDING, ROOT / "docs" / "synthetic_grid.png"):
+        assert png.is_file() and png.stat().st_size < 400_000, png
+        assert f"]({png.relative_to(ROOT)})" in text
+
+
 PAYLOAD = {"env": {"cpu": "x86_64, 2 cores", "torch": "2.x", "date": "2026-12-01T00:00:00+00:00"}, "generate_s": 30.0,
            "seeds": [{"seed": 0, "trained_top1": 61.2, "random_top1": 20.4, "train_s": 300.0, "load": 1.5, "steps": 300},
                      {"seed": 1, "trained_top1": 57.0, "random_top1": 22.6, "train_s": 330.0, "load": 2.0, "steps": 300}]}
@@ -21,6 +33,8 @@ PAYLOAD = {"env": {"cpu": "x86_64, 2 cores", "torch": "2.x", "date": "2026-12-01
 def test_demo_block_figures_come_from_the_payload():
     b = demo.demo_block(PAYLOAD)
     assert "57.00-61.20%" in b and "20.40-22.60%" in b and "5.5 min" in b and "300 steps" in b
+    b = demo.demo_block(dict(PAYLOAD, jobs=2))     # seeds trained together: no single-run time is claimed
+    assert "2 at a time" in b and "make demo" not in b and "57.00-61.20%" in b
 
 
 def test_report_rewrites_only_the_block_and_errors_in_one_line(tmp_path, capsys):
