@@ -50,11 +50,12 @@ from PIL import Image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
-# Default --max-side: the longest side kept in the beton. 384 keeps the short side of a typical 4:3 ImageNet
-# photo at ~288 px, above the 256-px decode-once square and the 224-px global crops of 40% of the area (~210 px
-# of source), while decoding ~1.8x fewer pixels than 512. Raise it (448-512) for per-view decoding fidelity of
-# the small local crops; lower it (256) when JPEG decoding is the bottleneck.
-DEFAULT_MAX_SIDE = 384
+# Default --max-side: the longest side kept in the beton. 512 keeps ImageNet's usual 500-px photos whole, so
+# global crops (224 px of >= 40% of the image) are cut from as many pixels as the released full-resolution
+# recipe (upsampled: 0%); at 384 a 0.4-scale crop spans ~210 px and 40% of global crops are upsampled whatever
+# the decode. The price, measured (python -m fastmveb.bench loader, photo set): ~1.5x slower JPEG decoding than
+# 384. Lower it (384, 256) when decoding is the bottleneck and fidelity is not the goal.
+DEFAULT_MAX_SIDE = 512
 DEFAULT_SMART_THRESHOLD = 3 * 256 * 256   # bytes of raw RGB above which 'smart' stores JPEG (ffcv's default: never)
 MAX_LISTED = 20
 MIN_SIDE = 16   # px, as stored: smaller images are skipped (an empty eval centre crop aborts inside OpenCV)

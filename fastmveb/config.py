@@ -70,8 +70,13 @@ class DataConfig:
     global_batch_size: int = 4096
     per_device_batch_size: int = 0   # micro-batch one forward sees; 0 = global_batch_size / processes
     num_workers: int = 8             # FFCV threads (also torch's CPU thread count); capped at the core count
-    decode: str = "once"             # "once": decode one square per image, GPU cuts every view; "per_view": FFCV RRC per view
-    decode_size: int = 256           # side of the single decoded square ("once" mode)
+    decode: str = "once"             # "once": decode each whole image once, GPU cuts every view; "per_view": FFCV RRC per view
+    # Side S of the once-decoded canvas (each whole image squeezed to S x S, its true (H, W) carried along).
+    # 512 because on 500-px photos (ImageNet's usual size) it upsamples no 224-px global crop (0%, as the
+    # released full-resolution crops; 448: 3%, 384: 22%, 256: 94%) at the loader speed of 256-448: JPEG decoding
+    # dominates and the four sizes measured within their run-to-run spread (`python -m fastmveb.bench loader`,
+    # benchmarks/results/loader-*.json, photo rows).
+    decode_size: int = 512
     order: str = "random"            # "random" | "quasi_random" (single process only, see NOTES.md)
     os_cache: bool = True            # memory-map the whole beton (fits in RAM) vs. process-level page reads
     drop_last: bool = True

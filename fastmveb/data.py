@@ -3,17 +3,28 @@
     loader = train_loader("data/synthetic/train.beton", 128, num_workers=8, device=torch.device("cuda"))
     for epoch in range(start_epoch, epochs):
         set_epoch(loader, epoch, skip_batches=resume_step_in_epoch if epoch == start_epoch else 0)
+        set_output_sizes(loader, [size])           # optional: a new canvas side from the next epoch on
         for batch in loader:
-            x, y = unpack_train_batch(batch)       # x: (N, 3, S, S) uint8, or a list of them (per_view)
+            x, extent, y = unpack_train_batch(batch)
+            v = view_maker(x, extent)              # views.ViewMaker: every view cut on the GPU
 
 What comes out
-- Train, decode="once": (x, y) with x uint8 (N, 3, S, S), S = decode_size, the centre square of each image
-  (CenterCropRGBImageDecoder, ratio=1: the largest centred square, resized to S). The GPU views code cuts
-  every view from it. A square keeps aspect ratios exact and makes one dense tensor; the price is that a
-  non-square image's edges (12.5% per side of a 4:3 photo) never appear in a crop.
+- Train, decode="once": (x, extent, y). x uint8 (N, 3, S, S), S = decode_size: each WHOLE stored image,
+  resized to S x S (aspect not kept: every canvas pixel is image, none is padding); extent int32 (N, 2) the
+  image's stored (H, W), read from the beton's metadata. The views code samples every RandomResizedCrop on
+  (H, W) with torchvision's rule (scale and ratio relative to the whole image, as the released recipe) and
+  maps the box to the canvas; resampling the box to a square view restores its aspect.
+  Why this rather than a letterboxed canvas (image fitted, aspect kept, padded): at the same S, the
+  squeezed canvas keeps at least as many pixels per image pixel on both axes (S/H and S/W against
+  S/max(H, W)), wastes none on padding, and needs no custom resize code (FFCV's own crop-and-resize with
+  the crop = the whole image).
+- Train, decode="center" (the previous decode-once, kept for the loader benchmark): (x, y), the largest
+  centred square of each image resized to S. A non-square image's edges never appear in a crop and crop
+  scale is relative to the square.
 - Train, decode="per_view": (x_1, ..., x_V, y): one uint8 tensor per view, decoded and cut separately by
   FFCV's RandomResizedCropRGBImageDecoder at that view's size, scale and ratio (views.ViewsConfig: 2 global +
   n_local local). Every view decodes the JPEG again; this mode exists for fidelity comparisons.
+  unpack_train_batch gives (x, None, y) for "center" and (the list of views, None, y) for "per_view".
 - Eval: (x, y) with x uint8 (N, 3, size, size): centre crop of side crop_ratio * short side, resized to size
   (224 of 256 by default), sequential order, no batch dropped.
 - y is int64 (N,). Images are NCHW in shape and channels_last in memory (a free view of FFCV's NHWC buffer);
@@ -32,6 +43,7 @@ Per-view crops come from numba's unseeded RNG: the order is reproducible, the pe
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import sys
 import traceback
 from pathlib import Path
@@ -39,9 +51,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
+                                   ResizedCropRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from dataset_prep.integrity import check_beton
@@ -108,6 +124,45 @@ def set_output_sizes(loader: ResumableLoader, sizes: list[int]) -> None:
     loader.generate_code()
 
 
+def _whole_image(height, width, _scale, _ratio):
+    return 0, 0, height, width
+
+
+class WholeImageDecoder(ResizedCropRGBImageDecoder):
+    """FFCV decoder: the whole stored image resized to output_size (aspect not kept), by FFCV's own
+    crop-and-resize with the crop = the whole image. set_output_sizes changes its output size between epochs."""
+
+    def __init__(self, size: int):
+        super().__init__((size, size))
+        self.scale, self.ratio = None, 1.0    # unused by _whole_image; the base class passes them through
+
+    @property
+    def get_crop_generator(self):
+        return _whole_image
+
+
+class ImageExtent(Operation):
+    """FFCV decoder for a second pipeline on the image field: (N, 2) int32 = each image's stored (height,
+    width), from the field's metadata; no image data is read."""
+
+    def declare_state_and_memory(self, previous_state):
+        dtype = np.dtype("<i4")
+        return replace(previous_state, jit_mode=True, shape=(2,), dtype=dtype), AllocationQuery((2,), dtype)
+
+    def generate_code(self):
+        my_range = Compiler.get_iterator()
+
+        def extent(batch_indices, destination, metadata, storage_state):
+            for i in my_range(len(batch_indices)):
+                field = metadata[batch_indices[i]]
+                destination[i, 0] = field["height"]
+                destination[i, 1] = field["width"]
+            return destination[:len(batch_indices)]
+
+        extent.is_parallel = True
+        return extent
+
+
 def _image_out(device: torch.device, channels_last: bool) -> list:
     # ToDevice copies into its own buffer (also on CPU), after which the NHWC -> NCHW permute is free.
     return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]
@@ -131,7 +186,8 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
                  decode_size: int = 256, views=None, seed: int = 0, distributed: bool = False,
                  order: str = "random", os_cache: bool = True, drop_last: bool = True,
                  channels_last: bool = True, batches_ahead: int = 3) -> ResumableLoader:
-    """FFCV train loader yielding (x, y) ("once") or (x_1, ..., x_V, y) ("per_view"); see the module doc."""
+    """FFCV train loader yielding (x, extent, y) ("once"), (x, y) ("center") or (x_1, ..., x_V, y)
+    ("per_view"); see the module doc. unpack_train_batch turns any of them into (x, extent or None, y)."""
     num_workers = _check(beton, batch_size, num_workers)
     device = torch.device(device)
     if order not in ORDERS:
@@ -139,11 +195,18 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
     if distributed and order == "quasi_random":
         raise ValueError("order='quasi_random' does not work with distributed=True in ffcv 1.0.2; use 'random'")
     if decode == "once":
+        # The extent is a second pipeline on the same field; the label moves last (as "target") so that
+        # the outputs come as (x, extent, y).
         pipelines = {
-            "image": [CenterCropRGBImageDecoder((decode_size, decode_size), ratio=1.0)]
-                     + _image_out(device, channels_last),
-            "label": _label_pipeline(device),
+            "image": [WholeImageDecoder(decode_size)] + _image_out(device, channels_last),
+            "extent": PipelineSpec("image", decoder=ImageExtent(),
+                                   transforms=[ToTensor(), ToDevice(device, non_blocking=True)]),
+            "label": None,
+            "target": PipelineSpec("label", decoder=IntDecoder(), transforms=_label_pipeline(device)[1:]),
         }
+    elif decode == "center":
+        pipelines = {"image": [CenterCropRGBImageDecoder((decode_size, decode_size), ratio=1.0)]
+                              + _image_out(device, channels_last), "label": _label_pipeline(device)}
     elif decode == "per_view":
         if views is None:
             from .config import ViewsConfig
@@ -160,10 +223,11 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
         pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(),
                                            transforms=_label_pipeline(device)[1:])
     else:
-        raise ValueError(f"decode must be 'once' or 'per_view', got {decode!r}")
-    return ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                           order=ORDERS[order], distributed=distributed, seed=seed, pipelines=pipelines,
-                           drop_last=drop_last, batches_ahead=batches_ahead)
+        raise ValueError(f"decode must be 'once', 'center' or 'per_view', got {decode!r}")
+    loader = ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                             order=ORDERS[order], distributed=distributed, seed=seed, pipelines=pipelines,
+                             drop_last=drop_last, batches_ahead=batches_ahead)
+    return loader
 
 
 def num_classes(beton) -> int:
@@ -178,10 +242,13 @@ def num_classes(beton) -> int:
 
 
 def unpack_train_batch(batch) -> tuple:
-    """(x, y): x is the uint8 tensor (decode once) or the list of per-view uint8 tensors (per_view)."""
+    """(x, extent, y). decode="once": x the uint8 canvases, extent (N, 2) each image's (H, W);
+    "center": extent None; "per_view": x the list of per-view uint8 tensors, extent None."""
     if len(batch) == 2:
-        return batch[0], batch[1]
-    return list(batch[:-1]), batch[-1]
+        return batch[0], None, batch[1]
+    if batch[1].dim() == 2:             # (N, 2) extent after a 4-D canvas; per-view outputs are all 4-D
+        return batch[0], batch[1], batch[2]
+    return list(batch[:-1]), None, batch[-1]
 
 
 def eval_loader(beton, batch_size: int, num_workers: int, device, size: int = 224, crop_ratio: float = 0.875,

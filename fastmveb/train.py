@@ -47,7 +47,7 @@ from fastmveb.rundir import RunDirError, open_run_dir
 
 
 def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
-               micro_batch: int | None = None):
+               micro_batch: int | None = None, extent: torch.Tensor | None = None):
     """One optimisation step over this process's batch, no host sync: returns detached stats (batch means),
     the skip flag and z of global view 1 (first micro-batch).
 
@@ -65,14 +65,17 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     buffers = list(online.buffers())
     saved = torch._foreach_mul(buffers, 1) if buffers else []      # the copy, batched (foreach) on CUDA
     n = y.shape[0]
+    ext = [] if extent is None else [extent]                       # each image's (H, W) travels with its rows
     micro = list(zip(*(t.split(micro_batch or n) for t in (x if isinstance(x, (list, tuple)) else [x])),
-                     y.split(micro_batch or n)))                     # [(x_1 .. or x, y) per micro-batch]
+                     *(e.split(micro_batch or n) for e in ext),
+                     y.split(micro_batch or n)))                     # [(x_1 .. or x, [extent], y) per micro-batch]
     stats, finite, z0 = {}, None, None
     for k, (*xk, yk) in enumerate(micro):
         share = yk.shape[0] / n
+        ek = xk.pop() if ext else None
         with contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(net):
             loss, stats_k, z = _micro_step(net, target, view_maker, xk if len(xk) > 1 else xk[0], yk, cfg,
-                                           accelerator, share)
+                                           accelerator, share, ek)
         stats = {key: stats.get(key, 0) + share * val for key, val in stats_k.items()}
         finite = torch.isfinite(loss) if finite is None else finite & torch.isfinite(loss)
         z0 = z if z0 is None else z0
@@ -95,10 +98,10 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     return stats, skip, z0
 
 
-def _micro_step(net, target, view_maker, x, y, cfg: Config, accelerator, share: float):
+def _micro_step(net, target, view_maker, x, y, cfg: Config, accelerator, share: float, extent=None):
     """Views, forward, loss and backward of one micro-batch; the loss is weighted by its share of the batch."""
     with phase("views"), torch.no_grad():
-        v = view_maker(x)                                              # V views, globals first
+        v = view_maker(x, extent)                                      # V views, globals first
     with accelerator.autocast():
         with phase("forward"):
             _, p_views, probe_out = net(v, y)
@@ -294,12 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             data_wait += time.perf_counter() - t0
             if batch is None:
                 break
-            x, y = unpack_train_batch(batch)
+            x, extent, y = unpack_train_batch(batch)                  # extent: each image's (H, W), or None
             lr = lr_at(step, total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.warmup_start_ratio,
                        cfg.optim.final_lr_ratio)
             m = m_table[min(step, total_steps)]
             stats, skip, z0 = train_step(net_c, target_c, views_c, optimizer, x, y, lr, m, cfg, accelerator,
-                                         plan.micro_batch)
+                                         plan.micro_batch, extent)
             step, batch_in_epoch, n_acc = step + 1, batch_in_epoch + 1, n_acc + 1
             consecutive_bad = torch.where(skip, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
             max_bad = torch.maximum(max_bad, consecutive_bad)

@@ -1,7 +1,9 @@
 """GPU multi-view augmentation: every MVEB view cut and augmented from a uint8 batch in batched tensor ops.
 
     vm = ViewMaker(cfg.views).to(device)
-    v = vm(x)                        # x: uint8 (N, 3, H, W), decoded once; every view is cropped from it
+    v = vm(x, extent)                # decode once: x uint8 (N, 3, S, S) holds each WHOLE image resized to S x S
+                                     # (aspect not kept), extent (N, 2) its own (H, W); every view is cut from it
+    v = vm(x)                        # x is the image itself (no extent): crops are sampled on x's own H, W
     v = vm([x1, x2, l1, ...])        # per-view decode: uint8 (N, 3, size, size) per view, already cropped
     v, params = vm(x, return_params=True)   # the per-sample draws, for tests and debugging
 
@@ -21,7 +23,9 @@ tensor maths on per-sample parameter tensors.
 
 Semantics worth knowing:
 - Crop: torchvision's RandomResizedCrop rule exactly (10 tries of area/log-ratio, integer box, centre-crop
-  fallback), vectorised over samples and tries. Resampling is PIL's: a separable filter whose support widens
+  fallback), vectorised over samples and tries, on each image's own extent (H, W): scale and ratio are
+  relative to the whole image as in the released recipe. The box is then mapped to the canvas (a fractional
+  box when the canvas squeezed the image) and resampled to the view's square, which restores its aspect. Resampling is PIL's: a separable filter whose support widens
   with the downscale factor (antialiasing; PIL's BICUBIC by default, or BILINEAR), taps limited to the crop
   box as when PIL crops and then resizes; within ~1/255 of PIL (tested). Applied as one batched matmul per
   axis; the flip is folded into the column matrix (free). antialias=False uses grid_sample instead.
@@ -69,6 +73,10 @@ def view_specs(cfg: ViewsConfig) -> list[ViewSpec]:
 
 # ---------------------------------------------------------------------------------------------- sampling
 def _rand(shape, device, generator):
+    # No generator=None passed explicitly: inside compiled code that fails on a dynamic-shape recompile (a
+    # partial last batch: "SymIntArrayRef expected to contain only concrete integers"; NOTES.md).
+    if generator is None:
+        return torch.rand(shape, device=device)
     return torch.rand(shape, device=device, generator=generator)
 
 
@@ -76,39 +84,53 @@ def _uniform(lo: float, hi: float, shape, device, generator):
     return lo + (hi - lo) * _rand(shape, device, generator)
 
 
-def sample_crop_boxes(n: int, height: int, width: int, scale, ratio, device, generator=None) -> torch.Tensor:
-    """(n, 4) float boxes (top, left, h, w) in input pixels, integer-valued, by torchvision's RRC rule.
+def _per_sample(v, n: int, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=torch.float32).expand(n)
+    return torch.full((n,), float(v), device=device)    # a fill kernel: no host-to-device copy (a sync on CUDA)
 
-    All 10 tries are drawn for every sample at once and the first valid one kept, so the result has the
-    distribution of torchvision's sequential loop without a per-sample Python loop or a host sync.
+
+def sample_crop_boxes(n: int, height, width, scale, ratio, device, generator=None) -> torch.Tensor:
+    """(n, 4) float boxes (top, left, h, w) in image pixels, integer-valued, by torchvision's RRC rule.
+
+    height, width: ints (every sample the same size) or (n,) tensors (each sample's own size). All 10 tries
+    are drawn for every sample at once and the first valid one kept, so the result has the distribution of
+    torchvision's sequential loop without a per-sample Python loop or a host sync.
     """
-    area = float(height * width)
+    hgt, wid = _per_sample(height, n, device), _per_sample(width, n, device)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * _uniform(scale[0], scale[1], (n, _RRC_TRIES), device, generator)
+    target = (hgt * wid)[:, None] * _uniform(scale[0], scale[1], (n, _RRC_TRIES), device, generator)
     aspect = torch.exp(_uniform(log_r[0], log_r[1], (n, _RRC_TRIES), device, generator))
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= wid[:, None]) & (h > 0) & (h <= hgt[:, None])
     first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)     # first valid try (0 if none)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
     found = ok.any(dim=1)
-    # Centre-crop fallback; H, W are static so this branch is on shapes, not on random values.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
+    # torchvision's centre-crop fallback, per sample: clip the whole image to the ratio range.
+    in_ratio = wid / hgt
+    tall, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(hgt * max(ratio)), wid)
+    fh = torch.where(tall, torch.round(wid / min(ratio)), hgt)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
     u = _rand((n, 2), device, generator)
-    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
-    top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
+    top = torch.minimum(torch.floor(u[:, 0] * (hgt - h + 1)), hgt - h)
+    left = torch.minimum(torch.floor(u[:, 1] * (wid - w + 1)), wid - w)
+    top = torch.where(found, top, torch.floor((hgt - fh) / 2))
+    left = torch.where(found, left, torch.floor((wid - fw) / 2))
     return torch.stack([top, left, h, w], dim=1)
+
+
+def to_canvas(boxes: torch.Tensor, extent: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """Boxes in each image's own pixels -> canvas pixels, for a canvas that holds the whole image resized
+    to canvas_hw (aspect not kept). extent: (n, 2) the images' (H, W). The boxes become fractional; the
+    resample to a square view then restores the aspect the box has in the image."""
+    ext = extent.to(boxes.dtype)
+    sy = canvas_hw[0] / ext[:, 0]
+    sx = canvas_hw[1] / ext[:, 1]
+    return boxes * torch.stack([sy, sx, sy, sx], dim=1)
 
 
 # ------------------------------------------------------------------------------------- crop + resample
@@ -312,11 +334,16 @@ class ViewMaker(torch.nn.Module):
         return len(self.specs)
 
     # -- parameters ---------------------------------------------------------------------------------------
-    def sample_params(self, n: int, in_hw: tuple[int, int] | None, device, generator=None) -> list[dict]:
+    def sample_params(self, n: int, in_hw: tuple[int, int] | None, device, generator=None,
+                      extent: torch.Tensor | None = None) -> list[dict]:
         """Per-view dicts of per-sample draws (all tensors on device, first dim n).
 
-        in_hw: the decoded (H, W) in decode-once mode; None in per-view mode (the crop box is then the whole
-        view). Keys: box (n, 4) top/left/h/w; flip, jitter, gray, blur, solarize (n,) bool; brightness,
+        in_hw: the decoded canvas (H, W) in decode-once mode; None in per-view mode (the crop box is then the
+        whole view). extent: (n, 2) each image's own (H, W) when the canvas holds the whole image resized to
+        in_hw (data.py's decode-once); None when the canvas is the image. Crops are sampled on the extent by
+        torchvision's rule, so scale and ratio are relative to the whole image, then mapped to the canvas.
+        Keys: box (n, 4) top/left/h/w in canvas pixels; image_box (n, 4) the same box in the image's own
+        pixels; flip, jitter, gray, blur, solarize (n,) bool; brightness,
         contrast, saturation, hue (n,) effective factors (identity where jitter is off); order (n, 4) the
         jitter op permutation (0 b, 1 c, 2 s, 3 h); sigma (n,) blur sigma (drawn even where blur is off).
         Draw order is fixed, so a seed gives the same parameters on the same device.
@@ -326,9 +353,14 @@ class ViewMaker(torch.nn.Module):
         for spec in self.specs:
             if in_hw is None:
                 z = torch.zeros(n, device=device)
-                box = torch.stack([z, z, z + spec.size, z + spec.size], dim=1)
+                box = image_box = torch.stack([z, z, z + spec.size, z + spec.size], dim=1)
+            elif extent is None:
+                box = image_box = sample_crop_boxes(n, in_hw[0], in_hw[1], spec.scale, cfg.ratio, device,
+                                                    generator)
             else:
-                box = sample_crop_boxes(n, in_hw[0], in_hw[1], spec.scale, cfg.ratio, device, generator)
+                ext = extent.to(device=device, dtype=torch.float32)
+                image_box = sample_crop_boxes(n, ext[:, 0], ext[:, 1], spec.scale, cfg.ratio, device, generator)
+                box = to_canvas(image_box, ext, in_hw)
             u = _rand((n, 5), device, generator)          # flip, jitter, gray, blur, solarize gates
             jitter = u[:, 1] < cfg.jitter_p
             fac = _rand((n, 4), device, generator)
@@ -341,6 +373,7 @@ class ViewMaker(torch.nn.Module):
             sigma = _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], (n,), device, generator)
             out.append({
                 "box": box,
+                "image_box": image_box,
                 "flip": u[:, 0] < cfg.flip_p,
                 "jitter": jitter,
                 "brightness": torch.where(jitter, b.clamp_min(0), one),
@@ -385,14 +418,19 @@ class ViewMaker(torch.nn.Module):
         xf = self._to_float(x)                    # converted once, shared by every view
         return [self.render_view(xf, s, p, crop=True) for s, p in zip(self.specs, params)]
 
-    def forward(self, x, generator: torch.Generator | None = None, return_params: bool = False):
+    def forward(self, x, extent: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                return_params: bool = False):
         if isinstance(x, (list, tuple)):
             self._check_per_view(x)
+            if extent is not None:
+                raise ValueError("extent applies to a decoded canvas, not to per-view batches")
             n, dev, in_hw = x[0].shape[0], x[0].device, None
         else:
             self._check_uint8(x)
             n, dev, in_hw = x.shape[0], x.device, (x.shape[2], x.shape[3])
-        params = self.sample_params(n, in_hw, dev, generator)
+            if extent is not None and tuple(extent.shape) != (n, 2):
+                raise ValueError(f"extent must be (N, 2) = each image's (H, W), got {tuple(extent.shape)}")
+        params = self.sample_params(n, in_hw, dev, generator, extent)
         views = self.render(x, params)
         return (views, params) if return_params else views
 

@@ -35,6 +35,25 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def test_loader_short_whole_image_rows(small_betons, tmp_path):
+    """The decode-once rows beside the old centre square, on the synthetic set and a tiny photo set, with the
+    fraction of upsampled crops each decode implies."""
+    bench("loader", "--short", "--device", "cpu", "--out-dir", tmp_path, "--beton", small_betons / "train.beton",
+          "--jpeg-root", small_betons / "jpeg" / "train", "--only", "ffcv center 256,ffcv once 512",
+          "--photos", 16, "--photos-dir", tmp_path / "photos", "--rounds", 2, "--min-time", 0.3,
+          "--batch-size", 8)
+    rows = only_json(tmp_path, "loader")["rows"]
+    got = {(r["pipeline"], r["data"]): r for r in rows}
+    assert {("ffcv center 256", "synthetic"), ("ffcv center 256", "photos max 384"),
+            ("ffcv center 256", "photos max 512"), ("ffcv once 512", "photos max 512")} <= set(got)
+    for r in rows:
+        assert positive(r["samples_per_s"]) and 0 <= r["spread"] and 0 <= r["glob_up"] <= 1 and 0 <= r["loc_up"] <= 1
+    # 500-px photos: a 512 canvas upsamples no global crop; the 256 centre square upsamples most of them.
+    assert got[("ffcv once 512", "photos max 512")]["glob_up"] == 0
+    assert got[("ffcv center 256", "photos max 512")]["glob_up"] > 0.8
+    assert len(list((tmp_path / "photos").glob("jpeg16/*.jpg"))) == 16
+
+
 def test_step_short(tmp_path):
     bench("step", "--short", "--device", "cpu", "--out-dir", tmp_path, "--warmup", 1, "--iters", 1)
     rows = only_json(tmp_path, "step")["rows"]
@@ -148,7 +167,8 @@ def test_step_and_profile_on_cuda(tmp_path):
 def test_all_short(small_betons, tmp_path):
     """Every stage in one run, then the combined table (several minutes on 2 cores)."""
     r = bench("all", "--short", "--device", "cpu", "--out-dir", tmp_path, "--beton", small_betons / "train.beton",
-              "--jpeg-root", small_betons / "jpeg" / "train", timeout=1800)
+              "--jpeg-root", small_betons / "jpeg" / "train", "--photos", 16, "--photos-dir", tmp_path / "photos",
+              timeout=1800)
     for stage in ("loader", "views", "entropy", "step", "train", "profile"):
         assert list(tmp_path.glob(f"{stage}-cpu-*.json")), (stage, r.stdout[-3000:])
     text = (tmp_path / "README.md").read_text()

@@ -9,7 +9,8 @@ import torch
 
 from dataset_prep.synthetic import make_synthetic
 from fastmveb.config import ViewsConfig
-from fastmveb.data import epoch_indices, eval_loader, set_epoch, train_loader, unpack_train_batch
+from fastmveb.data import (epoch_indices, eval_loader, set_epoch, set_output_sizes, train_loader,
+                           unpack_train_batch)
 
 # numba's finalizers raise harmless KeyErrors when ffcv's compiled pipelines are collected (NOTES.md).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -27,29 +28,41 @@ def betons(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(betons):
-    """Every train image in file order, decoded exactly as decode-once does (centre square at S), + labels."""
-    loader = eval_loader(betons[0], 16, 2, "cpu", size=S, crop_ratio=1.0)
-    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader])
-    return torch.cat(xs), torch.cat(ys)
+    """Every train image in file order, decoded exactly as decode-once does (the whole image at S x S), + labels."""
+    loader = train_loader(betons[0], 16, 2, "cpu", decode_size=S, order="sequential", drop_last=False)
+    xs, es, ys = zip(*run_epoch3(loader))
+    return torch.cat(xs), torch.cat(ys), torch.cat(es)
+
+
+def run_epoch3(loader):
+    out = []
+    for b in loader:
+        x, e, y = unpack_train_batch(b)
+        out.append((x.clone(), None if e is None else e.clone(), y.clone()))
+    return out
 
 
 def run_epoch(loader):
-    return [(x.clone(), y.clone()) for x, y in (unpack_train_batch(b) for b in loader)]
+    return [(x, y) for x, _, y in run_epoch3(loader)]
 
 
 def test_train_batches_are_the_seeded_order_of_the_file(betons, reference):
-    ref_x, ref_y = reference
+    from ffcv.reader import Reader
+    ref_x, ref_y, ref_e = reference
+    meta = Reader(str(betons[0])).metadata["f0"]
+    assert torch.equal(ref_e, torch.from_numpy(np.stack([meta["height"], meta["width"]], 1).astype(np.int32)))
+    assert (ref_e[:, 0] != ref_e[:, 1]).any()                # the synthetic images are not square
     loader = train_loader(betons[0], 8, 2, "cpu", decode_size=S, seed=3)
     assert len(loader) == N_TRAIN // 8
     for epoch in (0, 1):
         set_epoch(loader, epoch)
-        batches = run_epoch(loader)
+        batches = run_epoch3(loader)
         idx = torch.from_numpy(epoch_indices(loader, epoch).astype(np.int64))
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
+        x, e, y = (torch.cat([b[i] for b in batches]) for i in range(3))
         assert x.dtype == torch.uint8 and x.shape == (N_TRAIN, 3, S, S) and x.device.type == "cpu"
+        assert e.dtype == torch.int32 and e.shape == (N_TRAIN, 2)
         assert y.dtype == torch.int64 and y.shape == (N_TRAIN,)
-        assert torch.equal(x, ref_x[idx]) and torch.equal(y, ref_y[idx])
+        assert torch.equal(x, ref_x[idx]) and torch.equal(y, ref_y[idx]) and torch.equal(e, ref_e[idx])
         assert sorted(idx.tolist()) == list(range(N_TRAIN))
         if epoch == 0:
             first = idx.clone()
@@ -103,11 +116,89 @@ def test_per_view_shapes(betons):
     loader = train_loader(betons[0], 8, 2, "cpu", decode="per_view", views=views)
     batch = next(iter(loader))
     assert len(batch) == 2 + 1 + 1
-    xs, y = unpack_train_batch(batch)
+    xs, extent, y = unpack_train_batch(batch)
+    assert extent is None
     assert [tuple(v.shape) for v in xs] == [(8, 3, 48, 48)] * 2 + [(8, 3, 24, 24)]
     assert all(v.dtype == torch.uint8 for v in xs)
     assert y.dtype == torch.int64 and y.shape == (8,)
     assert not torch.equal(xs[0], xs[1])   # two independent crops of the same images
+
+
+# ------------------------------------------------------------------------------------ whole-image decode
+EDGE = {"top": (255, 0, 0), "bottom": (0, 255, 0), "left": (0, 0, 255), "right": (255, 255, 0)}
+
+
+def _edge_image(h, w, band=4):
+    """Mid-grey with a coloured band along each edge (the left/right bands are painted last, over the corners)."""
+    img = np.full((h, w, 3), 128, np.uint8)
+    img[:band], img[-band:] = EDGE["top"], EDGE["bottom"]
+    img[:, :band], img[:, -band:] = EDGE["left"], EDGE["right"]
+    return img
+
+
+@pytest.fixture(scope="module")
+def raw_beton(tmp_path_factory):
+    """Exact pixels (PNG sources, raw storage, no resizing): a wide and a tall edge-banded image, a plain square."""
+    from PIL import Image
+    from dataset_prep.writer import write_beton
+    out = tmp_path_factory.mktemp("raw")
+    imgs = [_edge_image(40, 80), _edge_image(90, 30), np.full((50, 50, 3), 200, np.uint8)]
+    samples = []
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(out / f"{i}.png")
+        samples.append((str(out / f"{i}.png"), i))
+    write_beton(samples, out / "raw.beton", max_side=None, write_mode="raw", shuffle=False, num_workers=1,
+                progress=False, max_pixels=90 * 30)
+    return out / "raw.beton", imgs
+
+
+def test_whole_image_canvas_is_the_resized_image_and_follows_set_output_sizes(raw_beton):
+    import cv2
+    beton, imgs = raw_beton
+    loader = train_loader(beton, 3, 1, "cpu", decode_size=S, order="sequential", drop_last=False)
+    for size in (S, 48):                                      # progressive resizing: a new side between epochs
+        set_output_sizes(loader, [size])
+        x, extent, y = unpack_train_batch(next(iter(loader)))
+        assert x.shape == (3, 3, size, size) and y.tolist() == [0, 1, 2]
+        assert extent.tolist() == [[40, 80], [90, 30], [50, 50]]
+        for i, a in enumerate(imgs):                         # FFCV's crop-and-resize of the whole image
+            ref = torch.from_numpy(cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)
+            assert (x[i].int() - ref.int()).abs().max() <= 1, (size, i)
+    with pytest.raises(ValueError):
+        set_output_sizes(train_loader(beton, 3, 1, "cpu", decode="per_view",
+                                      views=ViewsConfig(global_size=16, local_size=8, n_local=0)), [32])
+
+
+def _edges_seen(x, extent, n_draws=60):
+    """Which edge bands appear in the global views cut from x (every effect but the crop off)."""
+    from fastmveb.views import ViewMaker
+    cfg = ViewsConfig(global_size=32, local_size=16, n_local=0, flip_p=0.0, jitter_p=0.0, gray_p=0.0,
+                      blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear")
+    vm = ViewMaker(cfg)
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    seen = {}
+    for _ in range(n_draws):
+        for v in vm(x, extent):
+            u = (v * std + mean)[:2]                         # the two edge-banded images
+            for name, rgb in EDGE.items():
+                c = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1) / 255
+                pure = ((u - c).abs().amax(1) < 0.1).flatten(1).any(1)     # (2,) per image
+                seen[name] = seen.get(name, torch.zeros(2, dtype=torch.bool)) | pure
+    return {k: v.tolist() for k, v in seen.items()}
+
+
+def test_crops_reach_all_four_edges_of_non_square_images(raw_beton):
+    beton, _ = raw_beton
+    once = train_loader(beton, 3, 1, "cpu", decode_size=S, order="sequential", drop_last=False)
+    x, extent, _ = unpack_train_batch(next(iter(once)))
+    assert _edges_seen(x, extent) == {k: [True, True] for k in EDGE}
+    # The previous centre-square decode never shows the wide image's left/right or the tall image's top/bottom.
+    center = train_loader(beton, 3, 1, "cpu", decode="center", decode_size=S, order="sequential", drop_last=False)
+    x, extent, _ = unpack_train_batch(next(iter(center)))
+    assert extent is None
+    assert _edges_seen(x, None) == {"top": [True, False], "bottom": [True, False], "left": [False, True],
+                                    "right": [False, True]}
 
 
 def test_two_rank_shards_in_process(betons, monkeypatch):
@@ -125,7 +216,7 @@ def test_two_rank_shards_in_process(betons, monkeypatch):
         shards.append([epoch_indices(loader, e).tolist() for e in (0, 1)])
         if rank == 1:
             set_epoch(loader, 1, skip_batches=2)
-            ys = torch.cat([y.clone() for _, y in loader])
+            ys = torch.cat([b[-1].clone() for b in loader])
             assert ys.tolist() == labels[shards[1][1][8:]].tolist()
     for e in (0, 1):
         assert not set(shards[0][e]) & set(shards[1][e])
@@ -147,7 +238,7 @@ def _rank_main(rank, world, port, beton, out):
         res = {}
         for epoch in (0, 1):
             set_epoch(loader, epoch)
-            ys = torch.cat([y.clone() for _, y in loader])
+            ys = torch.cat([b[-1].clone() for b in loader])
             res[epoch] = (epoch_indices(loader, epoch).tolist(), ys.tolist(), len(loader))
         torch.save(res, f"{out}/rank{rank}.pt")
     finally:

@@ -104,7 +104,7 @@ def test_loader_decode_size_follows_between_epochs(small_betons):
     for epoch, size in enumerate([48, 24, 40]):
         set_output_sizes(loader, [size])
         set_epoch(loader, epoch)
-        assert {tuple(x.shape) for x, _ in loader} == {(16, 3, size, size)}
+        assert {tuple(b[0].shape) for b in loader} == {(16, 3, size, size)}
     with pytest.raises(ValueError, match="2 sizes given for the loader's 1 image decoders"):
         set_output_sizes(loader, [32, 32])
     from fastmveb.config import ViewsConfig
@@ -180,8 +180,8 @@ def test_dry_run_plan_shows_the_size_schedule():
     text = make_plan(load_config(ROOT / "rcs" / "rn50_fast.yaml"), 8, dataset_len=1_281_167, memory=False).format()
     lines = text.splitlines()
     i = next(k for k, ln in enumerate(lines) if ln.startswith("view sizes"))
-    assert lines[i].endswith("epochs 0-28: views 2x128 + 4x56 px, decode 152 px")
-    assert lines[i + 1].strip() == "epochs 29-66: views 2x160 + 4x64 px, decode 184 px"
-    assert lines[i + 2].strip() == "epochs 67-99: views 2x192 + 4x80 px, decode 224 px"
+    assert lines[i].endswith("epochs 0-28: views 2x128 + 4x56 px, decode 256 px")
+    assert lines[i + 1].strip() == "epochs 29-66: views 2x160 + 4x64 px, decode 320 px"
+    assert lines[i + 2].strip() == "epochs 67-99: views 2x192 + 4x80 px, decode 384 px"
     rn50 = make_plan(load_config(ROOT / "rcs" / "rn50.yaml"), 8, dataset_len=1_281_167, memory=False).format()
     assert "view sizes" in rn50 and "(views.res_start_size=0: no ramp)" in rn50

@@ -1,15 +1,23 @@
 """Loader benchmark: FFCV train loader vs. the released recipe's torchvision ImageFolder + PIL views.
 
-    python -m fastmveb.bench loader [--short] [--num-workers N] [--batch-size B]
+    python -m fastmveb.bench loader [--short] [--num-workers N] [--batch-size B] [--photos N]
 
 Measures samples/s of, in one run on the same JPEG images and with the same number of workers:
-  ffcv once         decode each image once to a 256-px square (the GPU cuts the views; not timed here)
+  ffcv once S       decode each WHOLE image once to an S x S canvas + its (H, W) (the GPU cuts the views)
+  ffcv center S     the previous decode-once: the largest centred square of each image at S x S
   ffcv per_view     one FFCV RandomResizedCrop decode per view: 2x224, and 2x224 + 6x96 (multi-crop)
   pil released      torchvision ImageFolder + PIL decode + benchmarks/released_transforms.py views
                     (crop, flip, jitter, grayscale, blur, solarize, normalise on the CPU), 2x224 and 2x224 + 6x96
+and, beside each, what the decode does to the crops: glob_up / loc_up = the fraction of global (224 px,
+scale 0.4-1) / local (96 px, scale 0.05-0.4) crops that are upsampled, i.e. whose box covers fewer decoded
+pixels than the view has along either axis (sampled by torchvision's rule on the beton's stored image sizes;
+for "once", box side x S / image side on each axis; for "center", boxes on the S-px square).
 FFCV workers are threads, DataLoader workers are processes. The first batches (numba compilation, worker
 start) are excluded. Inputs: data/synthetic/train.beton and the JPEG tree it was written from
-(data/synthetic/jpeg/train); both are generated when missing.
+(data/synthetic/jpeg/train); both are generated when missing. The decode-size study (--photos N, default
+512, 0 skips it) generates N photo-sized JPEGs (500 px long side, ImageNet's common 4:3, 3:2 and 5:4 shapes,
+landscape and portrait) under data/photos/ and writes them at two stored max sides (384 and 512) to time
+decode-once at several S next to the centre square and the per-view decode.
 """
 from __future__ import annotations
 
@@ -31,7 +39,13 @@ def add_args(parser):
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (--short: 32)")
     parser.add_argument("--num-workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--min-time", type=float, default=None, help="seconds timed per pipeline (default 20, --short 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timings per pipeline, taken in interleaved rounds; the median is reported (a shared, "
+                             "loaded box drifts: interleaving spreads the drift over every pipeline)")
     parser.add_argument("--only", default="", help="comma-separated subset of row names (debugging)")
+    parser.add_argument("--photos", type=int, default=None,
+                        help="photo-sized JPEGs for the decode-size study (default 512, --short 256; 0 skips it)")
+    parser.add_argument("--photos-dir", default=str(ROOT / "data/photos"), help="where the photo set is kept")
 
 
 def ensure_data(beton: Path, jpeg_root: Path) -> None:
@@ -48,6 +62,76 @@ def ensure_data(beton: Path, jpeg_root: Path) -> None:
         # Same defaults and seed as make_synthetic: byte-identical to the images the default beton was written from.
         print(f"{jpeg_root} missing: regenerating the synthetic JPEG tree", flush=True)
         write_jpeg_tree(default / "jpeg")
+
+
+# The photo set: ImageNet's common shapes at its common 500-px long side, (H, W).
+PHOTO_SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 400), (375, 500), (333, 500)]
+PHOTO_MAX_SIDES = (384, 512)
+GLOBAL, LOCAL = (224, (0.4, 1.0)), (96, (0.05, 0.4))
+
+
+def _photo(i: int, rng) -> "np.ndarray":
+    """A photo stand-in: smooth colour field + oriented texture + sensor noise (so the JPEG is ~photo-sized)."""
+    import cv2
+    import numpy as np
+    h, w = PHOTO_SHAPES[i % len(PHOTO_SHAPES)]
+    low = rng.uniform(0, 255, (6, 8, 3)).astype(np.float32)
+    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
+    img += 40 * np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period)[..., None]
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def ensure_photos(root: Path, n: int) -> dict[int, Path]:
+    """N photo-sized JPEGs under root/jpeg and one beton per stored max side; reused when present."""
+    import numpy as np
+    from PIL import Image
+    from dataset_prep.writer import write_beton
+    jpeg = root / f"jpeg{n}"
+    if not jpeg.is_dir():
+        tmp = root / f".jpeg{n}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            Image.fromarray(_photo(i, rng)).save(tmp / f"{i:05d}.jpg", quality=90)
+        tmp.rename(jpeg)
+    samples = [(str(f), 0) for f in sorted(jpeg.glob("*.jpg"))]
+    out = {}
+    for m in PHOTO_MAX_SIDES:
+        beton = root / f"photos{n}-max{m}.beton"
+        if not beton.exists():
+            write_beton(samples, beton, max_side=m, num_workers=2, progress=False, max_pixels=500 * 500)
+        out[m] = beton
+    return out
+
+
+def stored_sizes(beton: Path) -> "np.ndarray":
+    """(M, 2) the stored (H, W) of every image, from the beton's metadata."""
+    import numpy as np
+    from ffcv.reader import Reader
+    meta = Reader(str(beton)).metadata["f0"]
+    return np.stack([meta["height"], meta["width"]], 1).astype(np.float32)
+
+
+def upsampled_fraction(sizes, decode: str, s: int | None, out: int, scale, draws: int = 20_000) -> float:
+    """Fraction of crops (torchvision's rule) that span fewer than ``out`` real pixels on either axis: decoded
+    pixels, and never more than the stored image had there (a canvas larger than the image adds none)."""
+    from fastmveb.views import sample_crop_boxes
+    g = torch.Generator().manual_seed(0)
+    ext = torch.from_numpy(sizes)[torch.randint(len(sizes), (draws,), generator=g)]
+    ratio = (3 / 4, 4 / 3)
+    if decode == "center":           # boxes on the S-px square cut from the centre min(H, W) square
+        b = sample_crop_boxes(draws, s, s, scale, ratio, "cpu", g)
+        keep = (ext.min(1).values / s).clamp(max=1.0)
+        rows, cols = b[:, 2] * keep, b[:, 3] * keep
+    else:                            # boxes on the stored image; "once" sees them through the S x S canvas
+        b = sample_crop_boxes(draws, ext[:, 0], ext[:, 1], scale, ratio, "cpu", g)
+        rows, cols = b[:, 2], b[:, 3]
+        if decode == "once":
+            rows, cols = rows * (s / ext[:, 0]).clamp(max=1.0), cols * (s / ext[:, 1]).clamp(max=1.0)
+    return ((rows < out) | (cols < out)).float().mean().item()
 
 
 def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) -> dict:
@@ -88,42 +172,80 @@ def main(args) -> None:
     bs = args.batch_size or (32 if args.short else 64)
     min_time = args.min_time or (5.0 if args.short else 20.0)
     warmup = 2 if args.short else 3
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    only = {s_.strip() for s_ in args.only.split(",") if s_.strip()}
     load_before = os.getloadavg()
 
-    def ffcv(**kw):
-        loader = train_loader(beton, bs, workers, device, seed=0, **kw)
+    from fastmveb.config import DataConfig
+    default_s = DataConfig().decode_size
+    n_photos = args.photos if args.photos is not None else (256 if args.short else 512)
+
+    def ffcv(data, **kw):
+        loader = train_loader(data, bs, workers, device, seed=0, **kw)
         return lambda: iter(loader)
 
     def pil(n_local):
         loader = released_imagefolder_loader(jpeg_root, n_local, bs, workers, persistent_workers=True)
         return lambda: iter(loader)
 
-    # PIL first: DataLoader forks its workers, which is safest before ffcv/numba have started threads.
+    two, multi = ViewsConfig(n_local=0), ViewsConfig(n_local=6)
+    # (name, data label, beton, views, build, (decode, S) for the upsampled columns). PIL first: DataLoader
+    # forks its workers, which is safest before ffcv/numba have started threads.
     cases = [
-        ("pil released two-view", "2 x 224", lambda: pil(0)),
-        ("pil released multi-crop", "2 x 224 + 6 x 96", lambda: pil(6)),
-        ("ffcv once 256", "1 x 256 (views on GPU)", lambda: ffcv(decode="once", decode_size=256)),
-        ("ffcv per_view two-view", "2 x 224", lambda: ffcv(decode="per_view", views=ViewsConfig(n_local=0))),
-        ("ffcv per_view multi-crop", "2 x 224 + 6 x 96", lambda: ffcv(decode="per_view", views=ViewsConfig(n_local=6))),
+        ("pil released two-view", "synthetic", beton, "2 x 224", lambda: pil(0), ("pil", None)),
+        ("pil released multi-crop", "synthetic", beton, "2 x 224 + 6 x 96", lambda: pil(6), ("pil", None)),
+        ("ffcv center 256", "synthetic", beton, "1 x 256 square (views on GPU)",
+         lambda: ffcv(beton, decode="center", decode_size=256), ("center", 256)),
+        (f"ffcv once {default_s}", "synthetic", beton, f"1 x {default_s} whole image (views on GPU)",
+         lambda: ffcv(beton, decode="once", decode_size=default_s), ("once", default_s)),
+        ("ffcv per_view two-view", "synthetic", beton, "2 x 224",
+         lambda: ffcv(beton, decode="per_view", views=two), ("per_view", None)),
+        ("ffcv per_view multi-crop", "synthetic", beton, "2 x 224 + 6 x 96",
+         lambda: ffcv(beton, decode="per_view", views=multi), ("per_view", None)),
     ]
+    if n_photos:
+        photos = ensure_photos(Path(args.photos_dir), n_photos)
+        for m, pb in photos.items():
+            data = f"photos max {m}"
+            cases.append(("ffcv center 256", data, pb, "1 x 256 square (views on GPU)",
+                          lambda pb=pb: ffcv(pb, decode="center", decode_size=256), ("center", 256)))
+            for s_ in (256, 384) if m == 384 else (256, 384, 448, 512):
+                cases.append((f"ffcv once {s_}", data, pb, f"1 x {s_} whole image (views on GPU)",
+                              lambda pb=pb, s_=s_: ffcv(pb, decode="once", decode_size=s_), ("once", s_)))
+            cases.append(("ffcv per_view two-view", data, pb, "2 x 224",
+                          lambda pb=pb: ffcv(pb, decode="per_view", views=two), ("per_view", None)))
+    cases = [c for c in cases if not only or c[0] in only]
+    iters = [build() for *_, build, _ in cases]          # each loader built (and numba-compiled) once
+    runs: list[list[dict]] = [[] for _ in cases]
+    for rnd in range(max(1, args.rounds)):
+        for i, (name, data, *_rest) in enumerate(cases):
+            runs[i].append(measure(iters[i], bs, warmup, min_time, device))
+            print(f"round {rnd + 1}: {name:28s} {data:16s} {runs[i][-1]['samples_per_s']:8.1f} samples/s", flush=True)
     rows = []
-    for name, views, build in cases:
-        if only and name not in only:
-            continue
-        r = measure(build(), bs, warmup, min_time, device)
-        rows.append({"pipeline": name, "views": views, **r})
-        print(f"{name:28s} {r['samples_per_s']:8.1f} samples/s", flush=True)
-    base = {v: r["samples_per_s"] for r in rows for v in [r["views"]] if r["pipeline"].startswith("pil")}
+    for (name, data, src, views, _, (decode, s_)), rs in zip(cases, runs):
+        rates = sorted(r["samples_per_s"] for r in rs)
+        mid = rates[len(rates) // 2]
+        r = dict(next(r for r in rs if r["samples_per_s"] == mid), spread=(rates[-1] - rates[0]) / mid)
+        sizes = stored_sizes(src)
+        up = {f"{k}_up": upsampled_fraction(sizes, decode, s_, out, scale)
+              for k, (out, scale) in (("glob", GLOBAL), ("loc", LOCAL))}
+        rows.append({"pipeline": name, "data": data, "views": views, **r, **up})
+    # Ratios against PIL on the synthetic set only (PIL does not run on the photo set).
+    base = {r["views"]: r["samples_per_s"] for r in rows if r["pipeline"].startswith("pil")}
     for r in rows:
-        ref = base.get(r["views"]) or base.get("2 x 224")
+        ref = (base.get(r["views"]) or base.get("2 x 224")) if r["data"] == "synthetic" else None
         r["x_vs_pil"] = r["samples_per_s"] / ref if ref else None
     settings = {"beton": str(beton), "jpeg_root": str(jpeg_root), "batch_size": bs, "num_workers": workers,
-                "warmup_batches": warmup, "min_time_s": min_time, "device": str(device),
+                "short": bool(args.short), "warmup_batches": warmup, "min_time_s": min_time,
+                "rounds": max(1, args.rounds),
+                "device": str(device),
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                "note": "x_vs_pil: vs the PIL loader with the same views (ffcv once: vs PIL two-view)"}
-    columns = ["pipeline", "views", "samples_per_s", "ms_per_batch", "batches", "x_vs_pil"]
+                "photos": n_photos,
+                "note": "samples_per_s: median of the rounds, spread: (max - min) / median; x_vs_pil: vs the PIL "
+                        "loader with the same views (ffcv once/center: vs PIL two-view); glob_up/loc_up: fraction "
+                        "of global/local crops upsampled (see the module doc)"}
+    columns = ["pipeline", "data", "views", "samples_per_s", "spread", "ms_per_batch", "batches", "x_vs_pil",
+               "glob_up", "loc_up"]
     print(markdown_table(rows, columns))
     path = write_results("loader", environment(device), settings, rows, columns, args.out_dir)
     print(f"wrote {path}")

@@ -90,9 +90,12 @@ def headline(stage: str, payload: dict) -> list[dict]:
             out.append({"stage": "train", "what": f"{r.get('recipe')} {r.get('views')} {r.get('arch')} end to end",
                         "samples_per_s": r["fastmveb_samples_per_s"], "vs": vs})
         elif stage == "loader" and "samples_per_s" in r:
-            out.append({"stage": "loader", "what": f"{r.get('pipeline')} ({r.get('views')})",
-                        "samples_per_s": r["samples_per_s"], "vs": _fmt_ratio(r.get("x_vs_pil")) + " vs PIL"
-                        if r.get("x_vs_pil") is not None else ""})
+            vs = [_fmt_ratio(r["x_vs_pil"]) + " vs PIL"] if r.get("x_vs_pil") is not None else []
+            if isinstance(r.get("glob_up"), (int, float)):
+                vs.append(f"{r['glob_up']:.0%} of global crops upsampled")
+            data = f" on {r['data']}" if r.get("data") else ""
+            out.append({"stage": "loader", "what": f"{r.get('pipeline')} ({r.get('views')}){data}",
+                        "samples_per_s": r["samples_per_s"], "vs": "; ".join(vs)})
         elif stage == "profile" and r.get("kind") == "wall":
             split = ", ".join(f"{p['name']} {p['share']:.0%}" for p in payload["rows"]
                               if p.get("recipe") == r.get("recipe") and p.get("kind") == "phase"

@@ -176,7 +176,7 @@ def random_views(cfg, device: torch.device, seed: int = 0) -> tuple[list[torch.T
     return v, y
 
 
-def _identity(v):
+def _identity(v, extent=None):
     return v
 
 

@@ -125,9 +125,9 @@ def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads:
         # FFCV's iterator resets torch's thread count to its worker count when an epoch starts (measured:
         # 2 inside the step although 1 was pinned), which made end to end beat the 1-thread step bound.
         torch.set_num_threads(threads)
-        x, y = unpack_train_batch(batch)
+        x, extent, y = unpack_train_batch(batch)
         out["stats"] = train_step(b["net_c"], b["target_c"], views_c, b["optimizer"], x, y, b["lr"], b["m"], cfg,
-                                  accelerator)[0]
+                                  accelerator, extent=extent)[0]
 
     try:
         # + the loader's batches_ahead (3): timing starts once the prefetched batches are consumed.
