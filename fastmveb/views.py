@@ -15,11 +15,16 @@ solarize (p) -> normalise. Every random draw is per sample, made with torch's RN
 (``torch.manual_seed`` or a ``torch.Generator`` on that device makes it reproducible), with no host sync and
 no Python branch on a random value, so the whole module compiles as one graph.
 
-Why the ops are hand-written rather than Kornia's augmentation modules (numbers: ``python -m fastmveb.bench
-views``, and the module comments below): Kornia 0.9's RandomResizedCrop loops per sample or skips
-antialiasing, its p < 1 ops compute every sample anyway, its ColorJitter uses one order per batch, its
-containers break torch.compile graphs and its parameters are sampled on the CPU. The ops here are plain
-tensor maths on per-sample parameter tensors.
+Kornia's functional ops (kornia.enhance, kornia.filters, kornia.color, kornia.geometry) do the work wherever
+they compute the recipe's (torchvision's) maths with per-sample tensor parameters: grayscale, the fixed-order
+brightness and saturation, Gaussian kernels and the separable blur, solarize, the per-view flip. Own code
+remains where Kornia lacks the operation or measured slower (each with a one-line reason; numbers in the
+views benchmark's own/kornia rows): the antialiased per-sample resized crop, the per-sample random jitter
+order (one fused blend per stage), the fixed order's contrast, the hue shift, normalisation and the
+per-sample crop sampler.
+Kornia's augmentation modules are not used: their RandomResizedCrop loops per sample or skips antialiasing,
+p < 1 ops compute every sample anyway, ColorJitter uses one order per batch, containers break torch.compile
+graphs and parameters are sampled on the CPU (numbers: ``python -m fastmveb.bench views``).
 
 Semantics worth knowing:
 - Crop: torchvision's RandomResizedCrop rule exactly (10 tries of area/log-ratio, integer box, centre-crop
@@ -42,6 +47,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import kornia.color as KC
+import kornia.enhance as KE
+import kornia.filters as KF
+import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 
@@ -213,14 +222,14 @@ def resized_crop(x, boxes, size: int, interpolation: str = "bilinear", antialias
 
 # --------------------------------------------------------------------------------------------- colour
 def _gray(x):
-    # Python-scalar weights: a tensor built from a list on a GPU would be a blocking host-to-device copy.
-    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+    return KC.rgb_to_grayscale(x)          # ITU-R 601-2 luma (_LUMA), as PIL's convert("L") and torchvision
 
 
 def blend_toward(x, factor, w_gray, w_mean):
     """clamp(f * x + (1 - f) * ref): ref = 0 (brightness), the image's mean gray (contrast) or the
     pixel's gray (saturation), chosen per sample by w_gray / w_mean in {0, 1}. One kernel covers all three
-    so that a per-sample op order costs one pass per stage."""
+    so that a per-sample op order costs one pass per stage. Own code: Kornia applies one op to every sample
+    (and its ColorJitter one order per batch), so a per-sample order would cost every op at every position."""
     g = _gray(x)
     ref = w_gray[:, None, None, None] * g + w_mean[:, None, None, None] * g.mean(dim=(2, 3), keepdim=True)
     # lerp(ref, x, f) = f * x + (1 - f) * ref in one pass (these are memory-bound passes; fewer is faster).
@@ -231,7 +240,8 @@ def shift_hue(x, shift):
     """Rotate the HSV hue of (N, 3, H, W) in [0, 1] by shift (N,) turns, as torchvision's adjust_hue.
 
     Written directly (max, min, sextant; then the closed form hsv->rgb channel = max - delta * f(k)) rather
-    than a full rgb->hsv->rgb conversion: V and S are never formed, saving several full-size passes.
+    than a full rgb->hsv->rgb conversion: V and S are never formed, saving several full-size passes. Own code:
+    kornia.enhance.adjust_hue computes the same (within 2e-6) but measured 1.2-3x slower in every run (bench views).
     """
     r, g, b = x.unbind(1)
     maxc = x.amax(1)
@@ -252,9 +262,13 @@ def color_jitter(x, p: dict, order: str):
     one = torch.ones_like(p["brightness"])
     zero = torch.zeros_like(one)
     if order == "fixed":
-        x = blend_toward(x, p["brightness"], zero, zero)
+        # torchvision's brightness is clamp(f * x): Kornia calls that multiplicative scale adjust_contrast
+        # (its adjust_brightness adds); torchvision's contrast and saturation are Kornia's *_with_*_subtraction.
+        x = KE.adjust_contrast(x, p["brightness"])
+        # Own blend: Kornia's adjust_contrast_with_mean_subtraction is the same maths; 1.36x / 0.88x our time in
+        # two runs (bench views, own/kornia rows): no clear win, so the measured own code stays.
         x = blend_toward(x, p["contrast"], zero, one)
-        x = blend_toward(x, p["saturation"], one, zero)
+        x = KE.adjust_saturation_with_gray_subtraction(x, p["saturation"])
         return shift_hue(x, p["hue"])
     # Per-sample order, exactly, with one hue pass instead of four: hue sits at position q of the
     # sample's permutation, so run the three blends in the sample's order, those before q in a first sweep
@@ -279,25 +293,15 @@ def color_jitter(x, p: dict, order: str):
 
 # ----------------------------------------------------------------------------------------------- blur
 def blur_kernels(sigma, blur, radius: int):
-    """(N, 2r+1) normalised Gaussian taps per sample; the identity (a delta) where blur is False."""
-    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)
-    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
-    k = k / k.sum(1, keepdim=True)
-    delta = (t == 0).to(k.dtype).expand_as(k)
+    """(N, 2r+1) normalised Gaussian taps per sample (Kornia's); the identity (a delta) where blur is False."""
+    k = KF.get_gaussian_kernel1d(2 * radius + 1, sigma[:, None])
+    delta = (torch.arange(-radius, radius + 1, device=sigma.device) == 0).to(k.dtype).expand_as(k)
     return torch.where(blur[:, None], k, delta)
 
 
 def gaussian_blur(x, kernels):
-    """Separable per-sample blur: each pass is one grouped conv with a (N*C) x 1 x K weight, edges
-    replicated. Measured on CPU against K shifted multiply-adds: the grouped conv was faster (benchmark)."""
-    n, c, h, w = x.shape
-    kk = kernels.shape[1]
-    r = kk // 2
-    wgt = kernels.to(x.dtype).repeat_interleave(c, dim=0)                  # (N*C, K)
-    y = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="replicate")
-    y = F.conv2d(y, wgt.view(n * c, 1, kk, 1), groups=n * c)
-    y = F.conv2d(y, wgt.view(n * c, 1, 1, kk), groups=n * c)
-    return y.view(n, c, h, w)
+    """Separable per-sample blur (Kornia's filter2d_separable: grouped convs), edges replicated."""
+    return KF.filter2d_separable(x, kernels.to(x.dtype), kernels.to(x.dtype), border_type="replicate")
 
 
 # ------------------------------------------------------------------------------------------- the module
@@ -325,7 +329,6 @@ class ViewMaker(torch.nn.Module):
         self.blur_radius = int(math.ceil(3.0 * cfg.blur_sigma[1]))
         std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        # Normalisation as one multiply-add: (x - mean) / std = x * (1/std) - mean/std.
         self.register_buffer("inv_std", 1.0 / std, persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
 
@@ -392,9 +395,11 @@ class ViewMaker(torch.nn.Module):
     def render_view(self, x, spec: ViewSpec, p: dict, crop: bool):
         """One view from float x in [0, 1]: (N, 3, H, W) with crop=True, else (N, 3, size, size)."""
         if crop:
+            # Own code: Kornia has no antialiased per-sample resized crop (its crops point-sample); the flip is
+            # folded into the resample matrix (free).
             x = resized_crop(x, p["box"], spec.size, self.interpolation, self.cfg.antialias, p["flip"])
         else:
-            x = torch.where(p["flip"][:, None, None, None], x.flip(3), x)
+            x = torch.where(p["flip"][:, None, None, None], KT.hflip(x), x)
         if self.cfg.jitter_p > 0:
             x = color_jitter(x, p, self.jitter_order)
         if self.cfg.gray_p > 0:
@@ -402,8 +407,11 @@ class ViewMaker(torch.nn.Module):
         if spec.blur_p > 0:   # a static config value: views that never blur skip the pass entirely
             x = gaussian_blur(x, blur_kernels(p["sigma"], p["blur"], self.blur_radius))
         if spec.solarize_p > 0:
-            hit = p["solarize"][:, None, None, None] & (x >= self.cfg.solarize_threshold)
-            x = torch.where(hit, 1.0 - x, x)
+            # Per-sample thresholds; 2.0 (above every pixel) where the sample is not solarized.
+            thr = torch.where(p["solarize"], self.cfg.solarize_threshold, 2.0).to(x.dtype)
+            x = KE.solarize(x, thr)
+        # Own multiply-add, (x - mean) / std = x * (1/std) - mean/std: kornia.enhance.normalize took 34x / 0.5x its
+        # time in two runs on a loaded box; no clear win, so the one fused pass stays.
         x = torch.addcmul(self.shift, x, self.inv_std)
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         return x.to(dtype=self.out_dtype, memory_format=fmt)

@@ -1,6 +1,8 @@
 """Views benchmark: ``python -m fastmveb.bench views [--short] [--device cpu|cuda] [--batch N]``.
 
-Images per second through each op of fastmveb.views (beside the Kornia op it replaces) and through the whole
+Images per second through each op of fastmveb.views (beside the Kornia augmentation module it replaces), through
+each Kornia functional op the views use or could use beside the same maths in own code (kinds "own" /
+"kornia", timed in interleaved rounds; kornia_over_own below 1: Kornia is faster), and through the whole
 recipe, two-view (2x224) and multi-crop (2x224 + 6x96), from a uint8 batch of decoded 256x256 images; beside
 the released recipe's per-sample PIL transforms (benchmarks/released_transforms.py) on the same images, in one
 process and in a pool of one process per core. Rows report images/s: for an op, samples through that op for
@@ -67,6 +69,48 @@ def _kornia_ops(size, scale, blur_radius):
         "blur (kornia RandomGaussianBlur p=1)": K.RandomGaussianBlur(
             (2 * blur_radius + 1, 2 * blur_radius + 1), (0.1, 2.0), p=1.0),
     }
+
+
+def _own_vs_kornia(v, p, radius):
+    """(op, own code, Kornia functional op) computing the same thing on a batch of 224-px views (per-sample
+    parameters from the recipe's sampler; tests/test_views.py pins each to torchvision's maths)."""
+    import kornia.color as KC
+    import kornia.enhance as KE
+    import kornia.filters as KF
+    n = v.shape[0]
+    one, zero = torch.ones(n, device=v.device), torch.zeros(n, device=v.device)
+    b, c, s_, h = p["brightness"], p["contrast"], p["saturation"], p["hue"]
+    kern = blur_kernels(p["sigma"], torch.ones_like(p["blur"]), radius)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=v.device)
+    std = torch.tensor([0.229, 0.224, 0.225], device=v.device)
+    inv, shift = (1 / std).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
+    thr = torch.where(torch.arange(n, device=v.device) % 2 == 0, 0.5, 2.0)
+    luma = (0.299, 0.587, 0.114)
+
+    def own_blur(x):             # grouped conv on a (1, N*C, H, W) view, as views.py had before Kornia
+        nn_, cc, hh, ww = x.shape
+        kk = kern.shape[1]
+        wgt = kern.repeat_interleave(cc, dim=0)
+        y = F.pad(x.reshape(1, nn_ * cc, hh, ww), (radius,) * 4, mode="replicate")
+        y = F.conv2d(y, wgt.view(nn_ * cc, 1, kk, 1), groups=nn_ * cc)
+        return F.conv2d(y, wgt.view(nn_ * cc, 1, 1, kk), groups=nn_ * cc).view(nn_, cc, hh, ww)
+
+    return [
+        ("brightness (torchvision: clamp(f x))", lambda: blend_toward(v, b, zero, zero),
+         lambda: KE.adjust_contrast(v, b)),
+        ("contrast (blend with mean gray)", lambda: blend_toward(v, c, zero, one),
+         lambda: KE.adjust_contrast_with_mean_subtraction(v, c)),
+        ("saturation (blend with gray)", lambda: blend_toward(v, s_, one, zero),
+         lambda: KE.adjust_saturation_with_gray_subtraction(v, s_)),
+        ("hue shift", lambda: shift_hue(v, h), lambda: KE.adjust_hue(v, h * (2 * math.pi))),
+        ("grayscale", lambda: luma[0] * v[:, 0:1] + luma[1] * v[:, 1:2] + luma[2] * v[:, 2:3],
+         lambda: KC.rgb_to_grayscale(v)),
+        (f"blur {2 * radius + 1} taps per-sample sigma", lambda: own_blur(v),
+         lambda: KF.filter2d_separable(v, kern, kern, border_type="replicate")),
+        ("solarize per-sample", lambda: torch.where((thr < 1)[:, None, None, None] & (v >= 0.5), 1.0 - v, v),
+         lambda: KE.solarize(v, thr)),
+        ("normalise", lambda: torch.addcmul(shift, v, inv), lambda: KE.normalize(v, mean, std)),
+    ]
 
 
 # ------------------------------------------------------------------------------------------- PIL baseline
@@ -153,6 +197,18 @@ def main(args) -> None:
             lambda: gaussian_blur(v, kern), n, "op")
         add("blur@224 shifted multiply-adds", lambda: _shifted_sum_blur(v, kern), n, "alt")
         add("blur@224 kornia RandomGaussianBlur p=1", lambda: blur_k(v), n, "kornia")
+        # Own code vs Kornia's functional op, same maths: interleaved rounds, median of each.
+        for op, own, kor in _own_vs_kornia(v, p, radius):
+            t_own, t_kor = [], []
+            for _ in range(3):
+                t_own.append(common.time_fn(own, device, warmup=1, iters=iters))
+                t_kor.append(common.time_fn(kor, device, warmup=1, iters=iters))
+            t_own, t_kor = sorted(t_own)[1], sorted(t_kor)[1]
+            rows.append({"what": f"{op}@224 own code", "kind": "own", "images_per_s": n / t_own,
+                         "ms_per_call": 1e3 * t_own})
+            rows.append({"what": f"{op}@224 kornia functional", "kind": "kornia", "images_per_s": n / t_kor,
+                         "ms_per_call": 1e3 * t_kor, "kornia_over_own": t_kor / t_own})
+            print(f"{op:40s} own {1e3 * t_own:8.2f} ms  kornia {1e3 * t_kor:8.2f} ms  ratio {t_kor / t_own:.2f}")
         tail = ViewMaker(ViewsConfig(jitter_p=0.0, blur_p=(0.0, 0.0, 0.0))).to(device)
         add("flip+gray+solarize+normalise+cast@224 ours", lambda: tail.render_view(
             v, tail.specs[1], p, crop=False), n, "op")
@@ -188,7 +244,7 @@ def main(args) -> None:
                 "threads": torch.get_num_threads(), "device": str(device),
                 # The CPU box is shared: a load above the core count makes every CPU number pessimistic.
                 "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}
-    path = common.write_results("views", env, settings, rows, ["what", "kind", "images_per_s", "ms_per_call"],
-                                out_dir=args.out_dir)
-    print(common.markdown_table(rows, ["what", "kind", "images_per_s", "ms_per_call"]))
+    columns = ["what", "kind", "images_per_s", "ms_per_call", "kornia_over_own"]
+    path = common.write_results("views", env, settings, rows, columns, out_dir=args.out_dir)
+    print(common.markdown_table(rows, columns))
     print(f"wrote {path}")
