@@ -200,7 +200,8 @@ def test_compiled_step_runs(small_betons, tmp_path):
 def test_released_rn50_recipe_starts_under_accelerate_launch(small_betons, tmp_path):
     # rcs/rn50.yaml as released (ResNet-50, 2x224 + 6x96, bf16 autocast), only the data and budget swapped.
     args = [f"data.train_beton={small_betons / 'train.beton'}", f"data.val_beton={small_betons / 'val.beton'}",
-            "data.global_batch_size=4", "data.num_workers=1", "train.max_steps=2", "train.log_every=1",
+            "data.global_batch_size=4", "data.per_device_batch_size=0", "data.num_workers=1", "train.max_steps=2",
+            "train.log_every=1",
             "eval.knn_at_end=false", f"train.run_dir={tmp_path}", "train.name=rn50", "train.progress=false"]
     accelerate = Path(sys.executable).parent / "accelerate"
     r = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no",
