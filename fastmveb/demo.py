@@ -155,16 +155,8 @@ def demo_block(p: dict) -> str:
 
 def sync_readme(payload: dict, readme: Path = README) -> bool:
     """Replace the block between the demo markers; False when the README has none."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{demo_block(payload)}{END}{tail}"
-    if new != text:
-        from fastmveb.bench.common import atomic_write_text
-        atomic_write_text(readme, new)
-    return True
+    from fastmveb.bench.common import replace_block
+    return replace_block(readme, BEGIN, END, demo_block(payload))
 
 
 def read_results(path: Path) -> dict:

@@ -214,14 +214,20 @@ def make_report(run: str | Path, out: str | Path | None = None) -> Path:
         head.append(f"{bad} unreadable line(s) skipped")
     fig.suptitle("   |   ".join(head), fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
+    _save_figure(fig, out, dpi=80)
+    return out
+
+
+def _save_figure(fig, out: Path, dpi: int) -> None:
+    """Save via a temporary file and a rename (an interrupted save never leaves a half PNG under the name)."""
+    import matplotlib.pyplot as plt
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp.png"
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, out)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
-    return out
 
 
 def pca_2d(x):
@@ -306,13 +312,7 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
                  f"({Path(cfg.data.val_beton).name}), PCA; kNN k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, "
                  f"chance {100 / num_classes:.0f}%", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp.png"
-    try:
-        fig.savefig(tmp, dpi=60)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    _save_figure(fig, out, dpi=60)
     return out, {"trained": panels[0][1], "random_init": panels[1][1]}
 
 

@@ -83,6 +83,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_block(path: Path, begin: str, end: str, body: str) -> bool:
+    """Rewrite the text between the markers ``begin`` and ``end`` of ``path`` with ``body`` (atomically, only when it
+    changes); False when the file is unreadable or lacks a marker. README figures are generated through this."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{body}{end}{tail}"
+    if new != text:
+        atomic_write_text(path, new)
+    return True
+
+
 def write_results(name: str, env: dict, settings: dict, rows: list[dict], columns: list[str] | None = None,
                   out_dir: str | Path | None = None) -> Path:
     """Write <name>-<device>-<date>.json and .md; returns the JSON path. Numbers come only from the run."""
