@@ -181,13 +181,15 @@ def test_step_ramp_times_every_size_and_projects_the_saving(tmp_path):
     rc = tmp_path / "ramp.yaml"
     from fastmveb.config import dump_config, load_config
     cfg = load_config(ROOT / "rcs" / "tiny.yaml", ["views.res_start_size=32", "views.res_start_epoch=0",
-                                                   "views.res_end_epoch=2", "views.res_step=16"])
-    dump_config(cfg, rc)                          # tiny.yaml with globals 32 -> 48 -> 64 over epochs 0-2
+                                                   "views.res_end_epoch=2", "views.res_step=16", "optim.epochs=4",
+                                                   "views.global_size=64", "views.local_size=32", "data.decode_size=96"])
+    dump_config(cfg, rc)                          # a 4-epoch tiny.yaml with globals 32 -> 48 -> 64 over epochs 0-2
+    epochs = load_config(ROOT / "rcs" / "tiny.yaml").optim.epochs
     bench("step", "--ramp", f"rcs/tiny.yaml,{rc}", "--short", "--device", "cpu", "--out-dir", tmp_path,
           "--warmup", 1, "--iters", 1)
     payload = only_json(tmp_path, "ramp")
     rows = payload["rows"]
-    assert [(r["recipe"], r["epochs"]) for r in rows] == [("tiny", "0-3"), ("tiny", "all 4"), ("ramp", "0"),
+    assert [(r["recipe"], r["epochs"]) for r in rows] == [("tiny", f"0-{epochs - 1}"), ("tiny", f"all {epochs}"), ("ramp", "0"),
                                                           ("ramp", "1"), ("ramp", "2-3"), ("ramp", "all 4")]
     assert [r["views"] for r in rows if r["recipe"] == "ramp"][:3] == ["2x32 + 2x16", "2x48 + 2x24", "2x64 + 2x32"]
     sized = [r for r in rows if "samples_per_s" in r]
