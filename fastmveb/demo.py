@@ -53,6 +53,21 @@ def _load() -> float:
         return float("nan")
 
 
+def fingerprint(cfg) -> dict:
+    """What the demo's figures depend on besides the code: the resolved run config (every key, overrides included)
+    and the dataset (the bytes of one generated image per class). Comments and formatting do not count, so a
+    docstring edit keeps the committed figures valid while a changed recipe or generator makes them stale."""
+    import hashlib
+
+    from dataset_prep.synthetic import CLASSES, make_image
+    from fastmveb.config import to_dict
+    config = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    data = hashlib.sha256()
+    for k in range(len(CLASSES)):
+        data.update(make_image(0, "train", k, 0).tobytes())
+    return {"config": hashlib.sha256(config.encode()).hexdigest()[:16], "data": data.hexdigest()[:16]}
+
+
 def _final_knn(run_dir: Path) -> dict:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     fin = [r for r in rows if "final_knn_top1" in r]
@@ -72,7 +87,7 @@ def run(seeds: list[int], rc: Path, overrides: list[str], out: Path, readme: Pat
         raise DemoError(str(e)) from None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     payload = {"env": _env(), "rc": str(rc.relative_to(ROOT) if rc.is_relative_to(ROOT) else rc),
-               "overrides": overrides, "load_start": _load(), "seeds": []}
+               "overrides": overrides, "fingerprint": fingerprint(cfg), "load_start": _load(), "seeds": []}
     if generate:   # the default synthetic set, into the folder of the run config's train beton
         t0 = time.perf_counter()
         data = Path(cfg.data.train_beton).parent

@@ -25,6 +25,31 @@ def test_readme_demo_block_is_generated_from_the_results_file():
         assert f"]({png.relative_to(ROOT)})" in text
 
 
+def test_committed_demo_figures_are_current_and_meet_the_goal():
+    """docs/demo.json was measured on today's recipe and dataset (the fingerprint of the resolved rcs/tiny.yaml and
+    of the generator's images), with no overrides, at 3+ seeds, and every seed shows the margin the README claims."""
+    from fastmveb.config import load_config
+    payload = demo.read_results(demo.RESULTS)
+    assert payload["overrides"] == [] and len(payload["seeds"]) >= 3, payload
+    assert payload["fingerprint"] == demo.fingerprint(load_config(ROOT / payload["rc"])), \
+        "rcs/tiny.yaml or the synthetic generator changed since docs/demo.json: run python -m fastmveb.demo run"
+    assert min(r["trained_top1"] for r in payload["seeds"]) >= 50, payload["seeds"]
+    assert max(r["random_top1"] for r in payload["seeds"]) <= 30, payload["seeds"]
+    assert payload["generate_s"] + payload["seeds"][0]["train_s"] <= 8 * 60, "make demo took over 8 minutes"
+
+
+def test_fingerprint_follows_the_recipe_and_the_data(monkeypatch):
+    from dataset_prep import synthetic
+    from fastmveb.config import load_config
+    base = demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))
+    assert base == demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))
+    other = demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", ["optim.epochs=3"]))
+    assert other["config"] != base["config"] and other["data"] == base["data"]
+    make_image = synthetic.make_image
+    monkeypatch.setattr(synthetic, "make_image", lambda *a, **k: make_image(*a, **k) // 2)    # another generator
+    assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))["data"] != base["data"]
+
+
 PAYLOAD = {"env": {"cpu": "x86_64, 2 cores", "torch": "2.x", "date": "2026-12-01T00:00:00+00:00"}, "generate_s": 30.0,
            "seeds": [{"seed": 0, "trained_top1": 61.2, "random_top1": 20.4, "train_s": 300.0, "load": 1.5, "steps": 300},
                      {"seed": 1, "trained_top1": 57.0, "random_top1": 22.6, "train_s": 330.0, "load": 2.0, "steps": 300}]}
