@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from fastmveb.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
+TINY = load_config(ROOT / "rcs" / "tiny.yaml")
 
 
 def bench(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -58,7 +61,8 @@ def test_step_short(tmp_path):
     bench("step", "--short", "--device", "cpu", "--out-dir", tmp_path, "--warmup", 1, "--iters", 1)
     rows = only_json(tmp_path, "step")["rows"]
     assert [r["recipe"] for r in rows] == ["two-view", "multi-crop"]
-    assert rows[0]["views"] == "2x64" and rows[1]["views"] == "2x64 + 6x32"
+    g, l = TINY.views.global_size, TINY.views.local_size       # the CPU step runs at rcs/tiny.yaml's view sizes
+    assert rows[0]["views"] == f"2x{g}" and rows[1]["views"] == f"2x{g} + 6x{l}"
     for r in rows:
         for key in ("samples_per_s", "images_per_s", "step_ms", "first_step_s", "peak_mem_gb"):
             assert positive(r[key]), (key, r[key])
@@ -99,7 +103,8 @@ def test_profile_short_splits_the_step_by_phase(tmp_path):
     wall = [r for r in rows if r["kind"] == "wall"]
     phases = {r["name"]: r for r in rows if r["kind"] == "phase"}
     ops = [r for r in rows if r["kind"] == "op"]
-    assert len(wall) == 1 and wall[0]["views"] == "2x64 + 6x32" and math.isfinite(wall[0]["loss"])
+    views = f"2x{TINY.views.global_size} + 6x{TINY.views.local_size}"
+    assert len(wall) == 1 and wall[0]["views"] == views and math.isfinite(wall[0]["loss"])
     for name in ("views", "forward", "target", "loss", "backward", "optimizer", "ema"):
         assert positive(phases[name]["ms_per_step"]), name
     # Self times never overlap, so the phases (with the uncounted rest) add up to the wall clock.

@@ -7,7 +7,7 @@ network, optimizer, Accelerator, precision, memory format and compilation are bu
 fastmveb/train.py builds them, from a run config:
 
     cuda  rcs/rn50.yaml   ResNet-50, batch 128 (its micro-batch), 2x224 (+ 6x96), bf16 autocast, compiled, channels-last
-    cpu   rcs/tiny.yaml   ResNet-18 (--short: ResNet-10) at 2x64 (+ 6x32), batch 64 (--short: 16), fp32, eager
+    cpu   rcs/tiny.yaml   ResNet-18 (--short: ResNet-10) at its view sizes (2x40 + 6x20), batch 64 (--short: 16), fp32, eager
 
 Two recipes per run: two-view (2 global views) and multi-crop (2 global + 6 local). Flags change one setting
 at a time (--arch, --batch-size, --compile, --channels-last, --precision, --set section.key=value, ...);
