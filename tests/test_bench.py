@@ -184,12 +184,12 @@ def test_step_ramp_times_every_size_and_projects_the_saving(tmp_path):
     """`bench step --ramp`: one row per epoch range of each config's schedule (the ramp's sizes, in order),
     then a projection row per config against the first; the report turns them into headline lines."""
     rc = tmp_path / "ramp.yaml"
-    from fastmveb.config import dump_config, load_config
+    from fastmveb.config import dump_config
     cfg = load_config(ROOT / "rcs" / "tiny.yaml", ["views.res_start_size=32", "views.res_start_epoch=0",
                                                    "views.res_end_epoch=2", "views.res_step=16", "optim.epochs=4",
                                                    "views.global_size=64", "views.local_size=32", "data.decode_size=96"])
     dump_config(cfg, rc)                          # a 4-epoch tiny.yaml with globals 32 -> 48 -> 64 over epochs 0-2
-    epochs = load_config(ROOT / "rcs" / "tiny.yaml").optim.epochs
+    epochs = TINY.optim.epochs
     bench("step", "--ramp", f"rcs/tiny.yaml,{rc}", "--short", "--device", "cpu", "--out-dir", tmp_path,
           "--warmup", 1, "--iters", 1)
     payload = only_json(tmp_path, "ramp")
