@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     _common(i, DEFAULT_MAX_SIDE,
             f"longest side stored (default {DEFAULT_MAX_SIDE}; 0 = keep originals). 512 keeps ImageNet's usual "
             "500-px photos whole, so no 224-px global crop is upsampled; 384 decodes ~1.5x faster but upsamples "
-            "40% of them (measured: python -m fastmveb.bench loader); 256 when decoding is the bottleneck")
+            "40%% of them (measured: python -m fastmveb.bench loader); 256 when decoding is the bottleneck")
     i.add_argument("--data", required=True, help="folder with train/ and val/ ImageFolder subfolders")
     i.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
                    help="jpg: JPEG (small, decoded at load); raw: uint8 pixels (no decode, ~10x larger); smart: "

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if stage == "all":
+        if "-h" in rest or "--help" in rest:        # not a run of every stage with --help passed on
+            print(__doc__.strip())
+            return 0
         return run_all(rest)
     run_stage(stage, rest)
     return 0
