@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 PYVER     ?= 3.12
 
-.PHONY: setup beton demo test test-all bench wheelhouse clean
+.PHONY: setup beton demo test test-all bench gpu-check wheelhouse clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,14 @@ test-all: setup
 
 bench: setup data/synthetic/train.beton
 	$(BIN)/python -m fastmveb.bench $(BENCH) $(BENCH_ARGS)
+
+# make gpu-check OUT=DIR: every speed figure in one time-boxed command (<= 8 min on one H100/H200; scripts/gpu_check.sh).
+# On an offline GPU host: make gpu-check OUT=DIR WHEELHOUSE=wheelhouse (installs into the host's torch env, no setup).
+# GPU_CHECK_ARGS e.g. --device cpu --short (the CPU dry run of the check).
+WHEELHOUSE ?=
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(WHEELHOUSE),,setup)
+	bash scripts/gpu_check.sh --out $(if $(filter command environment,$(origin OUT)),$(OUT),gpu-check) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE),) $(GPU_CHECK_ARGS)
 
 wheelhouse: setup
 	@# OUT is shared with `make beton`: only an OUT given on the command line/env is used here.

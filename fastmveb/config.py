@@ -17,6 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -56,10 +57,46 @@ RENAMED = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """An interval a number must lie in; ``ordered``: a (low, high) pair must also have low <= high."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    ordered: bool = False
+
+    def contains(self, v) -> bool:
+        if not math.isfinite(v):
+            return False
+        return ((v > self.lo if self.lo_open else v >= self.lo)
+                and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __str__(self) -> str:
+        def num(x):
+            return "inf" if x == math.inf else f"{x:g}"
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+_POS, _NONNEG, _ONE_UP, _UNIT = Range(0, lo_open=True), Range(0), Range(1), Range(0, 1)
+_SIDE = Range(8, 8192)   # image sides in pixels: under 8 px a ResNet's stride-32 features are empty
+_PAIR = Range(0, lo_open=True, ordered=True)
+
+
+def opt(default, range: Range | None = None, harmless: bool = False):
+    """A config field with its rules beside it: ``range`` (every int and float key has one; a tuple's values
+    each lie in it) and ``harmless`` (changing it cannot alter the weights a run produces, so a resume may
+    change it: fastmveb/rundir.py). Choices are ``Literal`` types. CHOICES, RANGES and HARMLESS derive from these."""
+    meta = {"harmless": harmless}
+    if range is not None:
+        meta["range"] = range
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    train_beton: str = "data/synthetic/train.beton"
-    val_beton: str = "data/synthetic/val.beton"
+    train_beton: str = opt("data/synthetic/train.beton")
+    val_beton: str = opt("data/synthetic/val.beton", harmless=True)
     # The recipe fixes the GLOBAL batch (released: 4096 = 128 per GPU x 32 GPUs); each optimizer step averages
     # the gradient over all of it, whatever the world size. Per process: global / processes, run as
     # accumulation = global / (processes x per_device_batch_size) micro-batches of per_device_batch_size
@@ -67,130 +104,140 @@ class DataConfig:
     # normalises each micro-batch: its statistics span per_device x processes samples, not the global batch,
     # and the running statistics update once per micro-batch. Entropy groups (loss.group) are cut within each
     # micro-batch. `train.py --dry-run --world-size N` prints what a config resolves to (fastmveb/plan.py).
-    global_batch_size: int = 4096
-    per_device_batch_size: int = 0   # micro-batch one forward sees; 0 = global_batch_size / processes
-    num_workers: int = 8             # FFCV threads (also torch's CPU thread count); capped at the core count
-    decode: str = "once"             # "once": decode each whole image once, GPU cuts every view; "per_view": FFCV RRC per view
+    global_batch_size: int = opt(4096, _ONE_UP)
+    per_device_batch_size: int = opt(0, _NONNEG)   # micro-batch one forward sees; 0 = global_batch_size / processes
+    # FFCV threads (also torch's CPU thread count); capped at the core count
+    num_workers: int = opt(8, _ONE_UP, harmless=True)
+    # "once": decode each whole image once, GPU cuts every view; "per_view": FFCV RRC per view
+    decode: Literal["once", "per_view"] = opt("once")
     # Side S of the once-decoded canvas (each whole image squeezed to S x S, its true (H, W) carried along).
     # 512 because on 500-px photos (ImageNet's usual size) it upsamples no 224-px global crop (0%, as the
     # released full-resolution crops; 448: 3%, 384: 22%, 256: 94%) at the loader speed of 256-448: JPEG decoding
     # dominates and the four sizes measured within their run-to-run spread (`python -m fastmveb.bench loader`,
     # benchmarks/results/loader-*.json, photo rows).
-    decode_size: int = 512
-    order: str = "random"            # "random" | "quasi_random" (single process only, see NOTES.md)
-    os_cache: bool = True            # memory-map the whole beton (fits in RAM) vs. process-level page reads
-    drop_last: bool = True
-    eval_batch_size: int = 256
+    decode_size: int = opt(512, _SIDE)
+    order: Literal["random", "quasi_random"] = opt("random")   # quasi_random: single process only (NOTES.md)
+    os_cache: bool = opt(True, harmless=True)   # memory-map the whole beton (fits in RAM) vs. process-level page reads
+    drop_last: bool = opt(True)
+    eval_batch_size: int = opt(256, _ONE_UP, harmless=True)
 
 
 @dataclass
 class ViewsConfig:
-    global_size: int = 224
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    n_local: int = 6                 # 0 for a two-view recipe
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)       # global 1, global 2, local
-    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)   # global 1, global 2, local
-    solarize_threshold: float = 0.5
-    antialias: bool = True           # low-pass before downsampling crops (PIL's resize does)
-    interpolation: str = "bicubic"   # "bicubic" (as the released PIL RandomResizedCrop) | "bilinear"
-    jitter_order: str = "random"     # "random": a per-sample permutation as torchvision's ColorJitter | "fixed"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    dtype: str = "float32"           # "float32" | "bfloat16" output
-    channels_last: bool = True
+    global_size: int = opt(224, _SIDE)
+    global_scale: tuple[float, float] = opt((0.4, 1.0), Range(0, 1, lo_open=True, ordered=True))
+    n_local: int = opt(6, _NONNEG)                 # 0 for a two-view recipe
+    local_size: int = opt(96, _SIDE)
+    local_scale: tuple[float, float] = opt((0.05, 0.4), Range(0, 1, lo_open=True, ordered=True))
+    ratio: tuple[float, float] = opt((3 / 4, 4 / 3), _PAIR)
+    flip_p: float = opt(0.5, _UNIT)
+    jitter_p: float = opt(0.8, _UNIT)
+    brightness: float = opt(0.4, _NONNEG)
+    contrast: float = opt(0.4, _NONNEG)
+    saturation: float = opt(0.2, _NONNEG)
+    hue: float = opt(0.1, Range(0, 0.5))
+    gray_p: float = opt(0.2, _UNIT)
+    blur_sigma: tuple[float, float] = opt((0.1, 2.0), _PAIR)
+    blur_p: tuple[float, float, float] = opt((1.0, 0.1, 0.5), _UNIT)       # global 1, global 2, local
+    solarize_p: tuple[float, float, float] = opt((0.0, 0.2, 0.0), _UNIT)   # global 1, global 2, local
+    solarize_threshold: float = opt(0.5, _UNIT)
+    antialias: bool = opt(True)                    # low-pass before downsampling crops (PIL's resize does)
+    # "bicubic" as the released PIL RandomResizedCrop
+    interpolation: Literal["bicubic", "bilinear"] = opt("bicubic")
+    # "random": a per-sample permutation as torchvision's ColorJitter
+    jitter_order: Literal["random", "fixed"] = opt("random")
+    mean: tuple[float, float, float] = opt((0.485, 0.456, 0.406), _UNIT)
+    std: tuple[float, float, float] = opt((0.229, 0.224, 0.225), _POS)
+    dtype: Literal["float32", "bfloat16"] = opt("float32")   # the views' dtype
+    channels_last: bool = opt(True)
     # Progressive resolution (fastmveb/resolution.py), off when res_start_size = 0: the global views grow
     # linearly from res_start_size at epoch res_start_epoch to global_size at res_end_epoch, in steps of
     # res_step px (FFCV's rule); local views and data.decode_size keep their ratio to global_size.
-    res_start_size: int = 0
-    res_start_epoch: int = 0
-    res_end_epoch: int = 0
-    res_step: int = 32
+    res_start_size: int = opt(0, Range(0, 8192))
+    res_start_epoch: int = opt(0, _NONNEG)
+    res_end_epoch: int = opt(0, _NONNEG)
+    res_step: int = opt(32, _ONE_UP)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"           # torchvision ResNets (resnet18/34/50/101/152, wide_resnet50_2, ...) + "resnet10"
-    zero_init_residual: bool = True
-    proj_hidden: int = 2048
-    proj_out: int = 2048
-    proj_layers: int = 3
-    ema_momentum: float = 0.996      # base momentum; cosine schedule to 1.0 over training
-    sync_bn: bool = True             # BatchNorm statistics over all processes (per view; fastmveb/batchnorm.py)
-    channels_last: bool = True
+    arch: str = opt("resnet50")      # torchvision ResNets (resnet18/34/50/101/152, wide_resnet50_2, ...) + "resnet10"
+    zero_init_residual: bool = opt(True)
+    proj_hidden: int = opt(2048, _ONE_UP)
+    proj_out: int = opt(2048, _ONE_UP)
+    proj_layers: int = opt(3, _ONE_UP)
+    ema_momentum: float = opt(0.996, _UNIT)   # base momentum; cosine schedule to 1.0 over training
+    sync_bn: bool = opt(True)        # BatchNorm statistics over all processes (per view; fastmveb/batchnorm.py)
+    channels_last: bool = opt(True)
 
 
 @dataclass
 class LossConfig:
-    lam: float = 0.01                # lambda: weight of the entropy term
-    eta: float = 0.01                # Stein estimator ridge
-    min_tau: float = 0.1             # bandwidth floor
-    group: str = "128"               # entropy group: an int size (released: 128 per GPU) | "local" | "global"
+    lam: float = opt(0.01, _NONNEG)  # lambda: weight of the entropy term
+    eta: float = opt(0.01, _POS)     # Stein estimator ridge
+    min_tau: float = opt(0.1, _POS)  # bandwidth floor
+    group: str = opt("128")          # entropy group: an int size >= 2 (released: 128 per GPU) | "local" | "global"
 
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 0.3             # peak lr = base_lr * global_batch / 256
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    trust_coef: float = 0.001        # LARS eta
-    epochs: int = 800
-    warmup_epochs: int = 10
-    warmup_start_ratio: float = 1e-3  # warm-up starts at ratio * peak
-    final_lr_ratio: float = 1e-3     # cosine floor; phase (t - warm-up) / TOTAL steps as released, so the last
-                                     # step's lr is ~1.4e-3 x peak at 10/800 warm-up epochs (optim.lr_at)
-    max_bad_steps: int = 20          # stop after this many consecutive non-finite steps
+    base_lr: float = opt(0.3, _POS)  # peak lr = base_lr * global_batch / 256
+    weight_decay: float = opt(1e-6, _NONNEG)
+    momentum: float = opt(0.9, Range(0, 1, hi_open=True))
+    trust_coef: float = opt(0.001, _POS)   # LARS eta
+    epochs: int = opt(800, _ONE_UP)
+    warmup_epochs: int = opt(10, _NONNEG)
+    warmup_start_ratio: float = opt(1e-3, _UNIT)   # warm-up starts at ratio * peak
+    # cosine floor; phase (t - warm-up) / TOTAL steps as released, so the last step's lr is ~1.4e-3 x peak at
+    # 10/800 warm-up epochs (optim.lr_at)
+    final_lr_ratio: float = opt(1e-3, _UNIT)
+    max_bad_steps: int = opt(20, _ONE_UP, harmless=True)   # stop after this many consecutive non-finite steps
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs"
-    name: str = ""                   # run directory name; empty = rc file stem
-    seed: int = 0
-    mixed_precision: str = "bf16"    # "bf16" | "no" (bf16 needs no loss scaler; on CPU it is slow: rcs/tiny uses "no")
-    compile: str = "auto"            # "auto" (on for CUDA) | "true" | "false"
-    compile_backend: str = "inductor"
-    deterministic: bool = False      # torch.use_deterministic_algorithms (exact resume tests)
-    max_steps: int = 0               # stop after this many steps in total (0 = run all epochs)
-    log_every: int = 20              # steps between metric reads (the only host syncs)
-    ckpt_every_steps: int = 0        # 0 = only per epoch / at the end
-    ckpt_every_epochs: int = 1
-    keep_last: int = 3
-    resume: bool = True              # continue from the newest checkpoint in the run directory
-    allow_config_change: bool = False  # resume although trajectory keys changed (fastmveb/rundir.py says what it does)
-    progress: bool = True
+    run_dir: str = opt("runs", harmless=True)
+    name: str = opt("", harmless=True)   # run directory name; empty = rc file stem
+    seed: int = opt(0, Range(0, 2**32 - 1))
+    # bf16 needs no loss scaler; on CPU it is slow: rcs/tiny uses "no"
+    mixed_precision: Literal["bf16", "no"] = opt("bf16")
+    compile: Literal["auto", "true", "false"] = opt("auto")   # "auto": on for CUDA
+    compile_backend: str = opt("inductor")
+    deterministic: bool = opt(False, harmless=True)   # torch.use_deterministic_algorithms (exact resume tests)
+    max_steps: int = opt(0, _NONNEG, harmless=True)  # stop after this many steps in total (0 = run all epochs)
+    log_every: int = opt(20, _ONE_UP, harmless=True)   # steps between metric reads (the only host syncs)
+    ckpt_every_steps: int = opt(0, _NONNEG, harmless=True)   # 0 = only per epoch / at the end
+    ckpt_every_epochs: int = opt(1, _NONNEG, harmless=True)
+    keep_last: int = opt(3, _NONNEG, harmless=True)
+    resume: bool = opt(True, harmless=True)   # continue from the newest checkpoint in the run directory
+    # resume although trajectory keys changed (fastmveb/rundir.py says what it does)
+    allow_config_change: bool = opt(False, harmless=True)
+    progress: bool = opt(True, harmless=True)
 
 
 @dataclass
 class EvalConfig:
     # The test resolution, fixed whatever size the views were trained at (offline eval, online and final kNN):
     # centre crop of side crop_ratio x the short side, resized to size (224 of 256 by default).
-    size: int = 224
-    crop_ratio: float = 0.875
-    knn_k: int = 200
-    knn_t: float = 0.1
-    knn_every_epochs: int = 0        # online kNN monitor during training (0 = off)
-    knn_max_val: int = 10000         # val subset for the online monitor
-    knn_max_train: int = 0           # train (bank) subset for the online monitor (0 = the whole train set)
-    knn_at_end: bool = True          # kNN of trained and random-init encoders after training
-    online_linear: bool = False      # online linear probe on detached features
-    linear_epochs: int = 90
-    linear_base_lr: float = 0.1
-    linear_batch_size: int = 256     # fast mode (cached features)
-    linear_full_batch_size: int = 4096  # full mode: the released protocol's batch
-    linear_micro_batch: int = 0      # full mode: images per backbone forward (0 = whole batch); the head's step
-                                     # still sees the whole batch, so this changes memory, not the result
-    linear_mode: str = "fast"        # "fast": cached features | "full": the released protocol
+    size: int = opt(224, _SIDE, harmless=True)
+    crop_ratio: float = opt(0.875, Range(0, 1, lo_open=True), harmless=True)
+    knn_k: int = opt(200, _ONE_UP, harmless=True)
+    knn_t: float = opt(0.1, _POS, harmless=True)
+    knn_every_epochs: int = opt(0, _NONNEG, harmless=True)    # online kNN monitor during training (0 = off)
+    knn_max_val: int = opt(10000, _ONE_UP, harmless=True)     # val subset for the online monitor
+    # train (bank) subset for the online monitor (0 = the whole train set)
+    knn_max_train: int = opt(0, _NONNEG, harmless=True)
+    knn_at_end: bool = opt(True, harmless=True)   # kNN of trained and random-init encoders after training
+    online_linear: bool = opt(False)              # online linear probe on detached features
+    linear_epochs: int = opt(90, _ONE_UP, harmless=True)
+    linear_base_lr: float = opt(0.1, _POS, harmless=True)
+    linear_batch_size: int = opt(256, _ONE_UP, harmless=True)         # fast mode (cached features)
+    linear_full_batch_size: int = opt(4096, _ONE_UP, harmless=True)   # full mode: the released protocol's batch
+    # full mode: images per backbone forward (0 = whole batch); the head's step still sees the whole batch,
+    # so this changes memory, not the result
+    linear_micro_batch: int = opt(0, _NONNEG, harmless=True)
+    # "fast": cached features | "full": the released protocol
+    linear_mode: Literal["fast", "full"] = opt("fast", harmless=True)
 
 
 @dataclass
@@ -202,6 +249,28 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def fields_of(cfg_type=Config):
+    """(key "section.name", dataclasses.Field, resolved type) of every leaf field, in declaration order."""
+    for section in dataclasses.fields(cfg_type):
+        sec_type = typing.get_type_hints(cfg_type)[section.name]
+        hints = typing.get_type_hints(sec_type)
+        for f in dataclasses.fields(sec_type):
+            yield f"{section.name}.{f.name}", f, hints[f.name]
+
+
+def _is_choice(tp) -> bool:
+    return typing.get_origin(tp) is typing.Literal
+
+
+# The derived tables: the rules live on the fields above; these are read-only views of them.
+# CHOICES: the string keys that take one of a few values (tests/test_options.py runs every value).
+CHOICES: dict[str, tuple[str, ...]] = {k: typing.get_args(tp) for k, _, tp in fields_of() if _is_choice(tp)}
+# RANGES: every int and float key with the values it may take (tests check every number key has one).
+RANGES: dict[str, Range] = {k: f.metadata["range"] for k, f, _ in fields_of() if "range" in f.metadata}
+# HARMLESS: keys whose change cannot alter the weights a run produces (fastmveb/rundir.py).
+HARMLESS: tuple[str, ...] = tuple(k for k, f, _ in fields_of() if f.metadata.get("harmless"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,7 +303,7 @@ def _coerce(value, tp, key: str, source: str):
                 raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-    if tp is str:
+    if tp is str or _is_choice(tp):                 # a choice is a string; validate() checks it is one of them
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         hint = " (YAML reads no/yes/off/on as booleans: quote the value)" if isinstance(value, bool) else ""
@@ -282,7 +351,8 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
         path, raw = item.split("=", 1)
         try:
             # a string field takes the text as typed: YAML would turn "no" into False
-            value = raw if _field_type(cfg, path.strip()) is str else (yaml_load(raw) if raw != "" else "")
+            tp = _field_type(cfg, path.strip())
+            value = raw if tp is str or _is_choice(tp) else (yaml_load(raw) if raw != "" else "")
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: cannot parse the value of '{path}': {e}".splitlines()[0]) from None
         tree: dict = {}
@@ -314,27 +384,13 @@ def load_config(rc: str | Path | None = None, overrides: list[str] | None = None
     return cfg
 
 
-# The string keys that take one of a few values (tests/test_options.py runs every value).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.decode": ("once", "per_view"),
-    "data.order": ("random", "quasi_random"),
-    "views.dtype": ("float32", "bfloat16"),
-    "views.interpolation": ("bicubic", "bilinear"),
-    "views.jitter_order": ("random", "fixed"),
-    "train.mixed_precision": ("bf16", "no"),
-    "train.compile": ("auto", "true", "false"),
-    "eval.linear_mode": ("fast", "full"),
-}
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
-    if cfg.loss.group not in ("local", "global"):
-        try:
-            if int(cfg.loss.group) < 2:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"loss.group must be an integer >= 2, 'local' or 'global', got {cfg.loss.group!r}") from None
+    from .entropy import parse_group                   # the one parse of loss.group (the estimator's)
+    try:
+        parse_group(cfg.loss.group)
+    except ValueError as e:
+        raise ConfigError(f"loss.{e}") from None
     for key, allowed in CHOICES.items():
         section, _, name = key.partition(".")
         val = getattr(getattr(cfg, section), name)
@@ -345,9 +401,7 @@ def validate(cfg: Config) -> None:
                           "bf16 input); set both or neither")
     for key, rng in RANGES.items():
         section, _, name = key.partition(".")
-        val = getattr(getattr(cfg, section, None), name, None)
-        if val is None:                                    # a key another version of the tree does not have
-            continue
+        val = getattr(getattr(cfg, section), name)     # derived from the fields: every key exists
         for i, v in enumerate(val if isinstance(val, tuple) else (val,)):
             if not rng.contains(v):
                 where = f"{key}[{i}]" if isinstance(val, tuple) else key
@@ -362,57 +416,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"progressive resolution needs views.res_start_epoch < views.res_end_epoch <= "
                               f"optim.epochs, got {v.res_start_epoch}, {v.res_end_epoch}, {cfg.optim.epochs}; set "
                               "the ramp's epochs inside the run (or views.res_start_size=0 to turn it off)")
-
-
-@dataclass(frozen=True)
-class Range:
-    """An interval a number must lie in; ``ordered``: a (low, high) pair must also have low <= high."""
-    lo: float = -math.inf
-    hi: float = math.inf
-    lo_open: bool = False
-    hi_open: bool = False
-    ordered: bool = False
-
-    def contains(self, v) -> bool:
-        if not math.isfinite(v):
-            return False
-        return ((v > self.lo if self.lo_open else v >= self.lo)
-                and (v < self.hi if self.hi_open else v <= self.hi))
-
-    def __str__(self) -> str:
-        def num(x):
-            return "inf" if x == math.inf else f"{x:g}"
-        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
-
-
-_POS, _NONNEG, _ONE_UP, _UNIT = Range(0, lo_open=True), Range(0), Range(1), Range(0, 1)
-_SIDE = Range(8, 8192)   # image sides in pixels: under 8 px a ResNet's stride-32 features are empty
-# Every int and float key with the values it may take; a key missing here is checked for finiteness only.
-RANGES: dict[str, Range] = {
-    "data.global_batch_size": _ONE_UP, "data.per_device_batch_size": _NONNEG, "data.num_workers": _ONE_UP, "data.decode_size": _SIDE,
-    "data.eval_batch_size": _ONE_UP,
-    "views.global_size": _SIDE, "views.local_size": _SIDE, "views.n_local": _NONNEG,
-    "views.global_scale": Range(0, 1, lo_open=True, ordered=True),
-    "views.local_scale": Range(0, 1, lo_open=True, ordered=True),
-    "views.ratio": Range(0, lo_open=True, ordered=True), "views.flip_p": _UNIT, "views.jitter_p": _UNIT,
-    "views.brightness": _NONNEG, "views.contrast": _NONNEG, "views.saturation": _NONNEG,
-    "views.hue": Range(0, 0.5), "views.gray_p": _UNIT, "views.blur_sigma": Range(0, lo_open=True, ordered=True),
-    "views.blur_p": _UNIT, "views.solarize_p": _UNIT, "views.solarize_threshold": _UNIT, "views.mean": _UNIT,
-    "views.std": _POS, "views.res_start_size": Range(0, 8192), "views.res_start_epoch": _NONNEG,
-    "views.res_end_epoch": _NONNEG, "views.res_step": _ONE_UP,
-    "model.proj_hidden": _ONE_UP, "model.proj_out": _ONE_UP, "model.proj_layers": _ONE_UP,
-    "model.ema_momentum": _UNIT,
-    "loss.lam": _NONNEG, "loss.eta": _POS, "loss.min_tau": _POS,
-    "optim.base_lr": _POS, "optim.weight_decay": _NONNEG, "optim.momentum": Range(0, 1, hi_open=True),
-    "optim.trust_coef": _POS, "optim.epochs": _ONE_UP, "optim.warmup_epochs": _NONNEG,
-    "optim.warmup_start_ratio": _UNIT, "optim.final_lr_ratio": _UNIT, "optim.max_bad_steps": _ONE_UP,
-    "train.seed": Range(0, 2**32 - 1), "train.max_steps": _NONNEG, "train.log_every": _ONE_UP,
-    "train.ckpt_every_steps": _NONNEG, "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
-    "eval.size": _SIDE, "eval.crop_ratio": Range(0, 1, lo_open=True), "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
-    "eval.knn_max_train": _NONNEG,
-    "eval.linear_epochs": _ONE_UP, "eval.linear_base_lr": _POS, "eval.linear_batch_size": _ONE_UP,
-    "eval.linear_full_batch_size": _ONE_UP, "eval.linear_micro_batch": _NONNEG,
-}
 
 
 def to_dict(cfg) -> dict:

@@ -126,7 +126,7 @@ def run(seeds: list[int], rc: Path, overrides: list[str], out: Path, readme: Pat
     payload["seeds"] = [done[s] for s in seeds]
     payload["jobs"] = jobs
     payload["load_end"] = _load()
-    from fastmveb.bench.common import atomic_write_text
+    from fastmveb.report import atomic_write_text
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
     if embedding is not None:
@@ -170,7 +170,7 @@ def demo_block(p: dict) -> str:
 
 def sync_readme(payload: dict, readme: Path = README) -> bool:
     """Replace the block between the demo markers; False when the README has none."""
-    from fastmveb.bench.common import replace_block
+    from fastmveb.report import replace_block
     return replace_block(readme, BEGIN, END, demo_block(payload))
 
 

@@ -19,8 +19,6 @@ compiler's buffers and the entropy estimator's temporaries are not in it.
 """
 from __future__ import annotations
 
-import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +30,6 @@ from .optim import lr_at, peak_lr
 from .resolution import schedule_lines
 
 IMAGENET_TRAIN = 1_281_167   # ImageNet-1k train images: the steps per epoch when the beton does not exist yet
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 @dataclass
@@ -58,6 +55,7 @@ class Plan:
     memory: dict[str, float] = field(default_factory=dict)   # GiB per device, by part; empty = not estimated
     resolution: list[str] = field(default_factory=list)      # view / decode sizes per epoch range (resolution.py)
     cost: str = ""
+    cost_detail: list[dict] = field(default_factory=list)    # per device that priced the run (gpu_hours)
 
     def meta(self) -> dict:
         """The quantities a run records in meta.json (and a test compares with the real loader)."""
@@ -151,8 +149,11 @@ def describe_groups(group: str, micro: int, world: int) -> str:
     return f"{text} per view per micro-batch of {micro}"
 
 
-def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memory: bool = True) -> Plan:
-    """Every quantity of the run for ``world_size`` processes; ConfigError (one line) if the batch cannot split."""
+def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memory: bool = True,
+              throughput: list[dict] | None = None, device: str | None = None) -> Plan:
+    """Every quantity of the run for ``world_size`` processes; ConfigError (one line) if the batch cannot split.
+    ``throughput``: measured rows (fastmveb/throughput.py) the cost is priced from (exact matches only; none:
+    the cost is "unmeasured"); ``device`` restricts them to one device name."""
     per_process, micro, accum = split_batch(cfg.data.global_batch_size, world_size, cfg.data.per_device_batch_size)
     source = str(cfg.data.train_beton)
     if dataset_len is None:
@@ -179,7 +180,7 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
                     if world_size > 1 and cfg.model.sync_bn else ""))
     if memory:
         plan.memory = estimate_memory(cfg, micro, per_process, world_size)
-    plan.cost = gpu_hours(cfg, plan)
+    plan.cost, plan.cost_detail = gpu_hours(cfg, plan, throughput, device)
     return plan
 
 
@@ -226,17 +227,60 @@ def estimate_memory(cfg: Config, micro: int, per_process: int, world_size: int) 
 
 
 # --------------------------------------------------------------------------------------------------- cost
-def gpu_hours(cfg: Config, plan: Plan, results: Path = RESULTS) -> str:
-    """GPU-hours from a MEASURED CUDA step benchmark of the same setting, or a line saying it is unmeasured."""
-    from .bench.step import views_label
-    want = {"views": views_label(cfg), "arch": cfg.model.arch, "precision": cfg.train.mixed_precision}
-    for path in sorted(glob.glob(str(results / "step-cuda*.json")), reverse=True):
-        for row in json.loads(Path(path).read_text()).get("rows", []):
-            if all(row.get(k) == val for k, val in want.items()) and row.get("samples_per_s"):
-                samples = plan.last_step * plan.global_batch
-                hours = samples / row["samples_per_s"] / 3600
-                return (f"~{hours:,.0f} GPU-hours for {plan.last_step:,} steps at the measured "
-                        f"{row['samples_per_s']:,.0f} samples/s per GPU (step only, batch {row.get('batch')}, "
-                        f"{Path(path).name}); data loading and communication not included")
-    return (f"unmeasured: no CUDA step benchmark of {want['arch']} {want['views']} {want['precision']} under "
-            f"benchmarks/results/ (run `make bench BENCH=step` on a GPU host); no throughput is assumed")
+def _device_kind(device: str | None) -> torch.device:
+    """The torch device type a measured row's device name stands for (names: fastmveb.bench.common.device_name)."""
+    return torch.device("cpu" if str(device).startswith("cpu") else "cuda")
+
+
+def gpu_hours(cfg: Config, plan: Plan, rows: list[dict] | None, device: str | None = None) -> tuple[str, list[dict]]:
+    """(cost line, detail per device) of the run from MEASURED per-device throughput rows (fastmveb/throughput.py).
+
+    A device prices the run only when, for every view size the run trains at (one with views.res_start_size=0,
+    each epoch range of the ramp otherwise), it has a row equal to the plan on every key that changes the rate:
+    arch, views, per-device batch (the micro-batch), precision, compile (as it resolves on that device) and
+    channels-last. A near match (another batch, compile off) measured something else and is not used; nothing is
+    scaled or assumed. ``device`` restricts the rows to one device name. GPU-hours = samples / (samples/s per
+    device) / 3600, so linear scaling over devices is assumed and communication is not counted."""
+    from .build import uses_compile
+    from .resolution import schedule, views_label
+    from .throughput import match
+    rows = [r for r in (rows or []) if device is None or r.get("device") == device]
+    spans = schedule(cfg)
+    base = {"arch": cfg.model.arch, "batch": plan.micro_batch, "precision": cfg.train.mixed_precision,
+            "channels_last": cfg.model.channels_last}
+    detail = []
+    for dev in dict.fromkeys(r.get("device") for r in rows):            # first-seen order: best file first
+        want = {**base, "device": dev, "compile": uses_compile(cfg, _device_kind(dev))}
+        seconds, used, steps_left = 0.0, [], plan.last_step
+        for first, last, res in spans:
+            steps = min(steps_left, (last - first + 1) * plan.steps_per_epoch)
+            steps_left -= steps
+            if steps <= 0:
+                continue
+            hits = match(rows, {**want, "views": views_label(cfg, res)})
+            if not hits:
+                break
+            seconds += steps * plan.global_batch / hits[0]["samples_per_s"]
+            used.append(hits[0])
+        else:
+            hours = seconds / 3600
+            detail.append({"device": dev, "gpu_hours": hours, "wall_hours": hours / plan.world_size, "rows": used})
+    first_want = {**base, "views": views_label(cfg, spans[0][2]), "compile (on CUDA)": uses_compile(
+        cfg, torch.device("cuda"))}
+    if not detail:
+        where = f"for {device} " if device else ""
+        wanted = ", ".join(f"{k} {v}" for k, v in first_want.items())
+        return (f"unmeasured: no measured throughput {where}of this exact setting ({wanted}"
+                f"{'; and every other size of the ramp' if len(spans) > 1 else ''}); run `make gpu-check OUT=DIR` "
+                f"on the GPU host and pass --throughput-from DIR/summary.json; no throughput is assumed"), []
+    d = detail[0]
+    unit = "device-hours" if _device_kind(d["device"]).type == "cpu" else "GPU-hours"
+    rates = ", ".join(f"{r['samples_per_s']:,.0f} samples/s ({r['views']}, {r['source']}, {r['file']})"
+                      for r in d["rows"])
+    what = ("end to end (loading included)" if all(r["source"] == "train" for r in d["rows"]) else
+            "step only (data loading not included)")
+    text = (f"~{d['gpu_hours']:,.0f} {unit} on {d['device']} ({d['wall_hours']:,.1f} h wall on {plan.world_size}) "
+            f"for {plan.last_step:,} steps at the measured {rates} per device; {what}, communication not included")
+    if len(detail) > 1:
+        text += "; also measured: " + ", ".join(f"{x['device']} ~{x['gpu_hours']:,.0f} h" for x in detail[1:])
+    return text, detail

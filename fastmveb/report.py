@@ -29,6 +29,30 @@ class RunError(Exception):
     """Bad input (missing run directory or metrics): the message is one line. Kept here so the report needs no torch."""
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a results file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replace_block(path: Path, begin: str, end: str, body: str) -> bool:
+    """Rewrite the text between the markers ``begin`` and ``end`` of ``path`` with ``body`` (atomically, only when it
+    changes); False when the file is unreadable or lacks a marker. README figures (speed, demo) are generated through this."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{body}{end}{tail}"
+    if new != text:
+        atomic_write_text(path, new)
+    return True
+
+
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """(rows, number of unreadable lines): a run killed mid-write may leave a truncated last line."""
     rows, bad = [], 0

@@ -53,8 +53,18 @@ class Resolution:
     decode_size: int
 
     def describe(self, n_local: int) -> str:
-        views = f"2x{self.global_size}" + (f" + {n_local}x{self.local_size}" if n_local else "")
-        return f"views {views} px, decode {self.decode_size} px"
+        return f"views {_label(self.global_size, self.local_size, n_local)} px, decode {self.decode_size} px"
+
+
+def _label(global_size: int, local_size: int, n_local: int) -> str:
+    return f"2x{global_size}" + (f" + {n_local}x{local_size}" if n_local else "")
+
+
+def views_label(cfg, res: Resolution | None = None) -> str:
+    """The views of ``cfg`` as "2x224 + 6x96" (at ``res``'s sizes when given): the key on which measured
+    throughput rows (fastmveb/throughput.py) and benchmark rows name the views they ran."""
+    g, l = (res.global_size, res.local_size) if res else (cfg.views.global_size, cfg.views.local_size)
+    return _label(g, l, cfg.views.n_local)
 
 
 def _scaled(size: int, ratio: float, multiple: int = 8) -> int:

@@ -11,7 +11,7 @@ Resume: the checkpoint stores the resolved config it was trained with. A resume 
 changes the trajectory (batch, model, views, loss, optimiser, seed, training data, precision, compilation)
 would silently mix two runs: the lr jumps, the data position means another sample, and the run no longer
 repeats any uninterrupted run. Such a resume stops with one line naming the keys. Keys that only change
-what is logged, evaluated or saved (HARMLESS) may change; every other key, including keys added later,
+what is logged, evaluated or saved (config fields marked harmless, config.HARMLESS) may change; every other key, including keys added later,
 counts as trajectory-changing. ``train.allow_config_change=true`` resumes anyway: the weights, optimiser
 state, step and position (as a batch index) come from the checkpoint, the new values apply from there on.
 """
@@ -21,18 +21,9 @@ import fcntl
 import os
 from pathlib import Path
 
-LOCK_FILE = ".lock"
+from .config import HARMLESS   # keys whose change cannot alter the weights (opt(..., harmless=True))
 
-# Keys whose change cannot alter the weights a run produces (sections: prefix match on "section.").
-HARMLESS = (
-    "data.val_beton", "data.num_workers", "data.os_cache", "data.eval_size", "data.eval_crop_ratio",
-    "data.eval_batch_size", "optim.max_bad_steps", "train.run_dir", "train.name", "train.deterministic",
-    "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.ckpt_every_epochs", "train.keep_last",
-    "train.resume", "train.progress", "train.allow_config_change",
-    "eval.knn_k", "eval.knn_t", "eval.knn_every_epochs", "eval.knn_max_val", "eval.knn_at_end",
-    "eval.linear_epochs", "eval.linear_base_lr", "eval.linear_batch_size", "eval.linear_mode",
-    "eval.linear_full_batch_size", "eval.linear_micro_batch",
-)
+LOCK_FILE = ".lock"
 
 
 class RunDirError(Exception):

@@ -31,10 +31,12 @@ from tqdm import tqdm
 
 from dataset_prep.integrity import BetonError, check_beton
 from fastmveb import checkpoint as ckpt
+from fastmveb import throughput
 from fastmveb.batchnorm import views
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, set_epoch, train_loader, unpack_train_batch
 from fastmveb.eval.knn import distributed_knn
+from fastmveb.entropy import parse_group
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, uniformity
 from fastmveb.build import build_training
@@ -110,7 +112,7 @@ def _micro_step(net, target, view_maker, x, y, cfg: Config, accelerator, share: 
     with phase("loss"):
         z = [F.normalize(p.float(), dim=1) for p in p_views]
         t = [F.normalize(tp.float(), dim=1) for tp in t_p.chunk(2)]
-        loss, stats = mveb_loss(z, t, lam=cfg.loss.lam, group=_group(cfg.loss.group), eta=cfg.loss.eta,
+        loss, stats = mveb_loss(z, t, lam=cfg.loss.lam, group=parse_group(cfg.loss.group), eta=cfg.loss.eta,
                                 min_tau=cfg.loss.min_tau)
         total = loss
         if probe_out is not None:
@@ -139,10 +141,6 @@ class phase(torch.profiler.record_function):
         return super().__exit__(*exc)
 
 
-def _group(g: str):
-    return g if g in ("local", "global") else int(g)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,14 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan (batches, steps, lr, "
                         "memory) and exit; reads no data, needs no GPU")
     parser.add_argument("--world-size", type=int, help="processes to plan for with --dry-run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--throughput-from", metavar="SUMMARY_JSON", help="with --dry-run: price the plan from the "
+                        "throughput `make gpu-check OUT=DIR` measured (DIR/summary.json; default: the committed CUDA "
+                        "step benchmarks under benchmarks/results/)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.rc, args.overrides)
         if args.world_size is not None and not args.dry_run:
             raise ConfigError("--world-size only applies to --dry-run; a real run takes it from the launcher")
+        if args.throughput_from is not None and not args.dry_run:
+            raise ConfigError("--throughput-from only applies to --dry-run (it prices the plan)")
+        rates = None
+        if args.dry_run:                                              # measured rates only: exact matches price the plan
+            rates = (throughput.read_summary(args.throughput_from) if args.throughput_from else
+                     throughput.committed(throughput.RESULTS))
         # Every batch/step/lr quantity of the run, for the world size torchrun / accelerate launch set.
         plan = make_plan(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")),
-                         dataset_length(cfg.data.train_beton))
+                         dataset_length(cfg.data.train_beton), throughput=rates)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":                        # one line, not one per process
             print(f"error: {e}", file=sys.stderr)
@@ -388,9 +395,15 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
                            T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command (fastmveb-train, python -m fastmveb.train, accelerate launch [-m] fastmveb[/.]train): main()
+    with a failed checkpoint save (a full disk) as one line and exit 1 instead of a traceback."""
     try:
-        sys.exit(main())
-    except ckpt.CheckpointError as e:                                 # a full disk while saving: one line
+        return main()
+    except ckpt.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,5 +1,6 @@
 """Config: YAML + overrides, round trip, unknown keys and wrong types named with their source."""
 import subprocess
+import typing
 import sys
 from pathlib import Path
 
@@ -105,3 +106,25 @@ def test_string_fields_take_override_text_verbatim(tmp_path):
     rc.write_text("train:\n  mixed_precision: no\n")
     with pytest.raises(ConfigError, match="quote the value"):
         load_config(rc)
+
+
+def test_every_field_carries_its_rules():
+    # Rules live on the fields (config.opt / Literal); the tables derive from them, so a new key cannot miss one.
+    from fastmveb.config import CHOICES, HARMLESS, RANGES, fields_of
+    keys = [k for k, _, _ in fields_of()]
+    for key, f, tp in fields_of():
+        assert "harmless" in f.metadata, f"{key}: declare it with opt(default, range, harmless)"
+        base = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+        assert (base in (int, float)) == ("range" in f.metadata), f"{key}: a number needs a range, nothing else has one"
+    assert set(RANGES) <= set(keys) and set(CHOICES) <= set(keys) and set(HARMLESS) <= set(keys)
+
+
+def test_resume_may_change_the_eval_keys_and_nothing_that_moves_the_weights():
+    from fastmveb.config import to_dict
+    from fastmveb.rundir import RunDirError, check_resume, config_changes
+    old = to_dict(load_config(None))
+    new = to_dict(load_config(None, ["eval.size=64", "eval.crop_ratio=0.9", "eval.knn_max_train=100"]))
+    assert config_changes(old, new) == ([], ["eval.crop_ratio", "eval.knn_max_train", "eval.size"])
+    assert check_resume(old, new, "ckpt") == ["eval.crop_ratio", "eval.knn_max_train", "eval.size"]
+    with pytest.raises(RunDirError, match="views.global_size"):
+        check_resume(old, to_dict(load_config(None, ["views.global_size=192"])), "ckpt")

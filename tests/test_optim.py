@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
 
@@ -100,9 +99,7 @@ def test_lars_matches_per_parameter_reference(lr_as_tensor):
 
 
 def test_released_baseline_has_the_same_semantics():
-    spec = importlib.util.spec_from_file_location("released_lars", ROOT / "benchmarks" / "released_lars.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from fastmveb.bench.released import lars as mod
     a, b = tiny_net(), tiny_net()
     opt_a = LARS(param_groups(a, 0.05), lr=0.1, weight_decay=0.05, trust_coef=0.02)
     opt_b = mod.ReleasedLARS(param_groups(b, 0.05), lr=0.1, weight_decay=0.05, trust_coef=0.02)

@@ -107,14 +107,79 @@ def test_memory_estimate_scales_with_the_micro_batch():
     assert m128["state"] == pytest.approx(5 * 4 * 36_101_184 / 2**30)
 
 
-def test_gpu_hours_only_from_a_measured_cuda_step(tmp_path):
+def _row(**kw):
+    row = {"device": "NVIDIA H200", "arch": "resnet50", "views": "2x224 + 6x96", "batch": 128, "precision": "bf16",
+           "compile": True, "channels_last": True, "samples_per_s": 1000.0, "source": "step", "file": "f.json"}
+    return {**row, **kw}
+
+
+def test_gpu_hours_only_from_an_exact_match():
     cfg = load_config(ROOT / "rcs/rn50.yaml")
     p = make_plan(cfg, 8, dataset_len=IMAGENET_TRAIN, memory=False)
-    assert gpu_hours(cfg, p, tmp_path).startswith("unmeasured")
-    row = {"views": "2x224 + 6x96", "arch": "resnet50", "precision": "bf16", "batch": 128, "samples_per_s": 1000.0}
-    (tmp_path / "step-cuda-2026-12-01.json").write_text(json.dumps({"rows": [row]}))
-    text = gpu_hours(cfg, p, tmp_path)
-    assert text.startswith(f"~{249_600 * 4096 / 1000 / 3600:,.0f} GPU-hours") and "step-cuda-2026-12-01.json" in text
+    text, detail = gpu_hours(cfg, p, [])
+    assert text.startswith("unmeasured") and detail == []
+    text, detail = gpu_hours(cfg, p, [_row()])
+    hours = 249_600 * 4096 / 1000 / 3600
+    assert text.startswith(f"~{hours:,.0f} GPU-hours on NVIDIA H200 ({hours / 8:,.1f} h wall on 8)") and "f.json" in text
+    assert detail[0]["gpu_hours"] == pytest.approx(hours)
+    # A near match measured something else: never used (each key the rate depends on, one at a time).
+    for near in ({"batch": 256}, {"compile": False}, {"precision": "no"}, {"channels_last": False},
+                 {"views": "2x224"}, {"arch": "resnet18"}, {"compile": 1}):
+        assert gpu_hours(cfg, p, [_row(**near)])[0].startswith("unmeasured"), near
+    # One device asked for: another device's rows do not price it.
+    assert gpu_hours(cfg, p, [_row()], device="NVIDIA H100 80GB HBM3")[0].startswith("unmeasured")
+    # End to end beats the compute-bound step for the same setting.
+    text, detail = gpu_hours(cfg, p, [_row(), _row(samples_per_s=800.0, source="train", file="summary.json")])
+    assert detail[0]["rows"][0]["source"] == "train" and "end to end" in text
+
+
+def test_gpu_hours_of_a_resolution_ramp_needs_every_size():
+    cfg = load_config(ROOT / "rcs/rn50_fast.yaml")
+    p = make_plan(cfg, 8, dataset_len=IMAGENET_TRAIN, memory=False)
+    from fastmveb.resolution import schedule, views_label
+    spans = schedule(cfg)
+    assert len(spans) > 1
+    rows = [_row(views=views_label(cfg, r), batch=p.micro_batch, samples_per_s=1000.0 * (i + 1))
+            for i, (_, _, r) in enumerate(spans)]
+    assert gpu_hours(cfg, p, rows[:-1])[0].startswith("unmeasured")          # one size missing: not priced
+    text, detail = gpu_hours(cfg, p, rows)
+    want = sum((b - a + 1) * p.steps_per_epoch * 4096 / (1000.0 * (i + 1)) for i, (a, b, _) in enumerate(spans)) / 3600
+    assert detail[0]["gpu_hours"] == pytest.approx(want)
+
+
+def test_committed_and_summary_rows_read_alike(tmp_path):
+    from fastmveb import throughput
+    row = {"views": "2x224 + 6x96", "arch": "resnet50", "precision": "bf16", "batch": 128, "compile": True,
+           "channels_last": True, "samples_per_s": 1000.0}
+    (tmp_path / "step-cuda-2026-12-01.json").write_text(json.dumps({"env": {"device": "NVIDIA H200"}, "rows": [row]}))
+    (tmp_path / "step-cpu-2026-12-01.json").write_text(json.dumps({"env": {"device": "cpu"}, "rows": [row]}))
+    rows = throughput.committed(tmp_path)
+    assert rows == [_row(file="step-cuda-2026-12-01.json")]                  # CPU files are no cost basis
+    (tmp_path / "summary.json").write_text(json.dumps({"throughput": [_row(file=None)]}))
+    assert throughput.read_summary(tmp_path / "summary.json") == [_row(file="summary.json")]
+
+
+@pytest.mark.parametrize("content,says", [(None, "not found"), ("{", "is not JSON"), ("[]", "no \"throughput\" list"),
+                                          ('{"throughput": [{"a": 1}]}', "row 0 is not a measured row")])
+def test_throughput_from_a_bad_file_is_one_line(tmp_path, content, says):
+    path = tmp_path / "summary.json"
+    if content is not None:
+        path.write_text(content)
+    r = dry_run("--throughput-from", str(path))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr and "make gpu-check" in r.stderr
+
+
+def test_throughput_from_prices_the_dry_run_and_only_the_dry_run(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"throughput": [_row()]}))
+    r = dry_run("--world-size", "8", "--throughput-from", str(path))
+    assert r.returncode == 0, r.stderr
+    cost = next(line for line in r.stdout.splitlines() if line.startswith("cost"))
+    assert f"~{249_600 * 4096 / 1000 / 3600:,.0f} GPU-hours on NVIDIA H200" in cost
+    r = subprocess.run([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/rn50.yaml"), "--throughput-from", str(path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "only applies to --dry-run" in r.stderr
 
 
 def test_real_run_with_a_non_dividing_batch_stops_with_one_line(small_betons, tmp_path):

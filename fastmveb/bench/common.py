@@ -12,6 +12,8 @@ import torch
 
 from fastmveb.checkpoint import git_revision
 
+from fastmveb.report import atomic_write_text, replace_block  # noqa: F401  (README blocks, results files)
+
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -74,30 +76,6 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a results file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def replace_block(path: Path, begin: str, end: str, body: str) -> bool:
-    """Rewrite the text between the markers ``begin`` and ``end`` of ``path`` with ``body`` (atomically, only when it
-    changes); False when the file is unreadable or lacks a marker. README figures are generated through this."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return False
-    if begin not in text or end not in text:
-        return False
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{begin}\n{body}{end}{tail}"
-    if new != text:
-        atomic_write_text(path, new)
-    return True
 
 
 def write_results(name: str, env: dict, settings: dict, rows: list[dict], columns: list[str] | None = None,

@@ -1,6 +1,6 @@
 """Entropy estimator benchmark: ``python -m fastmveb.bench entropy [--short] [--device cpu|cuda]``.
 
-Times fastmveb.entropy.vmf_score against the released algorithm (benchmarks/released_entropy.py: N x N x d
+Times fastmveb.entropy.vmf_score against the released algorithm (fastmveb/bench/released/entropy.py: N x N x d
 tensor, top-k median, explicit inverse) for one group of N unit embeddings of width d, and measures the
 peak memory of one call. The released algorithm runs only where its estimated memory fits --naive-budget-gib.
 
@@ -16,7 +16,6 @@ fastest, the better figure when other processes share the cores); "speedup" comp
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,10 +35,8 @@ NS_SHORT = [128, 256, 512]
 
 
 def _released():
-    spec = importlib.util.spec_from_file_location("released_entropy", ROOT / "benchmarks" / "released_entropy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from fastmveb.bench.released import entropy
+    return entropy
 
 
 def vmf_estimated_bytes(N: int, d: int) -> int:
@@ -154,7 +151,7 @@ def main(args) -> dict:
     settings = {"Ns": Ns, "d": d, "naive_budget_gib": budget, "device": device, "short": bool(args.short),
                 "threads": args.threads or torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
                 "vmf": "fastmveb.entropy.vmf_score (float64 inside, float32 in/out)",
-                "released": "benchmarks/released_entropy.py (float32)"}
+                "released": "fastmveb/bench/released/entropy.py (float32)"}
     print(markdown_table(rows, columns))
     path = write_results("entropy", env, settings, rows, columns, out_dir=args.out_dir)
     print(f"wrote {path}")

@@ -32,6 +32,7 @@ import torch
 
 from fastmveb.bench import common
 from fastmveb.build import uses_compile  # noqa: F401  (bench modules import it from here)
+from fastmveb.resolution import views_label  # noqa: F401  (lives with the view sizes; re-exported for bench users)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"two-view": 0, "multi-crop": 6}
@@ -118,11 +119,6 @@ def pin_threads(threads: int | None) -> int:
 
 def default_threads(args, device: torch.device) -> int | None:
     return args.threads or (1 if device.type == "cpu" else None)
-
-
-def views_label(cfg) -> str:
-    g = f"2x{cfg.views.global_size}"
-    return g + (f" + {cfg.views.n_local}x{cfg.views.local_size}" if cfg.views.n_local else "")
 
 
 def settings_of(cfg, device) -> dict:

@@ -5,7 +5,7 @@ For each recipe (two-view 2 x G, multi-crop 2 x G + 6 x L) and in one run on the
              builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/step.py)
   step       the same step on random device-resident views (bench/step.py with identical settings): the
              compute bound; ``e2e_over_step`` = fastmveb / step says how much of it the input side leaves
-  released   the released pipeline re-implemented (benchmarks/released_pipeline.py): PIL views in a torch
+  released   the released pipeline re-implemented (fastmveb/bench/released/pipeline.py): PIL views in a torch
              DataLoader with as many worker processes as FFCV has threads, eager NCHW model under fp16
              autocast (CUDA; on CPU at fastmveb's precision, see --baseline-precision), N x N x d estimator
              with an explicit inverse, per-parameter LARS and EMA, a host sync per step; same model and sizes.
@@ -151,7 +151,7 @@ def baseline_precision(arg: str, cfg, device) -> str:
 def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str, warmup: int, steps: int,
                      threads: int | None) -> dict:
     from accelerate.utils import set_seed
-    from benchmarks.released_pipeline import ReleasedStep, released_loader
+    from fastmveb.bench.released.pipeline import ReleasedStep, released_loader
     from fastmveb.model import MVEBModel, make_target
     from fastmveb.optim import lr_at, peak_lr
     threads = pin_threads(threads)

@@ -2,14 +2,14 @@
 
 Written from the description in ../shared/MVEB.md (not copied from the released code). One training step is:
   1. a torch DataLoader (worker processes) reads JPEGs with PIL and makes every view on the CPU, per sample
-     (benchmarks/released_transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
+     (fastmveb/bench/released/transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
   2. the views are copied to the device;
   3. the model (the same backbone + projector as fastmveb) runs eagerly, contiguous (NCHW) memory format, under
      fp16 autocast with a GradScaler on CUDA; the target (EMA copy) sees the two global views;
-  4. the MVEB loss with the released estimator (benchmarks/released_entropy.py: N x N x d kernel-gradient tensor,
+  4. the MVEB loss with the released estimator (fastmveb/bench/released/entropy.py: N x N x d kernel-gradient tensor,
      explicit inverse) on each view's whole per-process batch;
   5. a host read of the loss for the NaN check and logging (the released code does this every step);
-  6. backward, per-parameter LARS (benchmarks/released_lars.py), per-parameter EMA update.
+  6. backward, per-parameter LARS (fastmveb/bench/released/lars.py), per-parameter EMA update.
 
     loader = released_loader("data/synthetic/jpeg/train", global_size=224, local_size=96, n_local=6,
                              batch_size=128, num_workers=12)
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets
 
-from benchmarks.released_entropy import released_score
-from benchmarks.released_lars import ReleasedLARS
-from benchmarks.released_transforms import (GLOBAL1_P, GLOBAL2_P, GLOBAL_SCALE, LOCAL_P, LOCAL_SCALE,
+from fastmveb.bench.released.entropy import released_score
+from fastmveb.bench.released.lars import ReleasedLARS
+from fastmveb.bench.released.transforms import (GLOBAL1_P, GLOBAL2_P, GLOBAL_SCALE, LOCAL_P, LOCAL_SCALE,
                                             _seed_worker, _view)
 
 

@@ -1,1 +1,0 @@
-"""Reference pipelines that fastmveb's own stages are measured against (not used by training)."""

@@ -1,0 +1,48 @@
+"""The commands as Python users expect them: [project.scripts] console scripts, `python -m fastmveb.train`,
+`accelerate launch -m fastmveb.train` and `accelerate launch fastmveb/train.py` all run the same main()."""
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+DRY = ["--rc", str(ROOT / "rcs/tiny.yaml"), "--dry-run"]
+
+
+def test_every_console_script_points_at_a_main():
+    assert {"fastmveb-train", "fastmveb-eval", "fastmveb-export", "fastmveb-prep"} <= set(SCRIPTS)
+    for name, target in SCRIPTS.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def _run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_training_entry_points_print_the_same_plan(tmp_path):
+    forms = {
+        "console script": [str(BIN / "fastmveb-train"), *DRY],
+        "python -m": [sys.executable, "-m", "fastmveb.train", *DRY],
+        "accelerate launch -m": [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "1",
+                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "-m", "fastmveb.train", *DRY],
+        "accelerate launch file": [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "1",
+                                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                   "fastmveb/train.py", *DRY],
+    }
+    plans = {}
+    for form, cmd in forms.items():
+        r = _run(cmd)
+        assert r.returncode == 0, (form, r.stderr[-2000:])
+        plans[form] = r.stdout
+    assert "global batch" in plans["python -m"]
+    assert len(set(plans.values())) == 1, plans
+    # A bad override is one line through the console script too.
+    r = _run([str(BIN / "fastmveb-train"), *DRY, "train.log_every=0"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "train.log_every" in r.stderr
