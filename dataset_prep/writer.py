@@ -603,6 +603,8 @@ NO_LABEL = -1   # the label field of an unlabeled beton: every sample -1 (reader
 
 def scan_folder(root: Path) -> Split:
     """Every image file under ``root`` at any depth, without labels (non-image files skipped and listed)."""
+    if root.is_file():
+        raise PrepError(f"{root} is a file, not a folder: a list of images goes to --list {root}")
     if not root.is_dir():
         raise PrepError(f"data folder {root} not found")
     split = Split("train")

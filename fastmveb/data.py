@@ -231,13 +231,18 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
 
 
 def num_classes(beton) -> int:
-    """Max label + 1 of a beton's 'label' field, read from the file's metadata table (no image is decoded)."""
+    """Max label + 1 of a beton's 'label' field, read from the file's metadata table (no image is decoded);
+    0 for an unlabeled beton (``dataset_prep folder``: every label -1, loaders then yield y = -1)."""
     from ffcv.reader import Reader
     reader = Reader(str(beton))
     names = list(reader.handlers)
     if "label" not in names:
         raise ValueError(f"{beton} has no 'label' field (fields: {', '.join(names)})")
     labels = reader.metadata[f"f{names.index('label')}"]
+    if len(labels) and labels.min() < 0:
+        if labels.max() >= 0:
+            raise ValueError(f"{beton} mixes unlabeled samples (-1) with labelled ones; rewrite it with dataset_prep")
+        return 0
     return int(labels.max()) + 1 if len(labels) else 0
 
 

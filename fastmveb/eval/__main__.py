@@ -3,8 +3,10 @@
     python -m fastmveb.eval knn    --run runs/NAME [--ckpt PATH] [--k 200 --t 0.1] [--random-init]
     python -m fastmveb.eval linear --run runs/NAME [--ckpt PATH] [--mode fast|full] [--epochs N] [--lr BASE]
     python -m fastmveb.eval linear --run runs/NAME --mode full [--micro-batch 1024]   # the released protocol
+    python -m fastmveb.eval knn|linear --run runs/NAME --train-beton A.beton --val-beton B.beton  # transfer
 
-Reads the betons, eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
+Reads the betons (unless --train-beton / --val-beton name other labelled ones: transfer to another dataset),
+eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
 checkpoint (or --ckpt; the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
 line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
 run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
@@ -48,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--max-val", type=int, help="use only the first N val images")
     common.add_argument("--no-log", action="store_true", help="do not append to run_dir/eval.jsonl")
     common.add_argument("--seed", type=int, default=0, help="random init (--random-init), probe init and data order")
+    common.add_argument("--train-beton", metavar="A", help="labelled beton for the kNN bank / probe training "
+                        "(transfer evaluation; default: the run's data.train_beton)")
+    common.add_argument("--val-beton", metavar="B", help="labelled beton to measure on (default: the run's "
+                        "data.val_beton)")
     k = sub.add_parser("knn", parents=[common], help="weighted kNN (bank: train set, queries: val set)")
     k.add_argument("--k", type=int, help="neighbours (default: eval.knn_k)")
     k.add_argument("--t", type=float, help="temperature (default: eval.knn_t)")
@@ -65,13 +71,29 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _eval_loaders(cfg, batch_size, workers, device):
-    """Centre-crop loaders over the run's train (the kNN bank / probe training set) and val betons."""
-    from fastmveb.data import eval_loader
+def _check_betons(cfg, given: bool) -> None:
+    """Both betons exist, pass the integrity check and carry labels; RunError naming the fix otherwise."""
+    from dataset_prep.integrity import BetonError, check_beton
+    from fastmveb.data import num_classes
+    where = "given" if given else "from the run's config.yaml"
     for path in (cfg.data.train_beton, cfg.data.val_beton):
         if not Path(path).is_file():
-            raise RunError(f"dataset '{path}' (from the run's config.yaml) not found; run from the directory the run was "
-                           "started in, or make the betons (make beton)")
+            raise RunError(f"dataset '{path}' ({where}) not found; " + (
+                "check the path" if given else "run from the directory the run was started in, make the betons "
+                "(make beton), or pass --train-beton/--val-beton"))
+        try:
+            check_beton(path)
+            labelled = num_classes(path) > 0
+        except (BetonError, ValueError) as e:
+            raise RunError(str(e).splitlines()[0]) from None
+        if not labelled:
+            raise RunError(f"'{path}' has no labels (written by dataset_prep folder without them): evaluation "
+                           "needs labelled betons; pass --train-beton A --val-beton B with labelled ones")
+
+
+def _eval_loaders(cfg, batch_size, workers, device):
+    """Centre-crop loaders over the train (the kNN bank / probe training set) and val betons."""
+    from fastmveb.data import eval_loader
     try:
         return tuple(eval_loader(p, batch_size, workers, device, size=cfg.eval.size, crop_ratio=cfg.eval.crop_ratio)
                      for p in (cfg.data.train_beton, cfg.data.val_beton))
@@ -98,6 +120,12 @@ def run(args) -> dict:
     else:
         backbone, info = load_run_backbone(args.run, args.ckpt, args.which)
         cfg, run_dir, path, ck = info["cfg"], Path(args.run), info["ckpt_path"], info["ckpt"]
+    # Transfer evaluation: any labelled betons, not only the ones the run trained on.
+    if args.train_beton:
+        cfg.data.train_beton = args.train_beton
+    if args.val_beton:
+        cfg.data.val_beton = args.val_beton
+    _check_betons(cfg, given=bool(args.train_beton or args.val_beton))
     if args.size is not None:
         if args.size < 1:
             raise RunError(f"--size must be >= 1, got {args.size}")
@@ -116,7 +144,8 @@ def run(args) -> dict:
     mean, std = cfg.views.mean, cfg.views.std
     record = {"kind": args.cmd, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "ckpt": path.name if path is not None else "random-init", "step": ck.get("step"), "epoch": ck.get("epoch"),
-              "which": args.which, "arch": cfg.model.arch, "device": str(device), "size": cfg.eval.size}
+              "which": args.which, "arch": cfg.model.arch, "device": str(device), "size": cfg.eval.size,
+              "train_beton": str(cfg.data.train_beton), "val_beton": str(cfg.data.val_beton)}
     t0 = time.perf_counter()
     if args.cmd == "knn":
         from fastmveb.eval.knn import knn_eval
@@ -145,7 +174,7 @@ def run(args) -> dict:
             record.update({k: r[k] for k in ("best_top1", "best_top5", "best_epoch", "val_epochs", "micro_batch")})
         if "train_top1" in r:  # next to val top-1 it tells under-fitting from over-fitting
             record["train_top1"] = r["train_top1"]
-        if path is not None:
+        if path is not None and not (args.train_beton or args.val_beton):   # export's fc: the run's own classes only
             _save_head(run_dir, r["head"], path.name, args.which, mode, r["top1"])
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
