@@ -375,3 +375,23 @@ def test_resolve_checkpoint_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match="cannot read checkpoint"):
         load_run_backbone(tmp_path, tmp_path / "bad.pt")
+
+
+def test_transfer_evaluation_on_other_betons(small_betons, unlabeled_betons, tmp_path, capsys):
+    """--train-beton / --val-beton: any labelled betons, even when the run's own are gone; unlabeled ones refused."""
+    import json
+    from fastmveb.eval.__main__ import main
+    run = _run_dir(tmp_path, tmp_path / "moved")                       # the run's own betons do not exist
+    assert main(["knn", "--run", str(run), "--num-workers", "1"]) == 2
+    assert "--train-beton" in capsys.readouterr().err
+    a, b = str(small_betons / "val.beton"), str(small_betons / "train.beton")
+    assert main(["knn", "--run", str(run), "--train-beton", a, "--val-beton", b, "--max-val", "40", "--k", "5",
+                 "--num-workers", "1"]) == 0
+    rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["train_beton"], r["val_beton"]) for r in rows] == [("knn", a, b)]
+    assert 0 <= rows[0]["top1"] <= 100
+    capsys.readouterr()
+    assert main(["knn", "--run", str(run), "--train-beton", str(unlabeled_betons / "train.beton"), "--val-beton",
+                 b, "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "has no labels" in err[0]
