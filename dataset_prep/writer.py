@@ -26,7 +26,8 @@ What can go wrong, and what happens:
   leaves a partial train.beton behind; a writer process that dies (disk full) stops the write with one line
   and the temporary file is removed (ffcv 1.0.2 itself would wait forever);
 - next to each beton, NAME.beton.sha256.json records its size and SHA-256 (dataset_prep.integrity): the
-  loaders check it on every open, and `python -m dataset_prep verify PATH` checks everything.
+  loaders check it on every open, and `python -m dataset_prep verify PATH` checks everything;
+  NAME.beton.files.txt names each sample's source file, in sample order (subset lists select by file name).
 Skipped files are printed (first 20) and written in full to OUT/skipped-<split>.txt.
 """
 from __future__ import annotations
@@ -467,8 +468,10 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
             try:
                 record = make_sidecar(tmp, labelled=labels != {NO_LABEL})
                 sidecar_path(out).unlink(missing_ok=True)   # never an old record next to a new beton
+                files_path(out).unlink(missing_ok=True)
                 os.replace(tmp, out)
                 write_sidecar(record, sidecar_path(out))
+                _write_text_atomic(files_path(out), "".join(f"{samples[i][0]}\n" for i in order))
             except OSError as e:
                 raise PrepError(_write_failure(out, tmp, fail_dir, e)) from None
         finally:
@@ -477,6 +480,22 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
     dt = time.perf_counter() - t0
     return {"file": str(out), "images": len(samples), "classes": len(labels - {NO_LABEL}), "bytes": out.stat().st_size,
             "seconds": dt, "images_per_s": len(samples) / dt if dt > 0 else float("inf")}
+
+
+def files_path(beton: str | Path) -> Path:
+    """NAME.beton.files.txt: the source file of every sample, one per line in the beton's sample order (so a
+    published subset list of file names, e.g. SimCLR's 1% ImageNet, can select samples: fastmveb.eval finetune)."""
+    beton = Path(beton)
+    return beton.with_name(beton.name + ".files.txt")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _free_shared_memory(writer) -> None:
