@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -395,3 +396,41 @@ def test_transfer_evaluation_on_other_betons(small_betons, unlabeled_betons, tmp
                  b, "--num-workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "has no labels" in err[0]
+
+
+def test_finetune_subsets_are_class_balanced_seeded_or_listed():
+    from fastmveb.eval.finetune import balanced_subset, default_epochs, subset_from_list
+    labels = np.repeat(np.arange(4), [100, 200, 50, 1])
+    idx = balanced_subset(labels, 0.1, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [10, 20, 5, 1]          # each class its share, at least one
+    assert np.array_equal(idx, balanced_subset(labels, 0.1, seed=0))
+    assert not np.array_equal(idx, balanced_subset(labels, 0.1, seed=1))
+    assert (default_epochs(0.01), default_epochs(0.1)) == (60, 30)      # SimCLR's
+    files = ["/d/train/n01/n01_1.JPEG", "/d/train/n02/n02_7.JPEG", "/d/train/a/x.jpg", "/d/train/b/x.jpg"]
+    assert subset_from_list(files, ["n02_7.JPEG", "", "n01_1.JPEG", "b/x.jpg"]).tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="line 1: 'gone.JPEG' is not among"):
+        subset_from_list(files, ["gone.JPEG"])
+    with pytest.raises(ValueError, match="matches 2 files"):
+        subset_from_list(files, ["x.jpg"])
+
+
+def test_cli_finetune_on_a_listed_or_fractional_subset(small_betons, tmp_path, capsys):
+    import json
+    from fastmveb.eval.__main__ import main
+    run = _run_dir(tmp_path, small_betons)
+    files = (small_betons / "train.beton.files.txt").read_text().splitlines()
+    subset = tmp_path / "subset.txt"
+    subset.write_text("".join(Path(f).name + "\n" for f in files[:12]))  # SimCLR-style: file names only
+    assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "1", "--batch", "8",
+                 "--num-workers", "1"]) == 0
+    assert main(["finetune", "--run", str(run), "--random-init", "--fraction", "0.05", "--epochs", "2",
+                 "--lr", "0.1", "--val-every", "1", "--num-workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune on 12 labelled images" in out and "finetune on 8 labelled images (5% of train" in out
+    rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["n_labelled"], r["batch"], r["epochs"]) for r in rows] == [("finetune", 12, 8, 1),
+                                                                                    ("finetune", 8, 8, 2)]
+    assert rows[1]["ckpt"] == "random-init" and rows[1]["base_lr"] == 0.1 and 0 <= rows[1]["top1"] <= 100
+    assert main(["finetune", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fraction" in err[0]

@@ -245,8 +245,8 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args) -> dict:
             raise RunError(str(e)) from None
     else:
         idx = ft.balanced_subset(y, args.fraction, args.seed)
-    fraction = args.fraction if args.fraction is not None else len(idx) / len(y)
-    epochs = args.epochs if args.epochs is not None else ft.default_epochs(fraction)
+    fraction = len(idx) / len(y)                                      # as selected (a --subset list's own share)
+    epochs = args.epochs if args.epochs is not None else ft.default_epochs(args.fraction or fraction)
     base_lr = args.lr if args.lr is not None else ft.BASE_LR
     if epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {epochs}")
