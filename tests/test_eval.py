@@ -420,7 +420,8 @@ def test_cli_finetune_on_a_listed_or_fractional_subset(small_betons, tmp_path, c
     run = _run_dir(tmp_path, small_betons)
     files = (small_betons / "train.beton.files.txt").read_text().splitlines()
     subset = tmp_path / "subset.txt"
-    subset.write_text("".join(Path(f).name + "\n" for f in files[:12]))  # SimCLR-style: file names only
+    # Synthetic file names repeat across classes (00010.jpg): name the class folder too, matched as a path suffix.
+    subset.write_text("".join(f"{Path(f).parent.name}/{Path(f).name}\n" for f in files[:12]))
     assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "1", "--batch", "8",
                  "--num-workers", "1"]) == 0
     assert main(["finetune", "--run", str(run), "--random-init", "--fraction", "0.05", "--epochs", "2",
