@@ -471,7 +471,7 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
                 files_path(out).unlink(missing_ok=True)
                 os.replace(tmp, out)
                 write_sidecar(record, sidecar_path(out))
-                _write_text_atomic(files_path(out), "".join(f"{samples[i][0]}\n" for i in order))
+                _write_text_atomic(files_path(out), "".join(f"{os.path.abspath(samples[i][0])}\n" for i in order))
             except OSError as e:
                 raise PrepError(_write_failure(out, tmp, fail_dir, e)) from None
         finally:
@@ -483,8 +483,9 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
 
 
 def files_path(beton: str | Path) -> Path:
-    """NAME.beton.files.txt: the source file of every sample, one per line in the beton's sample order (so a
-    published subset list of file names, e.g. SimCLR's 1% ImageNet, can select samples: fastmveb.eval finetune)."""
+    """NAME.beton.files.txt: the source file of every sample (absolute path), one per line in the beton's sample
+    order, so a published subset list of file names (e.g. SimCLR's 1% ImageNet) can select samples (fastmveb.eval
+    finetune --subset), and the file is itself a --list for dataset_prep folder."""
     beton = Path(beton)
     return beton.with_name(beton.name + ".files.txt")
 

@@ -325,6 +325,10 @@ def test_list_mode_labels_and_bad_entries(tmp_path, capsys):
     assert cli(["folder", "--list", str(lst), "--out", str(out), "--quiet"]) == 0
     n, meta = read_meta(out / "train.beton")
     assert n == 4 and np.bincount(meta["label"].ravel()).tolist() == [2, 2]
+    written = (out / "train.beton.files.txt").read_text().splitlines()   # each sample's source, in sample order
+    assert all(os.path.isabs(f) for f in written)
+    assert [Image.open(f).size for f in written] == list(zip(meta["image"]["width"].tolist(),
+                                                              meta["image"]["height"].tolist()))
     listed = (out / "skipped-train.txt").read_text()
     assert "line 5: duplicate of line 1" in listed and "line 6: not found" in listed
     assert "fake.jpg\tunreadable" in listed
