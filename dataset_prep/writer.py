@@ -468,10 +468,10 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
             try:
                 record = make_sidecar(tmp, labelled=labels != {NO_LABEL})
                 sidecar_path(out).unlink(missing_ok=True)   # never an old record next to a new beton
-                files_path(out).unlink(missing_ok=True)
+                # The file list goes first: a failure after the beton is in place must not leave it without one.
+                _write_text_atomic(files_path(out), "".join(f"{os.path.abspath(samples[i][0])}\n" for i in order))
                 os.replace(tmp, out)
                 write_sidecar(record, sidecar_path(out))
-                _write_text_atomic(files_path(out), "".join(f"{os.path.abspath(samples[i][0])}\n" for i in order))
             except OSError as e:
                 raise PrepError(_write_failure(out, tmp, fail_dir, e)) from None
         finally:

@@ -84,7 +84,8 @@ def test_demo_recipe_meets_the_readme_figures(tmp_path):
 def test_finetuning_the_pretrained_backbone_beats_random_init(tmp_path):
     """Semi-supervised protocol (python -m fastmveb.eval finetune) on 10% of the labels: the backbone the demo recipe
     pretrained at half budget against the same protocol from random initialisation, equal budget (SimCLR's 30
-    epochs of the 10% subset). Measured on the whole synthetic set after 184 steps: 39.8% vs 24.0% top-1."""
+    epochs of the 10% subset). Measured here: 35.3% vs 19.0% top-1 (kNN after pretraining 50.3% vs 22.3%); on the
+    whole synthetic set after 184 steps of the demo recipe: 39.8% vs 24.0%. About 14 min on 2 shared cores."""
     demo_margin(tmp_path, (150, 30), ["optim.epochs=9"])
     top1 = {}
     for name, extra in (("pretrained", []), ("random", ["--random-init"])):
