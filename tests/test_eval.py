@@ -414,7 +414,7 @@ def test_finetune_subsets_are_class_balanced_seeded_or_listed():
         subset_from_list(files, ["x.jpg"])
 
 
-def test_cli_finetune_on_a_listed_or_fractional_subset(small_betons, tmp_path, capsys):
+def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, capsys):
     import json
     from fastmveb.eval.__main__ import main
     run = _run_dir(tmp_path, small_betons)
@@ -422,16 +422,15 @@ def test_cli_finetune_on_a_listed_or_fractional_subset(small_betons, tmp_path, c
     subset = tmp_path / "subset.txt"
     # Synthetic file names repeat across classes (00010.jpg): name the class folder too, matched as a path suffix.
     subset.write_text("".join(f"{Path(f).parent.name}/{Path(f).name}\n" for f in files[:12]))
-    assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "1", "--batch", "8",
-                 "--num-workers", "1"]) == 0
-    assert main(["finetune", "--run", str(run), "--random-init", "--fraction", "0.05", "--epochs", "2",
+    assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "2", "--batch", "8",
                  "--lr", "0.1", "--val-every", "1", "--num-workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert "finetune on 12 labelled images" in out and "finetune on 8 labelled images (5% of train" in out
+    assert "finetune on 12 labelled images" in out and out.count("val top-1") == 2   # --val-every 1: both epochs
     rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["n_labelled"], r["batch"], r["epochs"]) for r in rows] == [("finetune", 12, 8, 1),
-                                                                                    ("finetune", 8, 8, 2)]
-    assert rows[1]["ckpt"] == "random-init" and rows[1]["base_lr"] == 0.1 and 0 <= rows[1]["top1"] <= 100
-    assert main(["finetune", "--run", str(run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--fraction" in err[0]
+    assert [(r["kind"], r["n_labelled"], r["batch"], r["epochs"]) for r in rows] == [("finetune", 12, 8, 2)]
+    assert rows[0]["base_lr"] == 0.1 and 0 <= rows[0]["top1"] <= 100
+    # --fraction / --random-init: the subset and the baseline (run end to end by the slow test in test_learning.py)
+    for args, message in ((["--fraction", "1.5"], "--fraction must be in (0, 1]"), ([], "--fraction F")):
+        assert main(["finetune", "--run", str(run), "--random-init", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
