@@ -3,8 +3,11 @@ PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.fastmveb-installed
-# make beton: no DATA -> embedded synthetic dataset; DATA=/path/to/imagefolder OUT=dir -> train/val betons.
+# make beton: no DATA -> embedded synthetic dataset; DATA=/path/to/imagefolder OUT=dir -> train/val betons;
+# DATA=folder of images or a list file -> unlabeled (or list-labelled) betons. MODE=imagefolder|folder forces the mode
+# that `dataset_prep auto` would otherwise pick from DATA (it names MODE=folder when it cannot tell).
 DATA      ?=
+MODE      ?=
 OUT       ?= $(if $(DATA),data/imagefolder,data/synthetic)
 FORCE     ?= 0
 BETON_ARGS ?=
@@ -31,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/system_deps.sh Makefile
 	@touch $(STAMP)
 
 beton: setup
-	$(BIN)/python -m dataset_prep $(if $(DATA),imagefolder --data $(DATA),synthetic) --out $(OUT) $(if $(filter 1,$(FORCE)),--force,) $(BETON_ARGS)
+	$(BIN)/python -m dataset_prep $(if $(DATA),$(or $(MODE),auto) --data $(DATA),synthetic) --out $(OUT) $(if $(filter 1,$(FORCE)),--force,) $(BETON_ARGS)
 
 # Rewritten when the generator changes (a stale set would silently give other demo figures).
 data/synthetic/train.beton: dataset_prep/synthetic.py | setup

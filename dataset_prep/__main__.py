@@ -1,4 +1,4 @@
-"""Command line: ``python -m dataset_prep {synthetic,imagefolder,grid} --out PATH [...]``, ``... verify PATH...``
+"""Command line: ``python -m dataset_prep {synthetic,imagefolder,folder,auto,grid} --out PATH [...]``, ``... verify PATH...``
 (see --help of each).
 
 Fatal problems print one line ``error: ...`` and exit with status 2; nothing partial is left behind.
@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .writer import DEFAULT_MAX_SIDE, MIN_SIDE, WRITE_MODES, PrepError
+from .writer import DEFAULT_MAX_SIDE, MAX_SIDE, MIN_SIDE, WRITE_MODES, PrepError
 
 
 def _common(p: argparse.ArgumentParser, max_side_default, max_side_help):
@@ -21,6 +21,47 @@ def _common(p: argparse.ArgumentParser, max_side_default, max_side_help):
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images / the shuffled write order")
     p.add_argument("--force", action="store_true", help="overwrite existing betons")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _write_options(p: argparse.ArgumentParser):
+    p.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
+                   help="jpg: JPEG (small, decoded at load); raw: uint8 pixels (no decode, ~10x larger); smart: "
+                        "JPEG only above --smart-threshold bytes; proportion: JPEG with --compress-probability")
+    p.add_argument("--compress-probability", type=float, default=0.5, help="JPEG share for --write-mode proportion")
+    p.add_argument("--smart-threshold", type=int, default=3 * 256 * 256,
+                   help="raw bytes above which --write-mode smart stores JPEG (default 3*256*256)")
+    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
+
+
+_IMAGES_EPILOG = (f"Images: 16/32-bit grey is scaled to 8 bits, alpha is dropped (as torchvision's loader does), "
+                  f"images with a side under {MIN_SIDE} px as stored are skipped, a side over {MAX_SIDE:,} px as "
+                  f"stored (--max-side 0) stops the run naming the file. Directory symlinks are followed only to "
+                  f"folders outside the data/split folder (each real folder once); links back into it (loops, other "
+                  f"classes) are skipped. A sub-folder that cannot be read is skipped and listed; a class or data "
+                  f"folder that cannot be read is one error line. Skips are listed in OUT/skipped-<split>.txt.")
+
+
+def auto_mode(data: str) -> list[str]:
+    """The dataset_prep arguments `make beton DATA=...` runs for ``data``; PrepError naming the mode to give."""
+    from pathlib import Path
+    from .writer import IMG_EXTENSIONS
+    p = Path(data)
+    if p.is_file():
+        return ["folder", "--list", data]
+    if not p.is_dir():
+        raise PrepError(f"DATA={data} not found")
+    if (p / "train").is_dir():
+        return ["imagefolder", "--data", data]
+    try:
+        entries = list(p.iterdir())
+    except OSError as e:
+        raise PrepError(f"cannot read {data}: {e.strerror or e}") from None
+    if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in entries):
+        return ["folder", "--data", data]
+    raise PrepError(f"{data} has no train/ folder and no images of its own: for labels lay it out as "
+                    f"{data}/train/<class>/ and {data}/val/<class>/; to write every image under it without labels "
+                    f"add MODE=folder (python -m dataset_prep folder --data {data})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,19 +87,39 @@ def parser() -> argparse.ArgumentParser:
             "500-px photos whole, so no 224-px global crop is upsampled; 384 decodes ~1.5x faster but upsamples "
             "40%% of them (measured: python -m fastmveb.bench loader); 256 when decoding is the bottleneck")
     i.add_argument("--data", required=True, help="folder with train/ and val/ ImageFolder subfolders")
-    i.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
-                   help="jpg: JPEG (small, decoded at load); raw: uint8 pixels (no decode, ~10x larger); smart: "
-                        "JPEG only above --smart-threshold bytes; proportion: JPEG with --compress-probability")
-    i.add_argument("--compress-probability", type=float, default=0.5, help="JPEG share for --write-mode proportion")
-    i.add_argument("--smart-threshold", type=int, default=3 * 256 * 256,
-                   help="raw bytes above which --write-mode smart stores JPEG (default 3*256*256)")
-    i.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
-                   help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
+    _write_options(i)
     i.add_argument("--splits", default="train,val", help="comma-separated splits to write (default train,val)")
-    i.epilog = ("Images: 16/32-bit grey is scaled to 8 bits, alpha is dropped (as torchvision's loader does), images "
-                f"with a side under {MIN_SIDE} px as stored are skipped. Directory symlinks are followed only to "
-                "folders outside the split folder (each real folder once); links back into it (loops, other "
-                "classes) are skipped. Skips are listed in OUT/skipped-<split>.txt.")
+    i.add_argument("--classes", metavar="FILE",
+                   help="write only the classes FILE lists (one class folder name per line), labelled 0..K-1 in "
+                        "the file's order, in train and val alike (e.g. the ImageNet-100 list)")
+    i.epilog = _IMAGES_EPILOG + (" Train and val must have the same class folders (with --classes: every listed "
+                                 "class in both); otherwise one error line says which is missing.")
+
+    f = sub.add_parser("folder", help="unlabeled images (a folder at any depth, or a list file) -> OUT/train.beton "
+                                      "[+ val.beton]",
+                       description="Write images that are not in the ImageFolder layout: --data DIR takes every "
+                                   "image under DIR at any depth, without labels; --list FILE takes the files it "
+                                   "lists, one path per line (relative to FILE's folder), optionally followed by a "
+                                   "tab and an integer label (every line or none). Unlabeled betons store label -1 "
+                                   "for every sample: training runs on them with the label-based monitors off. "
+                                   "Missing, repeated and unreadable files are skipped and listed in "
+                                   "OUT/skipped-<split>.txt.")
+    _common(f, DEFAULT_MAX_SIDE, f"longest side stored (default {DEFAULT_MAX_SIDE}; 0 = keep originals)")
+    source = f.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="folder of images (any depth; no labels)")
+    source.add_argument("--list", dest="list_file", metavar="FILE",
+                     help="file with one image path per line, optionally PATH<TAB>LABEL")
+    f.add_argument("--val-fraction", type=float, default=0.0,
+                   help="also write OUT/val.beton from this seeded (--seed) random fraction of the images, "
+                        "e.g. 0.05 (default 0: train.beton only)")
+    _write_options(f)
+    f.epilog = _IMAGES_EPILOG
+
+    a = sub.add_parser("auto", help="what `make beton DATA=...` runs: picks imagefolder or folder from DATA",
+                       description="DATA/train/ exists: imagefolder. DATA is a file: folder --list DATA. DATA holds "
+                                   "image files itself: folder --data DATA (unlabeled). Otherwise one error line "
+                                   "names the mode to give. Every other option goes to the chosen mode.")
+    a.add_argument("--data", required=True, help="ImageFolder tree, folder of images, or list file")
 
     v = sub.add_parser("verify", help="check betons completely: SHA-256 against NAME.beton.sha256.json + FFCV structure",
                        description="Check each beton: the FFCV header and allocation table against the file, the "
@@ -76,6 +137,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["auto"]:
+        known, rest = parser().parse_known_args(argv)
+        try:
+            argv = auto_mode(known.data) + rest
+        except PrepError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = parser().parse_args(argv)
     if args.cmd == "verify":
         from .integrity import BetonError, verify
@@ -104,21 +173,27 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise PrepError(str(e)) from None
         else:
-            from .writer import convert_imagefolder
+            write = dict(max_side=max_side, jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                         compress_probability=args.compress_probability, smart_threshold=args.smart_threshold,
+                         shuffle=args.shuffle, seed=args.seed, num_workers=args.num_workers, force=args.force,
+                         progress=not args.quiet)
+            if args.cmd == "folder":
+                from .writer import convert_folder
+                convert_folder(args.out, data=args.data, list_file=args.list_file, val_fraction=args.val_fraction,
+                               **write)
+                return 0
+            from .writer import convert_imagefolder, list_classes, read_class_list
+            from pathlib import Path
             splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
             if not splits or any(s not in ("train", "val") for s in splits):
                 raise PrepError(f"--splits must list train and/or val, got {args.splits!r}")
             classes = None
-            if "train" not in splits:
-                from .writer import list_classes
-                from pathlib import Path
+            if args.classes:
+                classes = read_class_list(args.classes)
+            elif "train" not in splits:
                 classes = list_classes(Path(args.data) / "train")   # val's labels still come from train
-            convert_imagefolder(args.data, args.out, splits=splits, max_side=max_side,
-                                jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
-                                compress_probability=args.compress_probability,
-                                smart_threshold=args.smart_threshold, shuffle=args.shuffle, seed=args.seed,
-                                num_workers=args.num_workers, force=args.force, progress=not args.quiet,
-                                classes=classes)
+            convert_imagefolder(args.data, args.out, splits=splits, classes=classes, subset=bool(args.classes),
+                                **write)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

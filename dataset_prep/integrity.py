@@ -49,12 +49,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def make_sidecar(beton: str | Path) -> dict:
-    """The integrity record of a finished beton (hash it before renaming it into place)."""
+def make_sidecar(beton: str | Path, labelled: bool = True) -> dict:
+    """The integrity record of a finished beton (hash it before renaming it into place).
+
+    ``labelled`` False: the beton's label field holds -1 for every sample (dataset_prep folder / --list without
+    labels). Readers take that from the label field itself (fastmveb.data.num_classes, which also works for
+    betons without a record); the record says it for people and ``verify``.
+    """
     header = _header(Path(beton))
     st = os.stat(beton)
     return {"format": "fastmveb-beton-integrity/1", "size": st.st_size, "sha256": sha256_file(beton),
-            "mtime_ns": st.st_mtime_ns, "num_samples": int(header["num_samples"])}
+            "mtime_ns": st.st_mtime_ns, "num_samples": int(header["num_samples"]), "labelled": bool(labelled)}
 
 
 def write_sidecar(record: dict, path: str | Path) -> None:
@@ -171,4 +176,5 @@ def verify(beton: str | Path, restamp: bool = True) -> str:
             if missing:
                 raise BetonError(f"{beton}: {missing} sample(s) of field {name} have no matching allocation; {FIX}")
     how = "SHA-256 matches its record" if rec is not None else f"no {SIDECAR_SUFFIX} record: structure only"
-    return f"{beton}: ok ({n:,} samples, {st.st_size / 2**20:,.1f} MiB; {how})"
+    unlabelled = ", no labels" if rec is not None and rec.get("labelled") is False else ""
+    return f"{beton}: ok ({n:,} samples{unlabelled}, {st.st_size / 2**20:,.1f} MiB; {how})"

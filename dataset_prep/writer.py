@@ -26,7 +26,8 @@ What can go wrong, and what happens:
   leaves a partial train.beton behind; a writer process that dies (disk full) stops the write with one line
   and the temporary file is removed (ffcv 1.0.2 itself would wait forever);
 - next to each beton, NAME.beton.sha256.json records its size and SHA-256 (dataset_prep.integrity): the
-  loaders check it on every open, and `python -m dataset_prep verify PATH` checks everything.
+  loaders check it on every open, and `python -m dataset_prep verify PATH` checks everything;
+  NAME.beton.files.txt names each sample's source file, in sample order (subset lists select by file name).
 Skipped files are printed (first 20) and written in full to OUT/skipped-<split>.txt.
 """
 from __future__ import annotations
@@ -59,6 +60,10 @@ DEFAULT_MAX_SIDE = 512
 DEFAULT_SMART_THRESHOLD = 3 * 256 * 256   # bytes of raw RGB above which 'smart' stores JPEG (ffcv's default: never)
 MAX_LISTED = 20
 MIN_SIDE = 16   # px, as stored: smaller images are skipped (an empty eval centre crop aborts inside OpenCV)
+# px, as stored: the beton keeps each side in a uint16, and libjpeg-turbo encodes at most 65,500 px a side. A larger
+# image (only possible with --max-side 0) killed a writer process with "OverflowError ... uint16"; now it stops the
+# run before anything is written, naming the file.
+MAX_SIDE = 65500
 
 
 class PrepError(Exception):
@@ -102,16 +107,50 @@ class Split:
     samples: list[tuple[str, int]] = field(default_factory=list)      # (path, label)
     skipped: list[tuple[str, str]] = field(default_factory=list)      # (path, reason)
     max_pixels: int = 0                                                # largest readable image (w * h)
+    too_large: list[tuple[str, int]] = field(default_factory=list)    # (path, longest side as stored) > MAX_SIDE
 
 
 # ------------------------------------------------------------------------------------------------ scanning
+def _list_dir(folder: Path, what: str) -> list[Path]:
+    """Sorted entries of ``folder``; PrepError (one line, with the fix) when it cannot be read."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as e:
+        raise PrepError(f"cannot read {what} {folder}: {e.strerror or e}; fix its permissions (chmod -R u+rX "
+                        f"'{folder}') or leave it out") from None
+
+
 def list_classes(train_dir: Path) -> list[str]:
     if not train_dir.is_dir():
         raise PrepError(f"{train_dir} not found: expected the ImageFolder layout DATA/train/<class>/<image> "
                         f"and DATA/val/<class>/<image>")
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = [d.name for d in _list_dir(train_dir, "split folder") if d.is_dir() and not d.name.startswith(".")]
     if not classes:
         raise PrepError(f"{train_dir} has no class folders: expected {train_dir}/<class>/<image>")
+    return classes
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """--classes FILE: one class folder name per line, in label order (blank lines and '#' comments ignored)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepError(f"cannot read --classes file {path}: {getattr(e, 'strerror', None) or e}") from None
+    classes, where = [], {}
+    for n, line in enumerate(lines, 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if "/" in name or name in (".", ".."):
+            raise PrepError(f"{path} line {n}: '{name}' is not a class folder name (one folder name per line, "
+                            f"no paths)")
+        if name in where:
+            raise PrepError(f"{path} line {n}: class '{name}' repeats line {where[name]}; each class once")
+        where[name] = n
+        classes.append(name)
+    if not classes:
+        raise PrepError(f"--classes file {path} lists no classes (one class folder name per line)")
     return classes
 
 
@@ -120,61 +159,87 @@ def _inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
-def scan_split(split_dir: Path, classes: list[str], name: str) -> Split:
-    """List one split's image files with labels from ``classes``; non-image files go to ``skipped``.
+def _walk_images(top: Path, label: int, split: Split, bounds: list[str], seen: set[str], what: str) -> None:
+    """Append every image file under ``top`` (any depth) to ``split.samples`` with ``label``.
 
-    Directory symlinks are followed only to folders outside the split that do not contain it, each real
-    folder once (a loop such as ``train/cat/up -> ..`` would otherwise list the whole split again, under
-    ``cat``'s label); the others are skipped and listed.
+    Directory symlinks are followed only to folders outside every real path in ``bounds`` (the split folder and
+    its class folders) that do not contain one of them, each real folder once: a loop such as ``train/cat/up ->
+    ..`` would otherwise list the whole split again, under ``cat``'s label. Skipped links, non-image files and
+    sub-folders that cannot be read (permissions) go to ``split.skipped``; ``top`` itself unreadable is a
+    PrepError (``what`` names it), since every image under it would be missing.
+    """
+    def unreadable(e: OSError):
+        if os.path.realpath(e.filename or "") == os.path.realpath(top):
+            raise PrepError(f"cannot read {what} {top}: {e.strerror or e}; fix its permissions (chmod -R u+rX "
+                            f"'{top}') or leave it out")
+        split.skipped.append((e.filename, f"folder unreadable ({e.strerror or e}): its images are not written"))
+
+    for root, dirs, files in os.walk(top, followlinks=True, onerror=unreadable):
+        keep = []
+        for d in sorted(dirs):
+            full = os.path.join(root, d)
+            real = os.path.realpath(full)
+            if os.path.islink(full) and any(_inside(real, r) or _inside(r, real) for r in bounds):
+                split.skipped.append((full, f"directory link to {real}: inside the split folder or containing "
+                                            f"it (a loop or another class), not followed"))
+            elif real in seen:
+                split.skipped.append((full, f"directory {real} already read through another link, not read again"))
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
+                split.samples.append((p, label))
+            else:
+                split.skipped.append((p, "not an image file (extension)"))
+
+
+def scan_split(split_dir: Path, classes: list[str], name: str, subset: bool = False) -> Split:
+    """List one split's image files with labels from ``classes`` (their order); non-image files go to ``skipped``.
+
+    Train and val share one class-to-label mapping, so each split must hold a folder for every class, and
+    (without ``subset``) no other class folder. ``subset`` (--classes FILE): other class folders are left out.
     """
     if not split_dir.is_dir():
         raise PrepError(f"{split_dir} not found: expected the ImageFolder layout {split_dir}/<class>/<image>")
     index = {c: i for i, c in enumerate(classes)}
     split = Split(name)
-    entries = sorted(split_dir.iterdir())
-    unknown = [e.name for e in entries if e.is_dir() and not e.name.startswith(".") and e.name not in index]
-    if unknown:
-        raise PrepError(f"{split_dir} has {len(unknown)} class folder(s) not in train (e.g. '{unknown[0]}'); "
-                        f"val must use train's classes")
+    entries = _list_dir(split_dir, "split folder")
+    folders = {e.name for e in entries if e.is_dir() and not e.name.startswith(".")}
+    unknown = sorted(folders - set(index))
+    if unknown and not subset:
+        raise PrepError(f"{split_dir} has {len(unknown)} class folder(s) not in train (e.g. '{unknown[0]}'); train "
+                        f"and val must have the same class folders (or pass --classes FILE to write a subset)")
+    missing = [c for c in classes if c not in folders]
+    if missing:
+        fix = ("remove it from the --classes file or add its folder" if subset else
+               "train and val must have the same class folders; add it, or pass --classes FILE listing the "
+               "classes to write")
+        raise PrepError(f"{split_dir} has no folder for class '{missing[0]}'"
+                        + (f" (nor for {len(missing) - 1} more of the {len(classes)} classes)" if len(missing) > 1
+                           else "") + f"; {fix}")
     for e in entries:
         if not e.is_dir():
             split.skipped.append((str(e), "not inside a class folder"))
-    split_real = os.path.realpath(split_dir)
-    class_reals = [os.path.realpath(split_dir / c) for c in classes if (split_dir / c).is_dir()]
+    class_reals = [os.path.realpath(split_dir / c) for c in classes]
+    bounds = [os.path.realpath(split_dir)] + class_reals
     seen: set[str] = set(class_reals)
     for c in classes:
         cdir = split_dir / c
-        if not cdir.is_dir():
-            continue
         n_before = len(split.samples)
-        for root, dirs, files in os.walk(cdir, followlinks=True):
-            keep = []
-            for d in sorted(dirs):
-                full = os.path.join(root, d)
-                real = os.path.realpath(full)
-                if os.path.islink(full) and any(_inside(real, r) or _inside(r, real) for r in [split_real] + class_reals):
-                    split.skipped.append((full, f"directory link to {real}: inside the split folder or containing "
-                                                f"it (a loop or another class), not followed"))
-                elif real in seen:
-                    split.skipped.append((full, f"directory {real} already read through another link, not read again"))
-                else:
-                    seen.add(real)
-                    keep.append(d)
-            dirs[:] = keep
-            for f in sorted(files):
-                p = os.path.join(root, f)
-                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
-                    split.samples.append((p, index[c]))
-                else:
-                    split.skipped.append((p, "not an image file (extension)"))
-        if name == "train" and len(split.samples) == n_before:
-            # An empty train class would get a label no sample carries; almost always a broken copy.
+        _walk_images(cdir, index[c], split, bounds, seen, "class folder")
+        if len(split.samples) == n_before:
+            # An empty class would get a label no sample carries (train) or no measurement (val): almost always
+            # a broken copy.
             raise PrepError(f"class folder {cdir} has no image files ({', '.join(IMG_EXTENSIONS)})")
     return split
 
 
-def _check_image(path: str, max_side: int | None = None) -> tuple[str, str | None, int]:
-    """(path, None, pixels) if PIL decodes the whole image and it can be stored, else (path, reason, 0)."""
+def _check_image(path: str, max_side: int | None = None) -> tuple[str, str | None, int, int]:
+    """(path, None, pixels, longest stored side) if PIL decodes the whole image and it can be stored, else
+    (path, reason, 0, 0)."""
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -182,22 +247,25 @@ def _check_image(path: str, max_side: int | None = None) -> tuple[str, str | Non
             sw, sh = stored_size(w, h, max_side)
             if min(sw, sh) < MIN_SIDE:
                 return path, (f"too small: {w}x{h}" + (f" ({sw}x{sh} at --max-side {max_side})" if (sw, sh) != (w, h)
-                                                       else "") + f", under the {MIN_SIDE}-px minimum side"), 0
+                                                       else "") + f", under the {MIN_SIDE}-px minimum side"), 0, 0
+            if max(sw, sh) > MAX_SIDE:
+                return path, None, pixels, max(sw, sh)   # not decoded: the whole write stops on it (validate)
             # draft() lets JPEGs decode at 1/2..1/8 scale: every entropy-coded byte is still read (truncation and
             # corruption still fail) at a fraction of the IDCT cost.
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
             to_rgb8(img)
-        return path, None, pixels
+        return path, None, pixels, max(sw, sh)
     except SkipImage as e:
-        return path, str(e), 0
+        return path, str(e), 0, 0
     except Exception as e:   # noqa: BLE001 -- any decode failure means "skip this file"
         msg = str(e).splitlines()[0] if str(e) else ""
-        return path, f"unreadable: {type(e).__name__}" + (f": {msg}" if msg else ""), 0
+        return path, f"unreadable: {type(e).__name__}" + (f": {msg}" if msg else ""), 0, 0
 
 
 def validate(split: Split, num_workers: int, progress: bool = True, max_side: int | None = None) -> Split:
-    """Decode every file once (in parallel); move failures from ``samples`` to ``skipped``."""
+    """Decode every file once (in parallel); move failures from ``samples`` to ``skipped``; images too large
+    to store go to ``too_large``."""
     from tqdm import tqdm
     paths = [p for p, _ in split.samples]
     bad: dict[str, str] = {}
@@ -206,9 +274,11 @@ def validate(split: Split, num_workers: int, progress: bool = True, max_side: in
     try:
         check = functools.partial(_check_image, max_side=max_side)
         results = pool.imap_unordered(check, paths, chunksize=64) if pool else map(check, paths)
-        for p, reason, pixels in results:
+        for p, reason, pixels, side in results:
             if reason:
                 bad[p] = reason
+            elif side > MAX_SIDE:
+                split.too_large.append((p, side))
             split.max_pixels = max(split.max_pixels, pixels)
             bar.update()
     finally:
@@ -218,6 +288,7 @@ def validate(split: Split, num_workers: int, progress: bool = True, max_side: in
     if bad:
         split.samples = [(p, y) for p, y in split.samples if p not in bad]
         split.skipped.extend(sorted(bad.items()))
+    split.too_large.sort()
     return split
 
 
@@ -352,6 +423,9 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
         raise PrepError(f"{out} exists; pass --force to overwrite it")
     if not samples:
         raise PrepError(f"no readable images to write to {out}")
+    labels = {y for _, y in samples}
+    if NO_LABEL in labels and len(labels) > 1:
+        raise ValueError("a beton is labelled or not: labels mix -1 (none) with class labels")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # ImageFolder order is class-sorted; a shuffled write order lets QUASI_RANDOM (which reads pages in order)
@@ -392,8 +466,10 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
                                 f"{first}")
             from .integrity import make_sidecar, sidecar_path, write_sidecar
             try:
-                record = make_sidecar(tmp)
+                record = make_sidecar(tmp, labelled=labels != {NO_LABEL})
                 sidecar_path(out).unlink(missing_ok=True)   # never an old record next to a new beton
+                # The file list goes first: a failure after the beton is in place must not leave it without one.
+                _write_text_atomic(files_path(out), "".join(f"{os.path.abspath(samples[i][0])}\n" for i in order))
                 os.replace(tmp, out)
                 write_sidecar(record, sidecar_path(out))
             except OSError as e:
@@ -402,9 +478,25 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, *, max_side: in
             if os.path.exists(tmp):
                 os.unlink(tmp)
     dt = time.perf_counter() - t0
-    labels = {y for _, y in samples}
-    return {"file": str(out), "images": len(samples), "classes": len(labels), "bytes": out.stat().st_size,
+    return {"file": str(out), "images": len(samples), "classes": len(labels - {NO_LABEL}), "bytes": out.stat().st_size,
             "seconds": dt, "images_per_s": len(samples) / dt if dt > 0 else float("inf")}
+
+
+def files_path(beton: str | Path) -> Path:
+    """NAME.beton.files.txt: the source file of every sample (absolute path), one per line in the beton's sample
+    order, so a published subset list of file names (e.g. SimCLR's 1% ImageNet) can select samples (fastmveb.eval
+    finetune --subset), and the file is itself a --list for dataset_prep folder."""
+    beton = Path(beton)
+    return beton.with_name(beton.name + ".files.txt")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _free_shared_memory(writer) -> None:
@@ -453,42 +545,182 @@ def check_writable(out: Path) -> None:
 
 
 def format_summary(s: dict) -> str:
-    return (f"{s['file']}: {s['images']:,} images, {s['classes']} classes, {s['bytes'] / 2**20:,.1f} MiB, "
+    classes = f"{s['classes']} classes" if s["classes"] else "no labels"
+    return (f"{s['file']}: {s['images']:,} images, {classes}, {s['bytes'] / 2**20:,.1f} MiB, "
             f"{s['seconds']:.1f} s, {s['images_per_s']:,.0f} images/s")
+
+
+def _check_options(out: Path, names, max_side: int | None, jpeg_quality: int, force: bool) -> None:
+    """The cheap checks every mode runs before reading any image: options, existing betons, a writable OUT."""
+    if not 1 <= jpeg_quality <= 100:
+        raise PrepError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    if max_side is not None and not MIN_SIDE <= max_side <= MAX_SIDE:
+        raise PrepError(f"--max-side must be in {MIN_SIDE}..{MAX_SIDE} (or 0 for no resizing), got {max_side}")
+    for name in names:
+        if (out / f"{name}.beton").exists() and not force:
+            raise PrepError(f"{out / f'{name}.beton'} exists; pass --force to overwrite it")
+    check_writable(out)
+
+
+def write_splits(splits: list[Split], out: Path, *, max_side: int | None, num_workers: int | None = None,
+                 progress: bool = True, source: str = "", **write_kw) -> list[dict]:
+    """Check every split (decode each file once), then write OUT/<split>.beton for each.
+
+    Every split is checked before the first beton is written: a problem in val (no readable image, an image too
+    large to store) stops the run in one line before hours of writing train, not after.
+    """
+    num_workers = max(1, min(num_workers or os.cpu_count() or 1, os.cpu_count() or 1))
+    for split in splits:
+        validate(split, num_workers, progress, max_side)
+    for split in splits:
+        report_skipped(split, out)
+    for split in splits:
+        if split.too_large:
+            path, side = split.too_large[0]
+            more = f" (and {len(split.too_large) - 1} more, {split.name})" if len(split.too_large) > 1 else ""
+            raise PrepError(f"{path} is {side:,} px on its longest side as stored{more}: a beton stores at most "
+                            f"{MAX_SIDE:,} px a side; pass --max-side (e.g. {DEFAULT_MAX_SIDE}, the default) to "
+                            f"shrink such images as they are written")
+        if not split.samples:
+            raise PrepError(f"{source or split.name}: {split.name} has no readable images"
+                            + (f" (skipped files: {out / f'skipped-{split.name}.txt'})" if split.skipped else ""))
+    summaries = []
+    for split in splits:
+        s = write_beton(split.samples, out / f"{split.name}.beton", max_side=max_side, num_workers=num_workers,
+                        max_pixels=split.max_pixels, progress=progress, **write_kw)
+        s["skipped"] = len(split.skipped)
+        summaries.append(s)
+        print(format_summary(s) + (f", {len(split.skipped)} skipped" if split.skipped else ""), flush=True)
+    return summaries
 
 
 def convert_imagefolder(data: str | Path, out: str | Path, *, splits=("train", "val"),
                         max_side: int | None = DEFAULT_MAX_SIDE, jpeg_quality: int = 90, write_mode: str = "jpg",
                         compress_probability: float = 0.5, smart_threshold: int = DEFAULT_SMART_THRESHOLD,
                         shuffle: bool = True, seed: int = 0, num_workers: int | None = None, force: bool = False,
-                        progress: bool = True, classes: list[str] | None = None) -> list[dict]:
-    """DATA/{train,val}/<class>/* -> OUT/{train,val}.beton; returns one summary dict per split."""
+                        progress: bool = True, classes: list[str] | None = None, subset: bool = False) -> list[dict]:
+    """DATA/{train,val}/<class>/* -> OUT/{train,val}.beton; returns one summary dict per split.
+
+    ``classes``: the class folders to write, in label order (default: train's sorted class folders).
+    ``subset`` (--classes FILE): other class folders are left out instead of being an error.
+    """
     data, out = Path(data), Path(out)
     if not data.is_dir():
         raise PrepError(f"data folder {data} not found")
-    if not 1 <= jpeg_quality <= 100:
-        raise PrepError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
-    if max_side is not None and max_side < 16:
-        raise PrepError(f"--max-side must be >= 16 (or 0 for no resizing), got {max_side}")
-    num_workers = max(1, min(num_workers or os.cpu_count() or 1, os.cpu_count() or 1))
     # Fail on every cheap check before the slow part, so an overwrite error never comes after minutes of work.
-    for name in splits:
-        if (out / f"{name}.beton").exists() and not force:
-            raise PrepError(f"{out / f'{name}.beton'} exists; pass --force to overwrite it")
-    check_writable(out)
+    _check_options(out, splits, max_side, jpeg_quality, force)
     classes = classes or list_classes(data / "train")
-    scanned = [scan_split(data / name, classes, name) for name in splits]
-    summaries = []
-    for split in scanned:
-        validate(split, num_workers, progress, max_side)
-        report_skipped(split, out)
-        if not split.samples:
-            raise PrepError(f"{data / split.name} has no readable images")
-        s = write_beton(split.samples, out / f"{split.name}.beton", max_side=max_side, jpeg_quality=jpeg_quality,
-                        write_mode=write_mode, compress_probability=compress_probability,
-                        smart_threshold=smart_threshold, shuffle=shuffle, seed=seed, num_workers=num_workers,
-                        force=force, max_pixels=split.max_pixels, progress=progress)
-        s["skipped"] = len(split.skipped)
-        summaries.append(s)
-        print(format_summary(s) + (f", {len(split.skipped)} skipped" if split.skipped else ""), flush=True)
-    return summaries
+    scanned = [scan_split(data / name, classes, name, subset=subset) for name in splits]
+    return write_splits(scanned, out, max_side=max_side, num_workers=num_workers, progress=progress,
+                        source=str(data), jpeg_quality=jpeg_quality, write_mode=write_mode,
+                        compress_probability=compress_probability, smart_threshold=smart_threshold,
+                        shuffle=shuffle, seed=seed, force=force)
+
+
+# ------------------------------------------------------------------------------------------------ unlabeled
+NO_LABEL = -1   # the label field of an unlabeled beton: every sample -1 (readers: fastmveb.data.num_classes -> 0)
+
+
+def scan_folder(root: Path) -> Split:
+    """Every image file under ``root`` at any depth, without labels (non-image files skipped and listed)."""
+    if root.is_file():
+        raise PrepError(f"{root} is a file, not a folder: a list of images goes to --list {root}")
+    if not root.is_dir():
+        raise PrepError(f"data folder {root} not found")
+    split = Split("train")
+    real = os.path.realpath(root)
+    _walk_images(root, NO_LABEL, split, [real], {real}, "data folder")
+    if not split.samples:
+        raise PrepError(f"{root} has no image files ({', '.join(IMG_EXTENSIONS)}) at any depth")
+    return split
+
+
+def read_list(path: Path) -> Split:
+    """--list FILE: one image path per line, optionally a tab and an integer label (every line or none).
+
+    Relative paths are relative to the list file's folder, so a list travels with its images. A missing file,
+    a folder or a repeated path is skipped and listed (the line number says where); a malformed line (label not
+    a non-negative integer, labels on some lines only) is one error line, since it means the list is not what
+    it looks like.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepError(f"cannot read --list file {path}: {getattr(e, 'strerror', None) or e}") from None
+    base = Path(path).resolve().parent
+    split = Split("train")
+    first: dict[str, int] = {}
+    labelled = None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        name, *rest = line.rstrip("\r\n").split("\t")
+        if len(rest) > 1:
+            raise PrepError(f"{path} line {n}: {len(rest) + 1} tab-separated fields; expected PATH or PATH<TAB>LABEL")
+        if labelled is None:
+            labelled = bool(rest)
+        elif labelled != bool(rest):
+            raise PrepError(f"{path} line {n}: {'no label' if labelled else 'a label'} here but "
+                            f"{'labels' if labelled else 'none'} on the lines before; label every line or none")
+        label = NO_LABEL
+        if rest:
+            try:
+                label = int(rest[0])
+            except ValueError:
+                label = -1
+            if label < 0:
+                raise PrepError(f"{path} line {n}: label '{rest[0]}' is not a non-negative integer")
+        p = os.path.normpath(base / name.strip())
+        if p in first:
+            split.skipped.append((p, f"line {n}: duplicate of line {first[p]}, written once"))
+            continue
+        first[p] = n
+        if not os.path.exists(p):
+            split.skipped.append((p, f"line {n}: not found"))
+        elif os.path.isdir(p):
+            split.skipped.append((p, f"line {n}: a folder, not an image file"))
+        else:
+            split.samples.append((p, label))   # any name: every file is decoded in validate() anyway
+    if not split.samples and not split.skipped:
+        raise PrepError(f"--list file {path} lists no paths (one image path per line)")
+    return split
+
+
+def split_off_val(split: Split, fraction: float, seed: int) -> list[Split]:
+    """A seeded random ``fraction`` of the samples as "val" (at least one), the rest stay "train"."""
+    if not 0 < fraction < 1:
+        raise PrepError(f"--val-fraction must be in (0, 1), got {fraction}")
+    n = len(split.samples)
+    if n == 0:
+        return [split, Split("val")]          # write_splits says that nothing is readable
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise PrepError(f"--val-fraction {fraction} of {n} image(s) leaves no training image; lower it or add images")
+    pick = np.random.default_rng(seed).permutation(n)
+    val_idx = set(pick[:n_val].tolist())
+    val = Split("val", samples=[s for i, s in enumerate(split.samples) if i in val_idx])
+    split.samples = [s for i, s in enumerate(split.samples) if i not in val_idx]
+    return [split, val]
+
+
+def convert_folder(out: str | Path, *, data: str | Path | None = None, list_file: str | Path | None = None,
+                   val_fraction: float = 0.0, max_side: int | None = DEFAULT_MAX_SIDE, jpeg_quality: int = 90,
+                   write_mode: str = "jpg", compress_probability: float = 0.5,
+                   smart_threshold: int = DEFAULT_SMART_THRESHOLD, shuffle: bool = True, seed: int = 0,
+                   num_workers: int | None = None, force: bool = False, progress: bool = True) -> list[dict]:
+    """Images without an ImageFolder layout -> OUT/train.beton (and OUT/val.beton with ``val_fraction``).
+
+    ``data``: every image under the folder at any depth, unlabeled. ``list_file``: the files it lists, with
+    their labels when it has them. Unlabeled betons store label -1 for every sample.
+    """
+    if (data is None) == (list_file is None):
+        raise PrepError("give exactly one of --data DIR and --list FILE")
+    out = Path(out)
+    names = ("train", "val") if val_fraction else ("train",)
+    _check_options(out, names, max_side, jpeg_quality, force)
+    split = scan_folder(Path(data)) if data is not None else read_list(Path(list_file))
+    splits = split_off_val(split, val_fraction, seed) if val_fraction else [split]
+    return write_splits(splits, out, max_side=max_side, num_workers=num_workers, progress=progress,
+                        source=str(data or list_file), jpeg_quality=jpeg_quality, write_mode=write_mode,
+                        compress_probability=compress_probability, smart_threshold=smart_threshold,
+                        shuffle=shuffle, seed=seed, force=force)

@@ -185,9 +185,10 @@ def _check(beton, batch_size: int, num_workers: int) -> int:
 def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: str = "once",
                  decode_size: int = 256, views=None, seed: int = 0, distributed: bool = False,
                  order: str = "random", os_cache: bool = True, drop_last: bool = True,
-                 channels_last: bool = True, batches_ahead: int = 3) -> ResumableLoader:
+                 channels_last: bool = True, batches_ahead: int = 3, indices=None) -> ResumableLoader:
     """FFCV train loader yielding (x, extent, y) ("once"), (x, y) ("center") or (x_1, ..., x_V, y)
-    ("per_view"); see the module doc. unpack_train_batch turns any of them into (x, extent or None, y)."""
+    ("per_view"); see the module doc. unpack_train_batch turns any of them into (x, extent or None, y).
+    ``indices``: read only these samples (a labelled subset: fastmveb.eval finetune)."""
     num_workers = _check(beton, batch_size, num_workers)
     device = torch.device(device)
     if order not in ORDERS:
@@ -226,19 +227,30 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
         raise ValueError(f"decode must be 'once', 'center' or 'per_view', got {decode!r}")
     loader = ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=ORDERS[order], distributed=distributed, seed=seed, pipelines=pipelines,
-                             drop_last=drop_last, batches_ahead=batches_ahead)
+                             drop_last=drop_last, batches_ahead=batches_ahead,
+                             indices=None if indices is None else np.asarray(indices))
     return loader
 
 
-def num_classes(beton) -> int:
-    """Max label + 1 of a beton's 'label' field, read from the file's metadata table (no image is decoded)."""
+def labels(beton) -> np.ndarray:
+    """Every sample's label (int64, sample order) from the beton's metadata table; no image is decoded."""
     from ffcv.reader import Reader
     reader = Reader(str(beton))
     names = list(reader.handlers)
     if "label" not in names:
         raise ValueError(f"{beton} has no 'label' field (fields: {', '.join(names)})")
-    labels = reader.metadata[f"f{names.index('label')}"]
-    return int(labels.max()) + 1 if len(labels) else 0
+    return np.asarray(reader.metadata[f"f{names.index('label')}"]).reshape(-1).astype(np.int64)
+
+
+def num_classes(beton) -> int:
+    """Max label + 1 of a beton's 'label' field, read from the file's metadata table (no image is decoded);
+    0 for an unlabeled beton (``dataset_prep folder``: every label -1, loaders then yield y = -1)."""
+    y = labels(beton)
+    if len(y) and y.min() < 0:
+        if y.max() >= 0:
+            raise ValueError(f"{beton} mixes unlabeled samples (-1) with labelled ones; rewrite it with dataset_prep")
+        return 0
+    return int(y.max()) + 1 if len(y) else 0
 
 
 def unpack_train_batch(batch) -> tuple:

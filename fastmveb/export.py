@@ -1,6 +1,8 @@
-"""Export a trained backbone as a torchvision ResNet state_dict (.pth) and as safetensors.
+"""Export a trained backbone for downstream work: torchvision / timm state_dicts (.pth + safetensors), detectron2.
 
     python -m fastmveb.export --run runs/NAME --out rn50.pth [--ckpt PATH] [--which online|target] [--fc auto|zero] [--force]
+    python -m fastmveb.export --run runs/NAME --format timm --out rn50_timm.pth
+    python -m fastmveb.export --run runs/NAME --format detectron2 --out R-50.pkl
 
 Writes rn50.pth (torch.save of a plain state_dict; loads with torch.load(weights_only=True)) and
 rn50.safetensors (the same tensors; metadata: arch, step, epoch, git revision, which, fc source, and the
@@ -20,12 +22,29 @@ order, the linear probe that ``python -m fastmveb.eval linear`` saved for the sa
 weights), and otherwise a zero-initialised fc with torchvision's default 1000 classes (all logits 0: it
 predicts nothing until replaced). ``--fc zero`` always takes the last. The metadata says which one it got.
 The backbone is the online encoder by default; ``--which target`` exports the EMA target instead.
+
+``--format timm``: timm's ResNets (resnet18 ... resnet152) name every tensor as torchvision does, so the files are
+the same tensors (metadata format "timm"), checked against timm's model when timm is installed:
+``timm.create_model("resnet50", checkpoint_path="rn50_timm.pth")`` or ``model.load_state_dict(..., strict=True)``.
+
+``--format detectron2``: one pickle, the converted form detection codebases load for a ResNet backbone:
+{"model": {detectron2 name: float32 numpy array}, "__author__": ..., "matching_heuristics": True}. Names are
+detectron2's (stem.conv1, res2..res5 for layer1..layer4, convK.norm for bnK, shortcut / shortcut.norm for
+downsample.0 / .1); fc and num_batches_tracked are dropped (detection has no classifier; FrozenBN keeps 4 tensors).
+"matching_heuristics" lets detectron2 place them under backbone.bottom_up. (FPN) or roi_heads.res5 (C4). The
+weights expect torchvision's input convention, so the detectron2 config needs
+    MODEL.WEIGHTS R-50.pkl  MODEL.PIXEL_MEAN [123.675, 116.280, 103.530]  MODEL.PIXEL_STD [58.395, 57.120, 57.375]
+    MODEL.RESNETS.DEPTH 50  MODEL.RESNETS.STRIDE_IN_1X1 False  INPUT.FORMAT RGB
+(detectron2's own ImageNet weights are BGR Caffe2 models with the stride in the 1x1 conv). SSL detection
+transfer (MoCo, BYOL, MVEB) usually also sets MODEL.RESNETS.NORM SyncBN and MODEL.FPN.NORM SyncBN.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +57,7 @@ from fastmveb.eval.features import (RunError, backbone_state, read_checkpoint, r
 
 DEFAULT_CLASSES = 1000          # torchvision's ImageNet head size
 HEAD_FILE = "linear_head.pt"    # written by `python -m fastmveb.eval linear`
+FORMATS = ("torchvision", "timm", "detectron2")
 
 
 def torchvision_model(arch: str) -> ResNet:
@@ -112,6 +132,60 @@ def torchvision_state(backbone_sd: dict, arch: str, head: dict | None = None, re
     return sd
 
 
+def timm_check(sd: dict[str, torch.Tensor], arch: str) -> str:
+    """Load ``sd`` strictly into timm's model of ``arch``; -> what was checked. RunError when it does not load."""
+    try:
+        import timm
+        from timm.models.resnet import BasicBlock as TimmBasic, ResNet as TimmResNet
+    except ImportError:
+        return "not checked against timm (not installed)"
+    model = TimmResNet(TimmBasic, [1, 1, 1, 1]) if arch == "resnet10" else None
+    if model is None:
+        try:
+            model = timm.create_model(arch, pretrained=False)
+        except RuntimeError:
+            raise RunError(f"timm has no model named {arch!r}; export --format torchvision instead") from None
+    model.reset_classifier(sd["fc.weight"].shape[0])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise RunError(f"the backbone does not load into timm {arch}: {' '.join(str(e).split())[:300]}") from None
+    return f"loads strictly into timm {timm.__version__} {arch}"
+
+
+# torchvision name -> detectron2 name (ResNet backbones). Rules, applied to the part after the block index:
+_D2_STEM = re.compile(r"^(conv1|bn1)\.(.+)$")
+_D2_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\.(.+)$")
+
+
+def detectron2_key(key: str) -> str | None:
+    """detectron2's name for a torchvision ResNet tensor; None for what detectron2 has no place for (fc,
+    num_batches_tracked); RunError for a name that is not a torchvision ResNet's."""
+    if key.startswith("fc.") or key.endswith(".num_batches_tracked"):
+        return None
+    m = _D2_STEM.match(key)
+    if m:
+        return f"stem.conv1.{m[2]}" if m[1] == "conv1" else f"stem.conv1.norm.{m[2]}"
+    m = _D2_BLOCK.match(key)
+    if not m:
+        raise RunError(f"'{key}' is not a torchvision ResNet tensor: detectron2 export supports ResNets only")
+    stage, block, part, rest = int(m[1]) + 1, m[2], m[3], m[4]
+    module = {"downsample.0": "shortcut", "downsample.1": "shortcut.norm"}.get(part)
+    if module is None:
+        module = part if part.startswith("conv") else f"conv{part[2]}.norm"   # bnK normalises convK's output
+    return f"res{stage}.{block}.{module}.{rest}"
+
+
+def detectron2_state(sd: dict[str, torch.Tensor]) -> dict:
+    """The pickled object detectron2's DetectionCheckpointer loads (see the module doc)."""
+    model = {}
+    for k, v in sd.items():
+        name = detectron2_key(k)
+        if name is not None:
+            model[name] = v.detach().float().cpu().numpy()
+    return model
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
@@ -127,23 +201,29 @@ def _atomic(path: Path, write) -> None:
 
 
 def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | Path | None = None,
-                    which: str = "online", fc: str = "auto", force: bool = False) -> dict:
-    """Write OUT (.pth) and OUT with suffix .safetensors; -> {"pth", "safetensors", "arch", "step", "fc"}."""
+                    which: str = "online", fc: str = "auto", force: bool = False, fmt: str = "torchvision") -> dict:
+    """Write OUT (.pth) and OUT with suffix .safetensors (torchvision, timm) or OUT (.pkl, detectron2);
+    -> {"pth" (the .pkl for detectron2), "safetensors" (None for detectron2), "arch", "step", "fc", "format", "check"}."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.suffix not in (".pth", ".pt"):
+    if fmt not in FORMATS:
+        raise RunError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "detectron2" and out.suffix != ".pkl":
+        raise RunError(f"--format detectron2 writes a pickle: --out must end in .pkl, got '{out}'")
+    if fmt != "detectron2" and out.suffix not in (".pth", ".pt"):
         raise RunError(f"--out must end in .pth or .pt (the .safetensors file is written next to it), got '{out}'")
     if fc not in ("auto", "zero"):
         raise RunError(f"--fc must be auto or zero, got {fc!r}")
     if not out.parent.exists():
         raise RunError(f"output directory '{out.parent}' does not exist")
     st_path = out.with_suffix(".safetensors")
-    for p in (out, st_path):
+    for p in (out,) if fmt == "detectron2" else (out, st_path):
         if p.is_dir():
-            raise RunError(f"--out: '{p}' is a directory; give a file name such as {p / 'backbone.pth'}")
+            raise RunError(f"--out: '{p}' is a directory; give a file name such as {p / ('backbone' + out.suffix)}")
         if p.exists() and not force:
-            raise RunError(f"'{p}' exists; pass --force to overwrite it (and its .pth/.safetensors sibling)")
+            raise RunError(f"'{p}' exists; pass --force to overwrite it" + ("" if fmt == "detectron2" else
+                           " (and its .pth/.safetensors sibling)"))
     run_dir, path = resolve_checkpoint(run, ckpt)
     ck = read_checkpoint(path)
     cfg = run_config(run_dir, ck)
@@ -151,12 +231,27 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
     bsd = backbone_state(ck, which)
     ref = torchvision_model(arch)
     feat_dim = ref.fc.in_features
+    if fmt == "detectron2":
+        fc = "zero"                                                   # detection has no classifier: fc is dropped
     head, source = find_head(run_dir, ck, path, which, feat_dim) if fc == "auto" else (None, "zero-initialised (1000 classes)")
-    sd = torchvision_state(bsd, arch, head, ref)
+    sd = torchvision_state(bsd, arch, head, ref)                      # the strict torchvision check, every format
+    result = {"pth": None, "safetensors": None, "arch": arch, "step": ck.get("step"), "fc": source, "format": fmt,
+              "check": f"loads strictly into torchvision {arch}"}
+    if fmt == "detectron2":
+        blob = {"model": detectron2_state(sd), "matching_heuristics": True,
+                "__author__": f"fastmveb {arch} {which} encoder, step {ck.get('step')}, {path.name}"}
+        try:
+            _atomic(out, lambda p: p.write_bytes(pickle.dumps(blob, protocol=4)))
+        except OSError as e:
+            raise RunError(f"cannot write '{out}': {e.strerror or e}; choose another --out") from None
+        return dict(result, pth=out, fc="dropped (detectron2 has no classifier)")
+    if fmt == "timm":
+        result["check"] = timm_check(sd, arch)
 
     from fastmveb.config import to_dict
     meta = {
         "format": "pt",
+        "layout": fmt,
         "arch": arch,
         "step": str(ck.get("step", "")),
         "epoch": str(ck.get("epoch", "")),
@@ -174,24 +269,30 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise RunError(f"cannot write '{out}' / '{st_path.name}': {why}; choose another --out") from None
-    return {"pth": out, "safetensors": st_path, "arch": arch, "step": ck.get("step"), "fc": source}
+    return dict(result, pth=out, safetensors=st_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastmveb.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="run directory (newest checkpoint unless --ckpt)")
     ap.add_argument("--ckpt", help="a specific checkpoint file")
-    ap.add_argument("--out", required=True, help="FILE.pth; FILE.safetensors is written next to it")
+    ap.add_argument("--out", required=True, help="FILE.pth (FILE.safetensors is written next to it); FILE.pkl "
+                    "with --format detectron2")
+    ap.add_argument("--format", default="torchvision", choices=FORMATS, dest="fmt",
+                    help="torchvision (default) and timm: the same state_dict names; detectron2: a .pkl for "
+                         "detection codebases (see the module doc for the config it needs)")
     ap.add_argument("--which", default="online", choices=["online", "target"], help="online encoder or EMA target")
     ap.add_argument("--fc", default="auto", choices=["auto", "zero"], help="fc from a saved probe when one fits, or zeros")
     ap.add_argument("--force", action="store_true", help="overwrite an existing OUT and its .safetensors sibling")
     args = ap.parse_args(argv)
     try:
-        r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force)
+        r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force, args.fmt)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {r['arch']} (step {r['step']}, {args.which} encoder, fc: {r['fc']}) -> {r['pth']} and {r['safetensors']}")
+    files = f"{r['pth']} and {r['safetensors']}" if r["safetensors"] else str(r["pth"])
+    print(f"exported {r['arch']} for {r['format']} (step {r['step']}, {args.which} encoder, fc: {r['fc']}; "
+          f"{r['check']}) -> {files}")
     return 0
 
 

@@ -173,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(plan.format())
         return 0
-    for path in (cfg.data.train_beton,) + ((cfg.data.val_beton,) if cfg.eval.knn_at_end or cfg.eval.knn_every_epochs else ()):
+    for path in (cfg.data.train_beton, cfg.data.val_beton):
+        if path == cfg.data.val_beton:
+            note = switch_off_label_parts(cfg)                        # unlabeled data: before val is needed
+            if note and os.environ.get("RANK", "0") == "0":
+                print(note, flush=True)
+            if not (cfg.eval.knn_at_end or cfg.eval.knn_every_epochs):
+                break
         if not Path(path).is_file():
             print(f"error: dataset '{path}' not found; run 'make beton' (synthetic) or set data.train_beton/"
                   f"data.val_beton to betons written by 'make beton DATA=... OUT=...'", file=sys.stderr)
@@ -382,6 +388,33 @@ def main(argv: list[str] | None = None) -> int:
     logger.close()
     accelerator.end_training()
     return 0
+
+
+def switch_off_label_parts(cfg: Config) -> str | None:
+    """Unlabeled data (dataset_prep folder): switch off what needs labels in ``cfg``; -> the line saying so.
+
+    The kNN monitor and the end-of-run learning check need labels in train (the bank) and val (the queries), the
+    online probe in train. The label-free monitors (uniformity, effective rank of z) need none and stay on.
+    """
+    from fastmveb.data import num_classes
+    parts = {"knn_every_epochs": "the kNN monitor (eval.knn_every_epochs)",
+             "online_linear": "the online linear probe (eval.online_linear)",
+             "knn_at_end": "the end-of-run kNN learning check (eval.knn_at_end)"}
+    if num_classes(cfg.data.train_beton) == 0:
+        why = f"{cfg.data.train_beton} has no labels"
+    elif ((cfg.eval.knn_every_epochs or cfg.eval.knn_at_end) and Path(cfg.data.val_beton).is_file()
+          and num_classes(cfg.data.val_beton) == 0):
+        why = f"{cfg.data.val_beton} has no labels"
+        del parts["online_linear"]                                    # it trains and reports on train's labels
+    else:
+        return None
+    off = [name for key, name in parts.items() if getattr(cfg.eval, key)]
+    for key in parts:
+        setattr(cfg.eval, key, type(getattr(cfg.eval, key))(0))      # False / 0
+    if not off:
+        return None
+    return (f"note: {why}: {', '.join(off)} switched off; the label-free monitors (uniformity, effective rank) "
+            "stay on")
 
 
 def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,

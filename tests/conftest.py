@@ -17,3 +17,13 @@ def small_betons(tmp_path_factory) -> Path:
                    check=True, cwd=ROOT, timeout=600)
     assert (out / "train.beton").is_file() and (out / "val.beton").is_file()
     return out
+
+
+@pytest.fixture(scope="session")
+def unlabeled_betons(small_betons, tmp_path_factory) -> Path:
+    """small_betons' 160 train JPEGs (class folders = any depth) written without labels: 128 train / 32 val."""
+    from dataset_prep.writer import convert_folder
+    out = tmp_path_factory.mktemp("unlabeled")
+    convert_folder(out, data=small_betons / "jpeg" / "train", val_fraction=0.2, max_side=128, num_workers=1,
+                   progress=False)
+    return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,22 +154,111 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     ("no_train", "train not found"),
     ("empty_class", "has no image files"),
     ("unknown_val_class", "not in train"),
+    ("val_lacks_class", "val has no folder for class 'dog'"),
+    ("val_unreadable_images", "val has no readable images"),
+    ("too_large", "65,501 px on its longest side"),
 ])
 def test_fatal_problems_are_one_line_errors(tmp_path, case, message):
+    """Each is found before any beton is written: val's problems too (train.beton used to be written first)."""
     data = make_tree(tmp_path / "data", per_class=1)
+    extra = []
     if case == "no_train":
         os.rename(data / "train", data / "elsewhere")
     elif case == "empty_class":
         (data / "train" / "empty").mkdir()
-    else:
+    elif case == "unknown_val_class":
         (data / "val" / "zebra").mkdir()
+    elif case == "val_lacks_class":                  # the reverse: used to write a val without dogs
+        for f in (data / "val" / "dog").iterdir():
+            f.unlink()
+        (data / "val" / "dog").rmdir()
+    elif case == "val_unreadable_images":
+        for f in (data / "val").rglob("*.*"):
+            f.write_bytes(b"not an image")
+    else:                                            # a beton stores sides up to 65,500 px (--max-side 0 keeps it)
+        Image.new("RGB", (65501, 16)).save(data / "val" / "cat" / "wide.png")
+        extra = ["--max-side", "0"]
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "dataset_prep", "imagefolder", "--data", str(data), "--out", str(out),
-                        "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                        "--quiet", *extra], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith(("val: skipped", "  skipped"))]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    if case == "too_large":
+        assert "wide.png" in lines[0] and "--max-side" in lines[0]
     assert not (out / "train.beton").exists() and not (out / "val.beton").exists()
+
+
+def _without_root_override(cmd: list[str]) -> list[str]:
+    """chmod 000 does not stop root: as root, run ``cmd`` without the capabilities that bypass permissions."""
+    if os.geteuid() != 0:
+        return cmd
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv (util-linux): permissions cannot be tested")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *cmd]
+
+
+def test_unreadable_folders_are_listed_or_one_error_line(tmp_path):
+    """Issue 23 probe: chmod 000 on a train sub-folder and a val class exited 0 with a 1-class val, listing nothing."""
+    data = make_tree(tmp_path / "data", per_class=1)
+    sub = data / "train" / "cat" / "more"
+    sub.mkdir()
+    Image.new("RGB", (32, 32)).save(sub / "x.png")
+    out = tmp_path / "out"
+    cmd = _without_root_override([sys.executable, "-m", "dataset_prep", "imagefolder", "--data", str(data),
+                                  "--out", str(out), "--quiet"])
+    try:
+        sub.chmod(0)
+        (data / "val" / "dog").chmod(0)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and not (out / "train.beton").exists(), r.stderr
+        assert r.stderr.startswith("error: cannot read class folder") and "val/dog" in r.stderr
+        assert "Permission denied" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        (data / "val" / "dog").chmod(0o755)
+        # A sub-folder: skipped and listed. (A 65,501-px image in val then stops the run after the listing and
+        # before the write, which keeps this test from paying a second FFCV start-up; skips of a run that writes
+        # are tested above.)
+        Image.new("RGB", (65501, 16)).save(data / "val" / "dog" / "wide.png")
+        r = subprocess.run(cmd + ["--max-side", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and "wide.png" in r.stderr, r.stderr
+        assert "folder unreadable (Permission denied)" in (out / "skipped-train.txt").read_text()
+        assert "train: skipped 1 file(s)" in r.stderr and "cat/more" in r.stderr
+    finally:
+        sub.chmod(0o755)
+        (data / "val" / "dog").chmod(0o755)
+    assert not (out / "train.beton").exists()
+
+
+# ---------------------------------------------------------------------------------------------- class subsets
+def test_classes_file_writes_a_subset_in_file_order(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", per_class=2, classes=("cat", "dog", "fox"))
+    Image.new("RGB", (32, 32)).save(data / "train" / "fox" / "extra.png")
+    listing = tmp_path / "classes.txt"
+    listing.write_text("# ImageNet-100 style: one folder name per line\nfox\n\ncat\n")
+    out = tmp_path / "out"
+    assert cli(["imagefolder", "--data", str(data), "--out", str(out), "--classes", str(listing), "--quiet"]) == 0
+    _, meta = read_meta(out / "train.beton")
+    assert np.bincount(meta["label"].ravel()).tolist() == [3, 2]         # fox (3 images) is 0, cat 1; no dog
+    _, meta = read_meta(out / "val.beton")
+    assert np.bincount(meta["label"].ravel()).tolist() == [2, 2]
+    capsys.readouterr()
+    for text, message in (("fox\nwolf\n", "train has no folder for class 'wolf'"),
+                          ("fox\ncat\nfox\n", "line 3: class 'fox' repeats line 1"),
+                          ("\n", "lists no classes")):
+        listing.write_text(text)
+        assert cli(["imagefolder", "--data", str(data), "--out", str(tmp_path / "o2"), "--classes", str(listing),
+                    "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    listing.write_text("cat\ndog\n")
+    for f in (data / "val" / "dog").iterdir():
+        f.unlink()
+    assert cli(["imagefolder", "--data", str(data), "--out", str(tmp_path / "o3"), "--classes", str(listing),
+                "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val/dog has no image files" in err[0]
+    assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").glob("*.beton"))
+    assert not list((tmp_path / "o3").glob("*.beton"))
 
 
 def test_grid_command_writes_a_class_per_row_png(tmp_path, capsys):
@@ -187,3 +277,80 @@ def test_grid_command_writes_a_class_per_row_png(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), bad
     assert not list(tmp_path.glob("*g.*")) and not list(tmp_path.glob(".*tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- unlabeled data
+def test_folder_mode_writes_unlabeled_betons_with_a_seeded_val_split(tmp_path, capsys):
+    import json
+    from dataset_prep.__main__ import auto_mode
+    from dataset_prep.integrity import sidecar_path, verify
+    from fastmveb.data import num_classes
+    root = make_tree(tmp_path / "photos", per_class=4, splits=("2025", "2026"))   # images two folders deep
+    Image.new("RGB", (40, 30)).save(root / "top.jpg")                   # and at the top
+    (root / "notes.txt").write_text("not an image")
+    assert auto_mode(str(root)) == ["folder", "--data", str(root)]      # images of its own: no labels
+    out = tmp_path / "out"
+    assert cli(["auto", "--data", str(root), "--out", str(out), "--val-fraction", "0.25", "--seed", "3",
+                "--quiet"]) == 0
+    n_train, meta = read_meta(out / "train.beton")
+    n_val, meta_val = read_meta(out / "val.beton")
+    assert (n_train, n_val) == (13, 4)                                  # 17 images, round(17 * 0.25) in val
+    assert (meta["label"] == -1).all() and (meta_val["label"] == -1).all()
+    assert num_classes(out / "train.beton") == 0 and num_classes(out / "val.beton") == 0
+    assert json.loads(sidecar_path(out / "train.beton").read_text())["labelled"] is False
+    assert "no labels" in verify(out / "train.beton")
+    assert "no labels" in capsys.readouterr().out
+    assert "notes.txt" in (out / "skipped-train.txt").read_text()
+    # The same seed gives the same split (image sizes identify the images).
+    assert cli(["folder", "--data", str(root), "--out", str(tmp_path / "again"), "--val-fraction", "0.25",
+                "--seed", "3", "--quiet"]) == 0
+    assert np.array_equal(np.sort(read_meta(tmp_path / "again" / "val.beton")[1]["image"]["width"]),
+                          np.sort(meta_val["image"]["width"]))
+    capsys.readouterr()
+    for bad, message in ((["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+                         (["--data", str(root / "top.jpg")], "--list")):
+        args = ["folder", "--out", str(tmp_path / "bad"), "--quiet"] + (bad if "--data" in bad else
+                                                                        ["--data", str(root), *bad])
+        assert cli(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.beton"))
+
+
+def test_list_mode_labels_and_bad_entries(tmp_path, capsys):
+    from dataset_prep.__main__ import auto_mode
+    root = make_tree(tmp_path / "data", per_class=2)
+    (root / "fake.jpg").write_text("not an image")
+    lst = tmp_path / "data" / "list.txt"                                # paths relative to the list's folder
+    lst.write_text("train/cat/0.jpg\t0\ntrain/cat/1.png\t0\ntrain/dog/0.jpg\t1\n\ntrain/cat/0.jpg\t0\n"
+                   "gone.jpg\t1\nfake.jpg\t1\n" + f"{root / 'val' / 'dog' / '1.png'}\t1\n")
+    assert auto_mode(str(lst)) == ["folder", "--list", str(lst)]
+    out = tmp_path / "out"
+    assert cli(["folder", "--list", str(lst), "--out", str(out), "--quiet"]) == 0
+    n, meta = read_meta(out / "train.beton")
+    assert n == 4 and np.bincount(meta["label"].ravel()).tolist() == [2, 2]
+    written = (out / "train.beton.files.txt").read_text().splitlines()   # each sample's source, in sample order
+    assert all(os.path.isabs(f) for f in written)
+    assert [Image.open(f).size for f in written] == list(zip(meta["image"]["width"].tolist(),
+                                                              meta["image"]["height"].tolist()))
+    listed = (out / "skipped-train.txt").read_text()
+    assert "line 5: duplicate of line 1" in listed and "line 6: not found" in listed
+    assert "fake.jpg\tunreadable" in listed
+    capsys.readouterr()
+    for text, message in (("train/cat/0.jpg\t0\ntrain/dog/0.jpg\n", "line 2: no label here"),
+                          ("train/cat/0.jpg\tcat\n", "line 1: label 'cat' is not a non-negative integer"),
+                          ("gone.jpg\n", "no readable images")):
+        lst.write_text(text)
+        assert cli(["folder", "--list", str(lst), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error")]
+        assert len(err) == 1 and message in err[0], err
+    assert not list((tmp_path / "o2").glob("*.beton"))
+
+
+def test_auto_mode_picks_imagefolder_or_names_the_mode(tmp_path, capsys):
+    from dataset_prep.__main__ import auto_mode
+    data = make_tree(tmp_path / "data", per_class=1)
+    assert auto_mode(str(data)) == ["imagefolder", "--data", str(data)]
+    assert cli(["auto", "--data", str(data / "train"), "--out", str(tmp_path / "o")]) == 2   # class folders only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MODE=folder" in err[0] and "train/<class>" in err[0]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -375,3 +376,61 @@ def test_resolve_checkpoint_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match="cannot read checkpoint"):
         load_run_backbone(tmp_path, tmp_path / "bad.pt")
+
+
+def test_transfer_evaluation_on_other_betons(small_betons, unlabeled_betons, tmp_path, capsys):
+    """--train-beton / --val-beton: any labelled betons, even when the run's own are gone; unlabeled ones refused."""
+    import json
+    from fastmveb.eval.__main__ import main
+    run = _run_dir(tmp_path, tmp_path / "moved")                       # the run's own betons do not exist
+    assert main(["knn", "--run", str(run), "--num-workers", "1"]) == 2
+    assert "--train-beton" in capsys.readouterr().err
+    a, b = str(small_betons / "val.beton"), str(small_betons / "train.beton")
+    assert main(["knn", "--run", str(run), "--train-beton", a, "--val-beton", b, "--max-val", "40", "--k", "5",
+                 "--num-workers", "1"]) == 0
+    rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["train_beton"], r["val_beton"]) for r in rows] == [("knn", a, b)]
+    assert 0 <= rows[0]["top1"] <= 100
+    capsys.readouterr()
+    assert main(["knn", "--run", str(run), "--train-beton", str(unlabeled_betons / "train.beton"), "--val-beton",
+                 b, "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "has no labels" in err[0]
+
+
+def test_finetune_subsets_are_class_balanced_seeded_or_listed():
+    from fastmveb.eval.finetune import balanced_subset, default_epochs, subset_from_list
+    labels = np.repeat(np.arange(4), [100, 200, 50, 1])
+    idx = balanced_subset(labels, 0.1, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [10, 20, 5, 1]          # each class its share, at least one
+    assert np.array_equal(idx, balanced_subset(labels, 0.1, seed=0))
+    assert not np.array_equal(idx, balanced_subset(labels, 0.1, seed=1))
+    assert (default_epochs(0.01), default_epochs(0.1)) == (60, 30)      # SimCLR's
+    files = ["/d/train/n01/n01_1.JPEG", "/d/train/n02/n02_7.JPEG", "/d/train/a/x.jpg", "/d/train/b/x.jpg"]
+    assert subset_from_list(files, ["n02_7.JPEG", "", "n01_1.JPEG", "b/x.jpg"]).tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="line 1: 'gone.JPEG' is not among"):
+        subset_from_list(files, ["gone.JPEG"])
+    with pytest.raises(ValueError, match="matches 2 files"):
+        subset_from_list(files, ["x.jpg"])
+
+
+def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, capsys):
+    import json
+    from fastmveb.eval.__main__ import main
+    run = _run_dir(tmp_path, small_betons)
+    files = (small_betons / "train.beton.files.txt").read_text().splitlines()
+    subset = tmp_path / "subset.txt"
+    # Synthetic file names repeat across classes (00010.jpg): name the class folder too, matched as a path suffix.
+    subset.write_text("".join(f"{Path(f).parent.name}/{Path(f).name}\n" for f in files[:12]))
+    assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "2", "--batch", "8",
+                 "--lr", "0.1", "--val-every", "1", "--num-workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune on 12 labelled images" in out and out.count("val top-1") == 2   # --val-every 1: both epochs
+    rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["n_labelled"], r["batch"], r["epochs"]) for r in rows] == [("finetune", 12, 8, 2)]
+    assert rows[0]["base_lr"] == 0.1 and 0 <= rows[0]["top1"] <= 100
+    # --fraction / --random-init: the subset and the baseline (run end to end by the slow test in test_learning.py)
+    for args, message in ((["--fraction", "1.5"], "--fraction must be in (0, 1]"), ([], "--fraction F")):
+        assert main(["finetune", "--run", str(run), "--random-init", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -161,3 +161,104 @@ def test_export_cli_missing_run_dir(tmp_path):
                         str(tmp_path / "o.pth")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     assert not (tmp_path / "o.pth").exists()
+
+
+# detectron2's ResNet-50 backbone, every tensor its checkpoint holds (FrozenBN: 4 per norm), written out rather than
+# derived so that a wrong renaming rule cannot agree with itself: stem, then res2..res5 with 3, 4, 6, 3 bottleneck
+# blocks, the first of each with a shortcut.
+D2_R50_KEYS = """
+stem.conv1.weight stem.conv1.norm.weight stem.conv1.norm.bias stem.conv1.norm.running_mean stem.conv1.norm.running_var
+res2.0.shortcut.weight res2.0.shortcut.norm.weight res2.0.shortcut.norm.bias res2.0.shortcut.norm.running_mean res2.0.shortcut.norm.running_var
+res2.0.conv1.weight res2.0.conv1.norm.weight res2.0.conv1.norm.bias res2.0.conv1.norm.running_mean res2.0.conv1.norm.running_var
+res2.0.conv2.weight res2.0.conv2.norm.weight res2.0.conv2.norm.bias res2.0.conv2.norm.running_mean res2.0.conv2.norm.running_var
+res2.0.conv3.weight res2.0.conv3.norm.weight res2.0.conv3.norm.bias res2.0.conv3.norm.running_mean res2.0.conv3.norm.running_var
+res2.1.conv1.weight res2.1.conv1.norm.weight res2.1.conv1.norm.bias res2.1.conv1.norm.running_mean res2.1.conv1.norm.running_var
+res2.1.conv2.weight res2.1.conv2.norm.weight res2.1.conv2.norm.bias res2.1.conv2.norm.running_mean res2.1.conv2.norm.running_var
+res2.1.conv3.weight res2.1.conv3.norm.weight res2.1.conv3.norm.bias res2.1.conv3.norm.running_mean res2.1.conv3.norm.running_var
+res2.2.conv1.weight res2.2.conv1.norm.weight res2.2.conv1.norm.bias res2.2.conv1.norm.running_mean res2.2.conv1.norm.running_var
+res2.2.conv2.weight res2.2.conv2.norm.weight res2.2.conv2.norm.bias res2.2.conv2.norm.running_mean res2.2.conv2.norm.running_var
+res2.2.conv3.weight res2.2.conv3.norm.weight res2.2.conv3.norm.bias res2.2.conv3.norm.running_mean res2.2.conv3.norm.running_var
+res3.0.shortcut.weight res3.0.shortcut.norm.weight res3.0.shortcut.norm.bias res3.0.shortcut.norm.running_mean res3.0.shortcut.norm.running_var
+res3.0.conv1.weight res3.0.conv1.norm.weight res3.0.conv1.norm.bias res3.0.conv1.norm.running_mean res3.0.conv1.norm.running_var
+res3.0.conv2.weight res3.0.conv2.norm.weight res3.0.conv2.norm.bias res3.0.conv2.norm.running_mean res3.0.conv2.norm.running_var
+res3.0.conv3.weight res3.0.conv3.norm.weight res3.0.conv3.norm.bias res3.0.conv3.norm.running_mean res3.0.conv3.norm.running_var
+res3.1.conv1.weight res3.1.conv1.norm.weight res3.1.conv1.norm.bias res3.1.conv1.norm.running_mean res3.1.conv1.norm.running_var
+res3.1.conv2.weight res3.1.conv2.norm.weight res3.1.conv2.norm.bias res3.1.conv2.norm.running_mean res3.1.conv2.norm.running_var
+res3.1.conv3.weight res3.1.conv3.norm.weight res3.1.conv3.norm.bias res3.1.conv3.norm.running_mean res3.1.conv3.norm.running_var
+res3.2.conv1.weight res3.2.conv1.norm.weight res3.2.conv1.norm.bias res3.2.conv1.norm.running_mean res3.2.conv1.norm.running_var
+res3.2.conv2.weight res3.2.conv2.norm.weight res3.2.conv2.norm.bias res3.2.conv2.norm.running_mean res3.2.conv2.norm.running_var
+res3.2.conv3.weight res3.2.conv3.norm.weight res3.2.conv3.norm.bias res3.2.conv3.norm.running_mean res3.2.conv3.norm.running_var
+res3.3.conv1.weight res3.3.conv1.norm.weight res3.3.conv1.norm.bias res3.3.conv1.norm.running_mean res3.3.conv1.norm.running_var
+res3.3.conv2.weight res3.3.conv2.norm.weight res3.3.conv2.norm.bias res3.3.conv2.norm.running_mean res3.3.conv2.norm.running_var
+res3.3.conv3.weight res3.3.conv3.norm.weight res3.3.conv3.norm.bias res3.3.conv3.norm.running_mean res3.3.conv3.norm.running_var
+res4.0.shortcut.weight res4.0.shortcut.norm.weight res4.0.shortcut.norm.bias res4.0.shortcut.norm.running_mean res4.0.shortcut.norm.running_var
+res4.0.conv1.weight res4.0.conv1.norm.weight res4.0.conv1.norm.bias res4.0.conv1.norm.running_mean res4.0.conv1.norm.running_var
+res4.0.conv2.weight res4.0.conv2.norm.weight res4.0.conv2.norm.bias res4.0.conv2.norm.running_mean res4.0.conv2.norm.running_var
+res4.0.conv3.weight res4.0.conv3.norm.weight res4.0.conv3.norm.bias res4.0.conv3.norm.running_mean res4.0.conv3.norm.running_var
+res4.1.conv1.weight res4.1.conv1.norm.weight res4.1.conv1.norm.bias res4.1.conv1.norm.running_mean res4.1.conv1.norm.running_var
+res4.1.conv2.weight res4.1.conv2.norm.weight res4.1.conv2.norm.bias res4.1.conv2.norm.running_mean res4.1.conv2.norm.running_var
+res4.1.conv3.weight res4.1.conv3.norm.weight res4.1.conv3.norm.bias res4.1.conv3.norm.running_mean res4.1.conv3.norm.running_var
+res4.2.conv1.weight res4.2.conv1.norm.weight res4.2.conv1.norm.bias res4.2.conv1.norm.running_mean res4.2.conv1.norm.running_var
+res4.2.conv2.weight res4.2.conv2.norm.weight res4.2.conv2.norm.bias res4.2.conv2.norm.running_mean res4.2.conv2.norm.running_var
+res4.2.conv3.weight res4.2.conv3.norm.weight res4.2.conv3.norm.bias res4.2.conv3.norm.running_mean res4.2.conv3.norm.running_var
+res4.3.conv1.weight res4.3.conv1.norm.weight res4.3.conv1.norm.bias res4.3.conv1.norm.running_mean res4.3.conv1.norm.running_var
+res4.3.conv2.weight res4.3.conv2.norm.weight res4.3.conv2.norm.bias res4.3.conv2.norm.running_mean res4.3.conv2.norm.running_var
+res4.3.conv3.weight res4.3.conv3.norm.weight res4.3.conv3.norm.bias res4.3.conv3.norm.running_mean res4.3.conv3.norm.running_var
+res4.4.conv1.weight res4.4.conv1.norm.weight res4.4.conv1.norm.bias res4.4.conv1.norm.running_mean res4.4.conv1.norm.running_var
+res4.4.conv2.weight res4.4.conv2.norm.weight res4.4.conv2.norm.bias res4.4.conv2.norm.running_mean res4.4.conv2.norm.running_var
+res4.4.conv3.weight res4.4.conv3.norm.weight res4.4.conv3.norm.bias res4.4.conv3.norm.running_mean res4.4.conv3.norm.running_var
+res4.5.conv1.weight res4.5.conv1.norm.weight res4.5.conv1.norm.bias res4.5.conv1.norm.running_mean res4.5.conv1.norm.running_var
+res4.5.conv2.weight res4.5.conv2.norm.weight res4.5.conv2.norm.bias res4.5.conv2.norm.running_mean res4.5.conv2.norm.running_var
+res4.5.conv3.weight res4.5.conv3.norm.weight res4.5.conv3.norm.bias res4.5.conv3.norm.running_mean res4.5.conv3.norm.running_var
+res5.0.shortcut.weight res5.0.shortcut.norm.weight res5.0.shortcut.norm.bias res5.0.shortcut.norm.running_mean res5.0.shortcut.norm.running_var
+res5.0.conv1.weight res5.0.conv1.norm.weight res5.0.conv1.norm.bias res5.0.conv1.norm.running_mean res5.0.conv1.norm.running_var
+res5.0.conv2.weight res5.0.conv2.norm.weight res5.0.conv2.norm.bias res5.0.conv2.norm.running_mean res5.0.conv2.norm.running_var
+res5.0.conv3.weight res5.0.conv3.norm.weight res5.0.conv3.norm.bias res5.0.conv3.norm.running_mean res5.0.conv3.norm.running_var
+res5.1.conv1.weight res5.1.conv1.norm.weight res5.1.conv1.norm.bias res5.1.conv1.norm.running_mean res5.1.conv1.norm.running_var
+res5.1.conv2.weight res5.1.conv2.norm.weight res5.1.conv2.norm.bias res5.1.conv2.norm.running_mean res5.1.conv2.norm.running_var
+res5.1.conv3.weight res5.1.conv3.norm.weight res5.1.conv3.norm.bias res5.1.conv3.norm.running_mean res5.1.conv3.norm.running_var
+res5.2.conv1.weight res5.2.conv1.norm.weight res5.2.conv1.norm.bias res5.2.conv1.norm.running_mean res5.2.conv1.norm.running_var
+res5.2.conv2.weight res5.2.conv2.norm.weight res5.2.conv2.norm.bias res5.2.conv2.norm.running_mean res5.2.conv2.norm.running_var
+res5.2.conv3.weight res5.2.conv3.norm.weight res5.2.conv3.norm.bias res5.2.conv3.norm.running_mean res5.2.conv3.norm.running_var
+""".split()
+
+
+def test_detectron2_export_has_detectron2s_r50_names_and_the_weights(tmp_path, capsys):
+    import pickle
+    import numpy as np
+    run, online, _, _ = make_run(tmp_path, "resnet50", own_target=False)
+    r = export_backbone(tmp_path / "R-50.pkl", run=run, fmt="detectron2")
+    assert r["safetensors"] is None and r["fc"].startswith("dropped")
+    with open(r["pth"], "rb") as f:
+        blob = pickle.load(f)                                           # plain pickle: numpy arrays, no torch
+    assert blob["matching_heuristics"] is True and blob["__author__"].startswith("fastmveb resnet50")
+    model = blob["model"]
+    assert len(D2_R50_KEYS) == 265 and sorted(model) == sorted(D2_R50_KEYS)
+    sd = online.state_dict()
+    pairs = {"stem.conv1.weight": "conv1.weight", "stem.conv1.norm.running_var": "bn1.running_var",
+             "res2.0.shortcut.weight": "layer1.0.downsample.0.weight", "res3.3.conv2.norm.bias": "layer2.3.bn2.bias",
+             "res4.5.conv3.weight": "layer3.5.conv3.weight", "res5.0.shortcut.norm.weight": "layer4.0.downsample.1.weight",
+             "res5.2.conv3.norm.running_mean": "layer4.2.bn3.running_mean"}
+    for d2, tv in pairs.items():
+        assert model[d2].dtype == np.float32 and np.array_equal(model[d2], sd[tv].numpy()), d2
+    assert model["res5.2.conv3.weight"].shape == (2048, 512, 1, 1) and model["stem.conv1.weight"].shape == (64, 3, 7, 7)
+    assert main(["--run", str(run), "--format", "detectron2", "--out", str(tmp_path / "R-50.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".pkl" in err[0]
+    assert main(["--run", str(run), "--format", "detectron2", "--out", str(r["pth"])]) == 2   # exists: --force
+    assert "--force" in capsys.readouterr().err
+
+
+def test_timm_export_loads_strictly_into_timm_with_equal_features(tmp_path):
+    timm = pytest.importorskip("timm", reason="timm is not installed (it is in the test extras: make setup)")
+    run, online, _, _ = make_run(tmp_path, "resnet50", own_target=False)
+    r = export_backbone(tmp_path / "rn50_timm.pth", run=run, fmt="timm")
+    assert r["check"].startswith("loads strictly into timm")
+    model = timm.create_model("resnet50", pretrained=False)
+    model.load_state_dict(torch.load(r["pth"], weights_only=True), strict=True)
+    model.reset_classifier(0)                                           # pooled 2048-d features
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(_features(model, x), _features(online, x), rtol=0, atol=0)
+    from safetensors import safe_open
+    with safe_open(str(r["safetensors"]), "pt") as f:
+        assert f.metadata()["layout"] == "timm"

@@ -78,3 +78,20 @@ def test_demo_recipe_meets_the_readme_figures(tmp_path):
     random-init encoder <= 30%, as python -m fastmveb.demo run reports in the README for three seeds."""
     knn = demo_margin(tmp_path, (300, 50), [])
     assert knn["final_knn_top1"] >= 50 and knn["random_knn_top1"] <= 30, knn
+
+
+@pytest.mark.slow
+def test_finetuning_the_pretrained_backbone_beats_random_init(tmp_path):
+    """Semi-supervised protocol (python -m fastmveb.eval finetune) on 10% of the labels: the backbone the demo recipe
+    pretrained at half budget against the same protocol from random initialisation, equal budget (SimCLR's 30
+    epochs of the 10% subset). Measured here: 35.3% vs 19.0% top-1 (kNN after pretraining 50.3% vs 22.3%); on the
+    whole synthetic set after 184 steps of the demo recipe: 39.8% vs 24.0%. About 14 min on 2 shared cores."""
+    demo_margin(tmp_path, (150, 30), ["optim.epochs=9"])
+    top1 = {}
+    for name, extra in (("pretrained", []), ("random", ["--random-init"])):
+        r = subprocess.run([sys.executable, "-m", "fastmveb.eval", "finetune", "--run", str(tmp_path / "margin"),
+                            "--fraction", "0.1", *extra], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, r.stderr[-3000:]
+        print(r.stdout.splitlines()[-1])
+        top1[name] = [json.loads(ln) for ln in (tmp_path / "margin" / "eval.jsonl").read_text().splitlines()][-1]["top1"]
+    assert top1["pretrained"] >= top1["random"] + 8, top1

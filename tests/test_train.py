@@ -74,14 +74,15 @@ def test_short_run_end_to_end(small_betons, tmp_path):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
 
-def test_resume_after_kill_reproduces_the_uninterrupted_run(small_betons, tmp_path):
-    full = run(tiny_overrides(small_betons, tmp_path, "full"))
+def test_resume_after_kill_reproduces_the_uninterrupted_run(unlabeled_betons, tmp_path):
+    # On a beton without labels (dataset_prep folder; 128 images): resuming needs none.
+    full = run(tiny_overrides(unlabeled_betons, tmp_path, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     reference = losses(tmp_path / "full")
-    assert sorted(reference) == list(range(1, 21))
+    assert sorted(reference) == list(range(1, 17))
 
-    # Same run, checkpoints every 3 steps (mid-epoch: an epoch is 10 steps), killed with SIGKILL.
-    args = tiny_overrides(small_betons, tmp_path, "killed", **{"train.ckpt_every_steps": 3})
+    # Same run, checkpoints every 3 steps (mid-epoch: an epoch is 8 steps), killed with SIGKILL.
+    args = tiny_overrides(unlabeled_betons, tmp_path, "killed", **{"train.ckpt_every_steps": 3})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,8 +93,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(small_betons, tmp_pa
     p.send_signal(signal.SIGKILL)
     p.wait()
     state = load_checkpoint(latest_checkpoint(tmp_path / "killed"))
-    assert state["step"] < 20, "the run finished before it could be killed"
-    assert state["batch_in_epoch"] != 0 or state["step"] % 10 != 0
+    assert state["step"] < 16, "the run finished before it could be killed"
+    assert state["batch_in_epoch"] != 0 or state["step"] % 8 != 0
 
     resumed = run(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -277,3 +278,20 @@ def test_a_non_finite_micro_step_skips_the_whole_step():
     for b, a in zip(before, after):                                     # weights and BN buffers untouched
         assert torch.equal(b, a)
     assert all(torch.count_nonzero(m) == 0 for m in momenta)
+
+
+def test_unlabeled_beton_trains_with_label_parts_off(unlabeled_betons, tmp_path):
+    """dataset_prep folder's betons (label -1): the kNN monitor, online probe and learning check switch off in one
+    line; uniformity and effective rank stay. (Resuming on them: test_resume_after_kill_... runs on them.)"""
+    extra = {"eval.knn_at_end": "true", "eval.knn_every_epochs": 1, "eval.online_linear": "true",
+             "train.deterministic": "false", "train.max_steps": 2}
+    r = run(tiny_overrides(unlabeled_betons, tmp_path, "unl", **extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    notes = [ln for ln in r.stdout.splitlines() if "has no labels" in ln]
+    assert len(notes) == 1 and notes[0].startswith("note:"), r.stdout
+    for part in ("kNN monitor", "online linear probe", "learning check", "uniformity, effective rank"):
+        assert part in notes[0]
+    rows = [json.loads(ln) for ln in (tmp_path / "unl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all("uniformity" in r and "erank" in r and not any("knn" in k or "probe" in k for k in r) for r in rows)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "unl"))["step"] == 2

@@ -1,10 +1,13 @@
-"""Offline evaluation of a run's checkpoint: kNN or a linear probe on the frozen backbone.
+"""Offline evaluation of a run's checkpoint: kNN or a linear probe on the frozen backbone, or fine-tuning it.
 
     python -m fastmveb.eval knn    --run runs/NAME [--ckpt PATH] [--k 200 --t 0.1] [--random-init]
     python -m fastmveb.eval linear --run runs/NAME [--ckpt PATH] [--mode fast|full] [--epochs N] [--lr BASE]
     python -m fastmveb.eval linear --run runs/NAME --mode full [--micro-batch 1024]   # the released protocol
+    python -m fastmveb.eval knn|linear --run runs/NAME --train-beton A.beton --val-beton B.beton  # transfer
+    python -m fastmveb.eval finetune --run runs/NAME --fraction 0.01|0.1 [--subset FILE]   # semi-supervised
 
-Reads the betons, eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
+Reads the betons (unless --train-beton / --val-beton name other labelled ones: transfer to another dataset),
+eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
 checkpoint (or --ckpt; the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
 line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
 run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
@@ -12,7 +15,9 @@ Defaults come from the config's eval section (knn_k, knn_t, linear_epochs, linea
 linear_batch_size, linear_full_batch_size, linear_micro_batch, linear_mode). `--mode full` is the released
 protocol (batch 4096, LARC, 90 epochs; fastmveb/eval/linear.py) and reports the final top-1/5 and the best of
 the validations every 10 epochs; `--mode fast` is a quick estimate on cached features. `--random-init` evaluates the same architecture untrained: the baseline
-that says how much pretraining bought. Bad input (missing run, no checkpoint) -> one error line, exit 2.
+that says how much pretraining bought. `finetune` trains the whole backbone and a linear head on a labelled
+subset (semi-supervised protocol: fastmveb/eval/finetune.py); compare it with `finetune --random-init` at the same
+budget. Bad input (missing run, no checkpoint) -> one error line, exit 2.
 """
 from __future__ import annotations
 
@@ -48,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--max-val", type=int, help="use only the first N val images")
     common.add_argument("--no-log", action="store_true", help="do not append to run_dir/eval.jsonl")
     common.add_argument("--seed", type=int, default=0, help="random init (--random-init), probe init and data order")
+    common.add_argument("--train-beton", metavar="A", help="labelled beton for the kNN bank / probe training "
+                        "(transfer evaluation; default: the run's data.train_beton)")
+    common.add_argument("--val-beton", metavar="B", help="labelled beton to measure on (default: the run's "
+                        "data.val_beton)")
     k = sub.add_parser("knn", parents=[common], help="weighted kNN (bank: train set, queries: val set)")
     k.add_argument("--k", type=int, help="neighbours (default: eval.knn_k)")
     k.add_argument("--t", type=float, help="temperature (default: eval.knn_t)")
@@ -62,16 +71,42 @@ def _parser() -> argparse.ArgumentParser:
                      "0 = whole batch)")
     lin.add_argument("--val-every", type=int, default=10, help="full mode: validate every N epochs (and after the last)")
     lin.add_argument("--trust-coef", type=float, default=0.001, help="LARS trust coefficient in full mode (0 = plain SGD)")
+    ft = sub.add_parser("finetune", parents=[common], help="semi-supervised: backbone + linear head fine-tuned on a "
+                        "labelled subset (SimCLR/BYOL protocol, fastmveb/eval/finetune.py)")
+    ft.add_argument("--fraction", type=float, help="labelled fraction of the train beton, class-balanced and seeded "
+                    "(--seed): 0.01 or 0.1 in the literature")
+    ft.add_argument("--subset", metavar="FILE", help="a published list of file names instead (e.g. SimCLR's 1%%/10%% "
+                    "ImageNet lists); matched against the beton's NAME.beton.files.txt")
+    ft.add_argument("--epochs", type=int, help="default: 60 for 1%%, 30 for 10%% (SimCLR)")
+    ft.add_argument("--lr", type=float, help="base lr, scaled by batch/256 (default 0.05, SimCLR)")
+    ft.add_argument("--batch", type=int, default=256, help="fine-tuning batch (default 256; capped at the subset size)")
+    ft.add_argument("--val-every", type=int, default=0, help="also validate every N epochs (default: after the last only)")
     return ap
 
 
-def _eval_loaders(cfg, batch_size, workers, device):
-    """Centre-crop loaders over the run's train (the kNN bank / probe training set) and val betons."""
-    from fastmveb.data import eval_loader
+def _check_betons(cfg, given: bool) -> None:
+    """Both betons exist, pass the integrity check and carry labels; RunError naming the fix otherwise."""
+    from dataset_prep.integrity import BetonError, check_beton
+    from fastmveb.data import num_classes
+    where = "given" if given else "from the run's config.yaml"
     for path in (cfg.data.train_beton, cfg.data.val_beton):
         if not Path(path).is_file():
-            raise RunError(f"dataset '{path}' (from the run's config.yaml) not found; run from the directory the run was "
-                           "started in, or make the betons (make beton)")
+            raise RunError(f"dataset '{path}' ({where}) not found; " + (
+                "check the path" if given else "run from the directory the run was started in, make the betons "
+                "(make beton), or pass --train-beton/--val-beton"))
+        try:
+            check_beton(path)
+            labelled = num_classes(path) > 0
+        except (BetonError, ValueError) as e:
+            raise RunError(str(e).splitlines()[0]) from None
+        if not labelled:
+            raise RunError(f"'{path}' has no labels (written by dataset_prep folder without them): evaluation "
+                           "needs labelled betons; pass --train-beton A --val-beton B with labelled ones")
+
+
+def _eval_loaders(cfg, batch_size, workers, device):
+    """Centre-crop loaders over the train (the kNN bank / probe training set) and val betons."""
+    from fastmveb.data import eval_loader
     try:
         return tuple(eval_loader(p, batch_size, workers, device, size=cfg.eval.size, crop_ratio=cfg.eval.crop_ratio)
                      for p in (cfg.data.train_beton, cfg.data.val_beton))
@@ -98,6 +133,12 @@ def run(args) -> dict:
     else:
         backbone, info = load_run_backbone(args.run, args.ckpt, args.which)
         cfg, run_dir, path, ck = info["cfg"], Path(args.run), info["ckpt_path"], info["ckpt"]
+    # Transfer evaluation: any labelled betons, not only the ones the run trained on.
+    if args.train_beton:
+        cfg.data.train_beton = args.train_beton
+    if args.val_beton:
+        cfg.data.val_beton = args.val_beton
+    _check_betons(cfg, given=bool(args.train_beton or args.val_beton))
     if args.size is not None:
         if args.size < 1:
             raise RunError(f"--size must be >= 1, got {args.size}")
@@ -116,7 +157,8 @@ def run(args) -> dict:
     mean, std = cfg.views.mean, cfg.views.std
     record = {"kind": args.cmd, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "ckpt": path.name if path is not None else "random-init", "step": ck.get("step"), "epoch": ck.get("epoch"),
-              "which": args.which, "arch": cfg.model.arch, "device": str(device), "size": cfg.eval.size}
+              "which": args.which, "arch": cfg.model.arch, "device": str(device), "size": cfg.eval.size,
+              "train_beton": str(cfg.data.train_beton), "val_beton": str(cfg.data.val_beton)}
     t0 = time.perf_counter()
     if args.cmd == "knn":
         from fastmveb.eval.knn import knn_eval
@@ -126,6 +168,10 @@ def run(args) -> dict:
         r = knn_eval(backbone, train, val, device, mean, std, k=k, T=T, max_train=args.max_train,
                      max_val=args.max_val, amp_dtype=amp)
         record.update(k=k, T=T, top1=r["top1"], top5=r["top5"])
+    elif args.cmd == "finetune":
+        r = _finetune(cfg, backbone, device, amp, workers, bs, args)
+        record.update({k: r[k] for k in ("fraction", "subset", "n_labelled", "epochs", "base_lr", "batch", "top1",
+                                          "top5")})
     else:
         from fastmveb.eval import linear
         mode = args.mode or cfg.eval.linear_mode
@@ -145,7 +191,7 @@ def run(args) -> dict:
             record.update({k: r[k] for k in ("best_top1", "best_top5", "best_epoch", "val_epochs", "micro_batch")})
         if "train_top1" in r:  # next to val top-1 it tells under-fitting from over-fitting
             record["train_top1"] = r["train_top1"]
-        if path is not None:
+        if path is not None and not (args.train_beton or args.val_beton):   # export's fc: the run's own classes only
             _save_head(run_dir, r["head"], path.name, args.which, mode, r["top1"])
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
@@ -172,6 +218,49 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
                               log=log, set_epoch=lambda e: set_epoch(train, e))
 
 
+def _finetune(cfg, backbone, device, amp, workers, bs, args) -> dict:
+    """The labelled subset of the train beton (--fraction or --subset), then fastmveb.eval.finetune.finetune."""
+    from dataset_prep.writer import files_path
+    from fastmveb.data import labels, set_epoch, train_loader
+    from fastmveb.eval import finetune as ft
+    if args.fraction is None and not args.subset:
+        raise RunError("finetune needs --fraction F (e.g. 0.01 or 0.1) or --subset FILE")
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise RunError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.batch < 1 or args.val_every < 0:
+        raise RunError(f"--batch must be >= 1 and --val-every >= 0; got {args.batch} and {args.val_every}")
+    beton = cfg.data.train_beton
+    y = labels(beton)
+    if args.subset:
+        fp = files_path(beton)
+        if not fp.is_file():
+            raise RunError(f"{beton} has no {fp.name} (written before dataset_prep recorded file names); rewrite it "
+                           "with dataset_prep ... --force, or use --fraction")
+        try:
+            names = Path(args.subset).read_text().splitlines()
+            idx = ft.subset_from_list(fp.read_text().splitlines(), names, source=args.subset)
+        except OSError as e:
+            raise RunError(f"cannot read --subset file {args.subset}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise RunError(str(e)) from None
+    else:
+        idx = ft.balanced_subset(y, args.fraction, args.seed)
+    fraction = len(idx) / len(y)                                      # as selected (a --subset list's own share)
+    epochs = args.epochs if args.epochs is not None else ft.default_epochs(args.fraction or fraction)
+    base_lr = args.lr if args.lr is not None else ft.BASE_LR
+    if epochs < 1:
+        raise RunError(f"--epochs must be >= 1, got {epochs}")
+    batch = min(args.batch, len(idx))
+    _, val = _eval_loaders(cfg, bs, workers, device)
+    train = train_loader(beton, batch, workers, device, decode="once", decode_size=cfg.data.decode_size,
+                         seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True, indices=idx)
+    torch.manual_seed(args.seed)
+    r = ft.finetune(backbone, train, val, device, cfg.views.mean, cfg.views.std, int(y.max()) + 1, epochs,
+                    base_lr=base_lr, crop_size=cfg.eval.size, amp_dtype=amp, seed=args.seed, val_every=args.val_every,
+                    log=lambda s: print(s, flush=True), set_epoch=lambda e: set_epoch(train, e))
+    return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr)
+
+
 def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str, top1: float) -> None:
     path = run_dir / "linear_head.pt"
     tmp = run_dir / f".linear_head.pt.{os.getpid()}.tmp"
@@ -189,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rec["kind"] == "knn":
         what = f"kNN (k={rec['k']}, T={rec['T']})"
+    elif rec["kind"] == "finetune":
+        what = (f"finetune on {rec['n_labelled']:,} labelled images ({100 * rec['fraction']:.3g}% of train"
+                f"{', ' + rec['subset'] if rec['subset'] else ''}; {rec['epochs']} epochs, batch {rec['batch']})")
     elif rec["mode"] == "full":
         what = f"linear full (released protocol, batch {rec['batch_size']}, {rec['epochs']} epochs)"
     else:
