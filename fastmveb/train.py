@@ -40,7 +40,7 @@ from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, un
 from fastmveb.build import build_training
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
 from fastmveb.optim import all_finite, lr_at, where_
-from fastmveb.plan import dataset_length, make_plan
+from fastmveb.plan import dataset_length, make_plan, resume_lines
 from fastmveb.resolution import ViewSwitch
 from fastmveb.views import ViewMaker
 from fastmveb.rundir import RunDirError, open_run_dir
@@ -228,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     views = ViewSwitch(cfg, lambda views_cfg: parts["compile"](ViewMaker(views_cfg).to(device)), loader)
 
     # ---- resume (exact: weights, target, optimizer, position in the data, every RNG) -------------------
-    step, epoch, batch_in_epoch = 0, 0, 0
+    # The position in the epoch is a count of samples of the epoch's global order, which every world size
+    # and batch reads in the same sequence (data.ResumableLoader): a resume on another number of processes,
+    # or under a changed global batch (train.allow_config_change), continues at the same sample.
+    step, epoch, samples_in_epoch = 0, 0, 0
+    loader.shuffle = "torch" if world > 1 else "numpy"               # ffcv's own generator for a fresh run
+    resume_notes: list[str] = []
     if latest is not None:
         try:
             ckpt.load_module_state(ckpt.unwrap(net).model, state["model"], "model", latest)
@@ -240,33 +245,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         step, epoch = state["step"], state["epoch"]
-        batch_in_epoch = min(state["batch_in_epoch"], steps_per_epoch)  # train.allow_config_change: batch changed
+        samples_in_epoch, loader.shuffle = ckpt.data_position(state)  # the run's generator, whatever the world
+        resume_notes = _resume_notes(state, cfg, plan, step, world)
     set_seed(cfg.train.seed + 1 + rank)                               # the view stream differs per rank
-    if latest is not None:
-        rngs = state["rng"]
-        if len(rngs) == world:
-            ckpt.restore_rng_state(rngs[rank])
-        elif main_proc:
-            print(f"warning: checkpoint from {len(rngs)} processes resumed on {world}; views will not "
-                  "repeat the uninterrupted run exactly", file=sys.stderr)
+    if latest is not None and len(state["rng"]) == world:
+        ckpt.restore_rng_state(state["rng"][rank])                    # (another world size: resume_notes say so)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         meta = {"git": git, "device": str(device), "argv": sys.argv, "torch": torch.__version__,
-                "compile": parts["use_compile"], "resumed_from": str(latest) if latest else None, **plan.meta()}
+                "compile": parts["use_compile"], "resumed_from": str(latest) if latest else None,
+                "resume_changes": resume_notes, **plan.meta()}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
         print(plan.format(), flush=True)
+        if latest is not None:
+            print(f"{'resume':<15}  {latest.name}: step {step}, epoch {epoch}, sample {samples_in_epoch} of the "
+                  f"epoch's {steps_per_epoch * plan.global_batch}", flush=True)
+            for line in resume_notes:
+                print(f"{'':<15}  {line}", flush=True)
     logger = MetricsLogger(run_dir, enabled=main_proc)
     logger.truncate_after(step)
 
-    def save(at_epoch: int, at_batch: int) -> None:
-        if at_batch >= steps_per_epoch:                               # position = the next batch to read
-            at_epoch, at_batch = at_epoch + 1, 0
+    def save(at_epoch: int, at_sample: int, epoch_done: bool = False) -> None:
+        if epoch_done:                                                # position = the next sample to read
+            at_epoch, at_sample = at_epoch + 1, 0
         rngs = gather_object([ckpt.capture_rng_state()])              # one entry per rank
         if main_proc:
+            # batch_in_epoch: for readers that know only the batch index (same global batch only)
             state = {"model": ckpt.unwrap(net).model.state_dict(), "target": target.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step, "epoch": at_epoch,
-                     "batch_in_epoch": at_batch, "rng": rngs, "config": to_dict(cfg), "git": git}
+                     "samples_in_epoch": at_sample, "batch_in_epoch": at_sample // plan.global_batch,
+                     "shuffle": loader.shuffle, "rng": rngs, "config": to_dict(cfg), "git": git}
             if probe is not None:
                 state["probe"] = probe.state_dict()
             if ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), state):   # CheckpointError: disk full
@@ -283,19 +292,22 @@ def main(argv: list[str] | None = None) -> int:
     max_bad = torch.zeros_like(consecutive_bad)
     t_window = time.perf_counter()
     stop_reason = None
+    left = None                                                       # batches left in the current epoch
     net.train()
     target.train()
     while step < last_step and stop_reason is None:
         views_c, change = views.enter_epoch(epoch)                    # sizes depend on the epoch only: resume-exact
         if change and main_proc:
             tqdm.write(change)
-        set_epoch(loader, epoch, skip_batches=batch_in_epoch)
+        set_epoch(loader, epoch, skip_samples=samples_in_epoch)
+        left = loader.batches_left()                                  # the same on every rank
         batches = iter(loader)
-        while step < last_step:
+        while step < last_step and left:
             t0 = time.perf_counter()
             batch = next(batches, None)
             data_wait += time.perf_counter() - t0
-            if batch is None:
+            if batch is None:                                         # (left says when; never reached)
+                left = 0
                 break
             x, extent, y = unpack_train_batch(batch)                  # extent: each image's (H, W), or None
             lr = lr_at(step, total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.warmup_start_ratio,
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             m = m_table[min(step, total_steps)]
             stats, skip, z0 = train_step(net_c, target_c, views_c, optimizer, x, y, lr, m, cfg, accelerator,
                                          plan.micro_batch, extent)
-            step, batch_in_epoch, n_acc = step + 1, batch_in_epoch + 1, n_acc + 1
+            step, samples_in_epoch, left, n_acc = step + 1, samples_in_epoch + plan.global_batch, left - 1, n_acc + 1
             consecutive_bad = torch.where(skip, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
             max_bad = torch.maximum(max_bad, consecutive_bad)
             for k, val in stats.items():
@@ -337,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             if stop_reason:
                 break
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
-                save(epoch, batch_in_epoch)
+                save(epoch, samples_in_epoch, left == 0)
         if stop_reason:
             break
-        if batch_in_epoch >= steps_per_epoch:                          # epoch finished
-            epoch, batch_in_epoch = epoch + 1, 0
+        if left == 0:                                                 # epoch finished
+            epoch, samples_in_epoch = epoch + 1, 0
             if cfg.train.ckpt_every_epochs and epoch % cfg.train.ckpt_every_epochs == 0 and step < last_step:
                 save(epoch, 0)
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_proc:
             print(f"error: {stop_reason}", file=sys.stderr)
         return 1
-    save(epoch, batch_in_epoch)
+    save(epoch, samples_in_epoch, left == 0)
 
     # ---- the learning check: kNN of the trained encoder next to the same encoder at initialisation -------
     if cfg.eval.knn_at_end:
@@ -367,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         init = MVEBModel.from_config(cfg.model).to(device, memory_format=parts["memory_format"])
         random = run_knn(cfg, init.backbone, device, accelerator)
         if main_proc:
-            logger.log(step, epoch + batch_in_epoch / steps_per_epoch,
+            logger.log(step, epoch + samples_in_epoch / (steps_per_epoch * plan.global_batch),
                        {"final_knn_top1": trained["top1"], "final_knn_top5": trained["top5"],
                         "random_knn_top1": random["top1"], "random_knn_top5": random["top5"], "knn_size": cfg.eval.size})
             print(f"kNN top-1 on {cfg.data.val_beton} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, {cfg.eval.size} px): "
@@ -375,6 +387,25 @@ def main(argv: list[str] | None = None) -> int:
     logger.close()
     accelerator.end_training()
     return 0
+
+
+def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int) -> list[str]:
+    """The start-up lines of a resume that changes the world size or (train.allow_config_change) the config:
+    every changed key, the processes' batch split, the schedule (plan.resume_lines)."""
+    from fastmveb.config import from_dict
+    from fastmveb.rundir import _flatten, config_changes
+    old_tree = state.get("config") or {}
+    trajectory = config_changes(old_tree, to_dict(cfg))[0] if old_tree else []   # (harmless keys: not news)
+    a, b = _flatten(old_tree), _flatten(to_dict(cfg))
+    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in trajectory]
+    old_world = len(state.get("rng") or [])
+    try:
+        old_plan = make_plan(from_dict(old_tree, "checkpoint"), old_world, plan.dataset_len, memory=False)
+    except (ConfigError, TypeError):                                 # an older tree: the keys still show
+        old_plan = None
+    if not changed and old_plan is not None and old_world == world:
+        return []
+    return resume_lines(old_plan, plan, step, changed, rng_kept=old_world == world)
 
 
 def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,

@@ -1,0 +1,118 @@
+"""Resuming on another number of processes, or under a changed global batch: the position in the epoch is a
+count of samples, so the run continues at the same sample (issue 22). Runs the real trainer on 1 and 2 gloo
+ranks over a beton whose labels are the sample indices (tests/trace_worker.py records what each step read)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastmveb.config import load_config
+from fastmveb.plan import make_plan
+from test_train import ROOT, losses, tiny_overrides
+
+WORKER = str(ROOT / "tests" / "trace_worker.py")
+N = 96                     # samples; global batch 16 -> 6 steps per epoch on 1 or 2 processes
+
+
+@pytest.fixture(scope="module")
+def indexed_beton(tmp_path_factory) -> Path:
+    """N small random JPEGs whose label is their index in the beton (written in order, not shuffled)."""
+    from PIL import Image
+    from dataset_prep.writer import write_beton
+    d = tmp_path_factory.mktemp("indexed")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(N):
+        path = d / f"{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(path, quality=90)
+        samples.append((str(path), i))
+    write_beton(samples, d / "train.beton", shuffle=False, num_workers=1, progress=False, max_pixels=24 * 32)
+    shutil.copy(d / "train.beton", d / "val.beton")                   # (knn is off; the trainer checks it exists)
+    shutil.copy(d / "train.beton.sha256.json", d / "val.beton.sha256.json")
+    return d
+
+
+def train(betons: Path, run_dir: Path, trace: Path, procs: int, **over) -> subprocess.CompletedProcess:
+    args = tiny_overrides(betons, run_dir, "run", **{"train.ckpt_every_steps": 1, "train.keep_last": 0,
+                                                       "train.deterministic": "false", **over})
+    trace.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRACE_DIR=str(trace))
+    launch = [sys.executable, WORKER] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+        str(29700 + os.getpid() % 500), WORKER]
+    r = subprocess.run([*launch, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def steps_read(trace: Path) -> list[dict]:
+    """Per optimizer step (in order): the samples all ranks read and the lr, from the trace files."""
+    ranks = [[json.loads(ln) for ln in p.read_text().splitlines()] for p in sorted(trace.glob("rank*.jsonl"))]
+    assert len({len(r) for r in ranks}) == 1                            # every rank took every step
+    steps = [{"y": sorted(i for r in ranks for i in r[k]["y"]), "lr": {r[k]["lr"] for r in ranks}}
+             for k in range(len(ranks[0]))]
+    assert all(len(s["lr"]) == 1 for s in steps)
+    return [dict(s, lr=s["lr"].pop()) for s in steps]
+
+
+@pytest.fixture(scope="module")
+def world_changes(indexed_beton, tmp_path_factory):
+    """One run: steps 1-2 on 2 processes, 3-4 on 1, 5-6 (the end of epoch 0) on 2 again."""
+    d = tmp_path_factory.mktemp("elastic")
+    out = {}
+    for part, (procs, steps) in enumerate([(2, 2), (1, 4), (2, 6)]):
+        trace = d / f"trace{part}"
+        r = train(indexed_beton, d, trace, procs, **{"train.max_steps": steps})
+        out[part] = (r, steps_read(trace))
+        if part == 1:
+            shutil.copytree(d / "run", d / "after_step_4")                 # for the changed-batch test
+    return d, out
+
+
+def test_resume_on_fewer_and_more_processes_reads_each_sample_once(indexed_beton, world_changes):
+    d, out = world_changes
+    steps = [s for part in (0, 1, 2) for s in out[part][1]]
+    assert [len(s["y"]) for s in steps] == [16] * 6                     # the global batch never changed
+    read = [i for s in steps for i in s["y"]]
+    assert sorted(read) == list(range(N))                               # epoch 0: every sample exactly once
+    plan = make_plan(load_config(d / "run" / "config.yaml"), 2, dataset_len=N, memory=False)
+    assert [s["lr"] for s in steps] == [plan.lr(k) for k in range(6)]   # the same lr at the same step
+    assert sorted(losses(d / "run")) == [1, 2, 3, 4, 5, 6]
+    meta = json.loads((d / "run" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["global_batch"] == 16 and meta["per_process_batch"] == 8
+    for part, (old, new) in ((1, (2, 1)), (2, (1, 2))):
+        stdout = out[part][0].stdout
+        assert f"processes {old} -> {new}: per process {16 // old} -> {16 // new} samples" in stdout
+        assert "schedule unchanged: global batch 16, 12 steps" in stdout
+        assert "the views' random streams restart here" in stdout
+        assert f"step {2 * part}, epoch 0, sample {32 * part} of the epoch's 96" in stdout
+
+
+def test_changed_global_batch_resumes_at_the_same_sample(indexed_beton, world_changes, tmp_path):
+    # The issue's case: data.global_batch_size 16 -> 32 under train.allow_config_change=true used to resume at
+    # the old batch INDEX (samples skipped) and print nothing. Here: after step 4 (64 samples, 1 process).
+    d, out = world_changes
+    shutil.copytree(d / "after_step_4", tmp_path / "run")
+    trace = tmp_path / "trace"
+    r = train(indexed_beton, tmp_path, trace, 1, **{"data.global_batch_size": 32, "train.allow_config_change": "true",
+                                                      "train.max_steps": 5})
+    before = [i for part in (0, 1) for s in out[part][1] for i in s["y"]]
+    after = steps_read(trace)
+    assert [len(s["y"]) for s in after] == [32]                         # the rest of epoch 0, one batch of 32
+    assert sorted(before + after[0]["y"]) == list(range(N))             # none twice, none skipped
+    assert "changed keys: data.global_batch_size 16 -> 32" in r.stdout
+    old = make_plan(load_config(d / "run" / "config.yaml"), 2, dataset_len=N, memory=False)
+    new = make_plan(load_config(tmp_path / "run" / "config.yaml"), 1, dataset_len=N, memory=False)
+    assert (old.total_steps, new.total_steps, new.steps_per_epoch) == (12, 6, 3)
+    assert (f"schedule: global batch 16 -> 32, steps per epoch 6 -> 3, total steps 12 -> 6, warm-up steps 6 -> 3, "
+            f"lr at step 4 {old.lr(4):.4g} -> {new.lr(4):.4g}") in r.stdout
+    assert after[0]["lr"] == new.lr(4)
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
