@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if stop_reason:
             break
         if left == 0:                                                 # epoch finished
-            epoch, samples_in_epoch = epoch + 1, 0
+            epoch, samples_in_epoch, left = epoch + 1, 0, None            # (left: the next epoch's, unknown yet)
             if cfg.train.ckpt_every_epochs and epoch % cfg.train.ckpt_every_epochs == 0 and step < last_step:
                 save(epoch, 0)
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
