@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,35 @@ class phase(torch.profiler.record_function):
     def __exit__(self, *exc):
         phase.current = self.prev
         return super().__exit__(*exc)
+
+
+# Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint: EX_TEMPFAIL (sysexits.h),
+# "try again later". Rerunning the same command resumes from that checkpoint exactly.
+PREEMPTED_EXIT = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)    # what SLURM (--signal) and Kubernetes send before a kill
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 -> a flag, nothing else: the step in flight finishes, and a signal that lands during
+    a checkpoint save cannot cut it (the save is atomic anyway: checkpoint.save_checkpoint). The ranks agree
+    on the flag at the logging interval only (``agree``: one all_reduce of one integer, next to that interval's
+    host sync), so the step itself never syncs; the stop comes at most train.log_every steps after the signal."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def agree(self, device, world: int) -> int:
+        """The signal any rank received (0: none); every rank returns the same value."""
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def _group(g: str):
@@ -292,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     max_bad = torch.zeros_like(consecutive_bad)
     t_window = time.perf_counter()
     stop_reason = None
+    preempt, preempted = Preemption(), 0
     left = None                                                       # batches left in the current epoch
     net.train()
     target.train()
-    while step < last_step and stop_reason is None:
+    while step < last_step and stop_reason is None and not preempted:
         views_c, change = views.enter_epoch(epoch)                    # sizes depend on the epoch only: resume-exact
         if change and main_proc:
             tqdm.write(change)
@@ -345,12 +376,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "optim.base_lr or check the data, then rerun to resume from the last checkpoint")
                 sums, n_acc, data_wait, t_window = {}, 0, 0.0, time.perf_counter()
                 max_bad = torch.zeros_like(max_bad)
+                preempted = preempt.agree(device, world)
+                if preempted:
+                    break
             bar.update(1)
             if stop_reason:
                 break
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 save(epoch, samples_in_epoch, left == 0)
-        if stop_reason:
+        if stop_reason or preempted:
             break
         if left == 0:                                                 # epoch finished
             epoch, samples_in_epoch, left = epoch + 1, 0, None            # (left: the next epoch's, unknown yet)
@@ -371,6 +405,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {stop_reason}", file=sys.stderr)
         return 1
     save(epoch, samples_in_epoch, left == 0)
+    preempted = preempted or preempt.agree(device, world)            # (a signal during the last steps or save)
+    if preempted:
+        # From here on a repeated signal has nothing left to protect; ignored rather than handled because the
+        # interpreter's shutdown puts Python-handled signals back to their default (death), not ignored ones.
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        logger.close()
+        if main_proc:
+            print(f"stopped by {signal.Signals(preempted).name} at step {step}: checkpoint "
+                  f"{ckpt.checkpoint_path(run_dir, step)} written; rerun the same command to resume (exit status "
+                  f"{PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
 
     # ---- the learning check: kNN of the trained encoder next to the same encoder at initialisation -------
     if cfg.eval.knn_at_end:
