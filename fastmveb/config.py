@@ -169,6 +169,12 @@ class TrainConfig:
     resume: bool = True              # continue from the newest checkpoint in the run directory
     allow_config_change: bool = False  # resume although trajectory keys changed (fastmveb/rundir.py says what it does)
     progress: bool = True
+    # How long a rank waits in one collective before it gives up (the process group's timeout). It bounds
+    # only the case nothing else notices: a peer that hangs. A peer that dies is noticed sooner: gloo sees the
+    # closed connection at once and torchrun stops the rest of the group within seconds. 600 s (Accelerate's
+    # and torch's NCCL default) because ranks legitimately wait minutes for each other: the first compiled
+    # step on a cold compile cache, a slow rank's checkpoint read at resume; lower it only where those are fast.
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -407,7 +413,7 @@ RANGES: dict[str, Range] = {
     "optim.trust_coef": _POS, "optim.epochs": _ONE_UP, "optim.warmup_epochs": _NONNEG,
     "optim.warmup_start_ratio": _UNIT, "optim.final_lr_ratio": _UNIT, "optim.max_bad_steps": _ONE_UP,
     "train.seed": Range(0, 2**32 - 1), "train.max_steps": _NONNEG, "train.log_every": _ONE_UP,
-    "train.ckpt_every_steps": _NONNEG, "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
+    "train.ckpt_every_steps": _NONNEG, "train.collective_timeout_s": Range(10, 86400), "train.ckpt_every_epochs": _NONNEG, "train.keep_last": _NONNEG,
     "eval.size": _SIDE, "eval.crop_ratio": Range(0, 1, lo_open=True), "eval.knn_k": _ONE_UP, "eval.knn_t": _POS, "eval.knn_every_epochs": _NONNEG, "eval.knn_max_val": _ONE_UP,
     "eval.knn_max_train": _NONNEG,
     "eval.linear_epochs": _ONE_UP, "eval.linear_base_lr": _POS, "eval.linear_batch_size": _ONE_UP,

@@ -28,7 +28,7 @@ HARMLESS = (
     "data.val_beton", "data.num_workers", "data.os_cache", "data.eval_size", "data.eval_crop_ratio",
     "data.eval_batch_size", "optim.max_bad_steps", "train.run_dir", "train.name", "train.deterministic",
     "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.ckpt_every_epochs", "train.keep_last",
-    "train.resume", "train.progress", "train.allow_config_change",
+    "train.resume", "train.progress", "train.allow_config_change", "train.collective_timeout_s",
     "eval.knn_k", "eval.knn_t", "eval.knn_every_epochs", "eval.knn_max_val", "eval.knn_at_end",
     "eval.linear_epochs", "eval.linear_base_lr", "eval.linear_batch_size", "eval.linear_mode",
     "eval.linear_full_batch_size", "eval.linear_micro_batch",

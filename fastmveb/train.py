@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm import tqdm
 
 from dataset_prep.integrity import BetonError, check_beton
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     # numbers, so DDP's per-forward broadcast of buffers from rank 0 would only cost a collective.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=not cfg.model.sync_bn)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp])
+                              kwargs_handlers=[ddp, InitProcessGroupKwargs(
+                                  timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     if world != plan.world_size:                                      # a launcher that left WORLD_SIZE unset
@@ -465,9 +467,30 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
                            T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
 
 
+def lost_peer(e: BaseException) -> str | None:
+    """One line for a collective that failed because another process died or hung, else None."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = " ".join(str(e).split())
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if not isinstance(e, dist_error) and not (isinstance(e, RuntimeError) and any(
+            k in text.lower() for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))):
+        return None
+    return (f"error: rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}: a collective "
+            f"failed, another process died or hung (train.collective_timeout_s bounds the wait): {text[:160]}; "
+            f"rerun to resume from the newest checkpoint")
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except ckpt.CheckpointError as e:                                 # a full disk while saving: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:                                           # noqa: BLE001 -- only a lost peer is caught
+        line = lost_peer(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        # Not sys.exit: tearing down a process group whose peer is gone can block (NCCL's abort, atexit hooks).
+        os._exit(1)

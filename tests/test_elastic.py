@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,78 @@ def test_changed_global_batch_resumes_at_the_same_sample(indexed_beton, world_ch
             f"lr at step 4 {old.lr(4):.4g} -> {new.lr(4):.4g}") in r.stdout
     assert after[0]["lr"] == new.lr(4)
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------------- preemption, a lost rank
+def _torchrun(betons: Path, run_dir: Path, logs: Path | None = None, **over) -> subprocess.Popen:
+    args = tiny_overrides(betons, run_dir, "run", **{"data.global_batch_size": 16, "train.deterministic": "false",
+                                                       **over})
+    redirect = ["--log-dir", str(logs), "--redirects", "3"] if logs else []
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(29200 + os.getpid() % 500), *redirect, str(ROOT / "fastmveb" / "train.py"), "--rc",
+                             str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the worker process torchrun started for ``rank``."""
+    for child in Path("/proc").iterdir():
+        try:
+            if not child.name.isdigit() or int((child / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher.pid:
+                continue
+            if f"RANK={rank}".encode() in (child / "environ").read_bytes().split(b"\0"):
+                return int(child.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no rank {rank} under torchrun pid {launcher.pid}")
+
+
+def _wait_for_step(p: subprocess.Popen, metrics: Path, step: int) -> None:
+    deadline = time.time() + 600
+    while p.poll() is None and time.time() < deadline:
+        if metrics.exists() and any(json.loads(ln)["step"] >= step for ln in metrics.read_text().splitlines()
+                                    if ln.strip().endswith("}")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run ended or stalled before the signal")
+
+
+def test_sigterm_on_one_of_two_ranks_stops_both_at_one_step(indexed_beton, tmp_path):
+    # SIGTERM to rank 1 only: both ranks agree at the next logging step, rank 0 writes the checkpoint there
+    # (every rank's RNG in it) and both exit with status 75; the rerun continues from that step to the end.
+    from fastmveb.checkpoint import latest_checkpoint, load_checkpoint
+    p = _torchrun(indexed_beton, tmp_path, **{"train.max_steps": 10})
+    _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 2)
+    os.kill(_rank_pid(p, 1), signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode != 0
+    [line] = [ln for ln in err.splitlines() if "stopped by SIGTERM at step" in ln]
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert "exitcode  : 75" in err                                     # torchrun's report of the workers
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == step == max(losses(tmp_path / "run")) and len(state["rng"]) == 2
+    p = _torchrun(indexed_beton, tmp_path, **{"train.max_steps": 10})
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 11))
+
+
+def test_a_killed_rank_ends_the_other_within_the_collective_timeout(indexed_beton, tmp_path):
+    # kill -9 of rank 1: rank 0 must not hang nor print a traceback; it ends within train.collective_timeout_s
+    # (plus a margin for torchrun's own shutdown) with one line naming what failed.
+    timeout = 30
+    logs = tmp_path / "logs"
+    p = _torchrun(indexed_beton, tmp_path, logs, **{"train.max_steps": 1000, "optim.epochs": 200,
+                                                     "train.collective_timeout_s": timeout})
+    _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 2)
+    os.kill(_rank_pid(p, 1), signal.SIGKILL)
+    t0 = time.time()
+    p.communicate(timeout=600)
+    seconds = time.time() - t0
+    print(f"survivor ended {seconds:.1f} s after kill -9 of its peer")
+    assert p.returncode != 0 and seconds < timeout + 15
+    [err0] = logs.glob("*/attempt_0/0/stderr.log")
+    text = err0.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "rank 0 of 2: a collective failed, another process died or hung" in lines[0], text[-3000:]
