@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     # With synchronised BatchNorm every rank computes the same running statistics from the same gathered
     # numbers, so DDP's per-forward broadcast of buffers from rank 0 would only cost a collective.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=not cfg.model.sync_bn)
+    init_elastic_process_group(cfg.train.collective_timeout_s)       # torchrun restarts: before Accelerate
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[ddp, InitProcessGroupKwargs(
                                   timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))])
@@ -465,6 +466,32 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
     queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
     return distributed_knn(backbone, bank, queries, device, cfg.views.mean, cfg.views.std, k=cfg.eval.knn_k,
                            T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
+
+
+def init_elastic_process_group(timeout_s: int) -> None:
+    """Under torchrun, join the process group through the launcher's store with a per-attempt key prefix.
+
+    torchrun's default (static) rendezvous keeps ONE store for all restarts of the group, and the workers'
+    default init adds no per-attempt prefix: after `--max-restarts` restarts the group, the new ranks read the
+    dead attempt's addresses from it and gloo fails ("connectFullMesh failed ... Connection refused"). Keys
+    under "fastmveb/attempt<TORCHELASTIC_RESTART_COUNT>/" are fresh on every attempt, with any rendezvous
+    backend. Accelerate then finds the group initialised and uses it (accelerate.state checks
+    is_initialized()). Outside torchrun (or when the launcher hosts no store) Accelerate initialises as usual.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (world <= 1 or torch.distributed.is_initialized() or "TORCHELASTIC_RESTART_COUNT" not in os.environ
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                       is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore(f"fastmveb/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                         timeout=timeout)
 
 
 def lost_peer(e: BaseException) -> str | None:
