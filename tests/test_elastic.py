@@ -196,15 +196,48 @@ def test_a_killed_rank_ends_the_other_within_the_collective_timeout(indexed_beto
     assert len(lines) == 1 and "rank 0 of 2: a collective failed, another process died or hung" in lines[0], text[-3000:]
 
 
-def test_torchrun_max_restarts_resumes_a_killed_group_on_the_same_trajectory(indexed_beton, tmp_path):
+TWO_PROC = {"train.max_steps": 8, "train.ckpt_every_steps": 1, "train.keep_last": 2}
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(indexed_beton, tmp_path_factory) -> dict[int, float]:
+    """The losses of an uninterrupted run of 2 processes on one node (torchrun --nproc_per_node 2)."""
+    d = tmp_path_factory.mktemp("two_proc")
+    p = _torchrun(indexed_beton, d, **TWO_PROC)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return losses(d / "run")
+
+
+def test_two_nodes_of_one_process_are_one_group(indexed_beton, tmp_path, two_process_reference):
+    # Two torchrun launchers on this machine as nodes 0 and 1 (one process each) sharing one run directory:
+    # one group, the losses of 2 processes on one node, every file written once (by global rank 0).
+    port = str(29100 + os.getpid() % 500)
+    args = tiny_overrides(indexed_beton, tmp_path, "run", **{"data.global_batch_size": 16,
+                                                            "train.deterministic": "false", **TWO_PROC})
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               str(ROOT / "fastmveb" / "train.py"), "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
+                              cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in nodes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    d = tmp_path / "run"
+    assert losses(d) == two_process_reference
+    steps = [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))                                   # one writer: no line twice
+    assert json.loads((d / "meta.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_00000007.pt", "step_00000008.pt"]
+    assert len(list((d / "tb").iterdir())) == 1                         # one TensorBoard event file
+
+
+def test_torchrun_max_restarts_resumes_a_killed_group_on_the_same_trajectory(indexed_beton, tmp_path,
+                                                                              two_process_reference):
     # torchrun's default (static) rendezvous under --max-restarts: kill -9 of rank 1, torchrun restarts the group
     # (it used to fail in gloo's connectFullMesh on the dead attempt's addresses), the new attempt resumes from
     # the newest checkpoint and ends with the uninterrupted run's losses, step by step.
-    over = {"train.max_steps": 8, "train.ckpt_every_steps": 1, "train.keep_last": 2}
-    ref = _torchrun(indexed_beton, tmp_path / "ref", **over)
-    _, err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, err[-3000:]
-    p = _torchrun(indexed_beton, tmp_path, restarts=1, **over)
+    p = _torchrun(indexed_beton, tmp_path, restarts=1, **TWO_PROC)
     _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 3)
     os.kill(_rank_pid(p, 1), signal.SIGKILL)
     t0 = time.time()
@@ -213,4 +246,4 @@ def test_torchrun_max_restarts_resumes_a_killed_group_on_the_same_trajectory(ind
     assert p.returncode == 0, err[-3000:]
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["resumed_from"] is not None                             # the second attempt resumed
-    assert losses(tmp_path / "run") == losses(tmp_path / "ref" / "run")
+    assert losses(tmp_path / "run") == two_process_reference
