@@ -121,13 +121,16 @@ def test_changed_global_batch_resumes_at_the_same_sample(indexed_beton, world_ch
 
 
 # ------------------------------------------------------------------------------- preemption, a lost rank
-def _torchrun(betons: Path, run_dir: Path, logs: Path | None = None, restarts: int = 0, **over) -> subprocess.Popen:
+def _torchrun(betons: Path, run_dir: Path, logs: Path | None = None, restarts: int = 0, c10d: bool = False,
+              **over) -> subprocess.Popen:
     args = tiny_overrides(betons, run_dir, "run", **{"data.global_batch_size": 16, "train.deterministic": "false",
                                                        **over})
     redirect = ["--log-dir", str(logs), "--redirects", "3"] if logs else []
     redirect += ["--max-restarts", str(restarts)] if restarts else []
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(29200 + os.getpid() % 500), *redirect, str(ROOT / "fastmveb" / "train.py"), "--rc",
+    port = str(29200 + os.getpid() % 500)
+    redirect += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test"] if c10d else []
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             *([] if c10d else ["--master_port", port]), *redirect, str(ROOT / "fastmveb" / "train.py"), "--rc",
                              str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -232,17 +235,18 @@ def test_two_nodes_of_one_process_are_one_group(indexed_beton, tmp_path, two_pro
     assert len(list((d / "tb").iterdir())) == 1                         # one TensorBoard event file
 
 
-def test_torchrun_max_restarts_resumes_a_killed_group_on_the_same_trajectory(indexed_beton, tmp_path,
+@pytest.mark.parametrize("form", ["static", "c10d"])
+def test_torchrun_max_restarts_resumes_a_killed_group_on_the_same_trajectory(indexed_beton, tmp_path, form,
                                                                               two_process_reference):
-    # torchrun's default (static) rendezvous under --max-restarts: kill -9 of rank 1, torchrun restarts the group
-    # (it used to fail in gloo's connectFullMesh on the dead attempt's addresses), the new attempt resumes from
-    # the newest checkpoint and ends with the uninterrupted run's losses, step by step.
-    p = _torchrun(indexed_beton, tmp_path, restarts=1, **TWO_PROC)
+    # torchrun under --max-restarts, default (static) and c10d rendezvous: kill -9 of rank 1, torchrun restarts the
+    # group (the static form used to fail in gloo's connectFullMesh on the dead attempt's addresses), the new
+    # attempt resumes from the newest checkpoint and ends with the uninterrupted run's losses, step by step.
+    p = _torchrun(indexed_beton, tmp_path, restarts=1, c10d=form == "c10d", **TWO_PROC)
     _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 3)
     os.kill(_rank_pid(p, 1), signal.SIGKILL)
     t0 = time.time()
     _, err = p.communicate(timeout=600)
-    print(f"restarted group finished {time.time() - t0:.1f} s after kill -9 of rank 1")
+    print(f"{form}: restarted group finished {time.time() - t0:.1f} s after kill -9 of rank 1")
     assert p.returncode == 0, err[-3000:]
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["resumed_from"] is not None                             # the second attempt resumed
