@@ -158,26 +158,6 @@ def _wait_for_step(p: subprocess.Popen, metrics: Path, step: int) -> None:
     raise AssertionError("the run ended or stalled before the signal")
 
 
-def test_sigterm_on_one_of_two_ranks_stops_both_at_one_step(indexed_beton, tmp_path):
-    # SIGTERM to rank 1 only: both ranks agree at the next logging step, rank 0 writes the checkpoint there
-    # (every rank's RNG in it) and both exit with status 75; the rerun continues from that step to the end.
-    from fastmveb.checkpoint import latest_checkpoint, load_checkpoint
-    p = _torchrun(indexed_beton, tmp_path, **{"train.max_steps": 10})
-    _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 2)
-    os.kill(_rank_pid(p, 1), signal.SIGTERM)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode != 0
-    [line] = [ln for ln in err.splitlines() if "stopped by SIGTERM at step" in ln]
-    step = int(line.split(" at step ")[1].split(":")[0])
-    assert "exitcode  : 75" in err                                     # torchrun's report of the workers
-    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
-    assert state["step"] == step == max(losses(tmp_path / "run")) and len(state["rng"]) == 2
-    p = _torchrun(indexed_beton, tmp_path, **{"train.max_steps": 10})
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-    assert sorted(losses(tmp_path / "run")) == list(range(1, 11))
-
-
 def test_a_killed_rank_ends_the_other_within_the_collective_timeout(indexed_beton, tmp_path):
     # kill -9 of rank 1: rank 0 must not hang nor print a traceback; it ends within train.collective_timeout_s
     # (plus a margin for torchrun's own shutdown) with one line naming what failed.
@@ -210,6 +190,26 @@ def two_process_reference(indexed_beton, tmp_path_factory) -> dict[int, float]:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     return losses(d / "run")
+
+
+def test_sigterm_on_one_of_two_ranks_stops_both_at_one_step(indexed_beton, tmp_path, two_process_reference):
+    # SIGTERM to rank 1 only: both ranks agree at the next logging step, rank 0 writes the checkpoint there
+    # (every rank's RNG in it) and both exit with status 75; the rerun ends bitwise on the uninterrupted run.
+    from fastmveb.checkpoint import latest_checkpoint, load_checkpoint
+    p = _torchrun(indexed_beton, tmp_path, **TWO_PROC)
+    _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 2)
+    os.kill(_rank_pid(p, 1), signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode != 0
+    [line] = [ln for ln in err.splitlines() if "stopped by SIGTERM at step" in ln]
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert "exitcode  : 75" in err                                     # torchrun's report of the workers
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == step == max(losses(tmp_path / "run")) and len(state["rng"]) == 2
+    p = _torchrun(indexed_beton, tmp_path, **TWO_PROC)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert losses(tmp_path / "run") == two_process_reference             # every step, bitwise
 
 
 def test_two_nodes_of_one_process_are_one_group(indexed_beton, tmp_path, two_process_reference):
