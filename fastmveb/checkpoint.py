@@ -2,14 +2,19 @@
 and the helpers the trainer needs to find, prune and unwrap.
 
     state = {"model": unwrap(model).state_dict(), "target": target.state_dict(),
-             "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": i,
-             "rng": capture_rng_state(), "config": to_dict(cfg), "git": rev}
+             "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "samples_in_epoch": s,
+             "shuffle": "torch", "rng": [capture_rng_state()], "config": to_dict(cfg), "git": rev}
     if save_checkpoint(checkpoint_path(run_dir, step), state):
         prune_checkpoints(run_dir, cfg.train.keep_last)
     ...
     path = latest_checkpoint(run_dir)
     state = load_checkpoint(path)             # torch.load(weights_only=True): no pickled code runs
-    restore_rng_state(state["rng"])
+    restore_rng_state(state["rng"][rank])
+    samples, shuffle = data_position(state)   # where in the epoch, in samples of the global order
+
+The position in the epoch is a count of samples of the epoch's global order (fastmveb.data.ResumableLoader):
+it means the same sample under any world size or batch, where a batch index would not. ``batch_in_epoch``
+(samples // global batch) is still written for readers that know only it.
 
 Everything stored must be weights_only-safe (tensors, numbers, str, None, lists, tuples, dicts), which is
 why the Python and numpy RNG states are converted to tensors and plain lists here.
@@ -215,6 +220,25 @@ def _state_bytes(obj) -> int:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def data_position(state: dict) -> tuple[int, str]:
+    """(samples of the epoch's global order already consumed, the generator of that order) of a checkpoint.
+
+    Checkpoints written before the position was kept in samples store only ``batch_in_epoch``, a batch index
+    under their own global batch: that index x their config's data.global_batch_size is the same position.
+    Their order's generator follows from their process count (one RNG state per rank): ffcv draws the order
+    with numpy for one process and with torch's DistributedSampler for several."""
+    if "samples_in_epoch" in state:
+        samples = int(state["samples_in_epoch"])
+    else:
+        batch = ((state.get("config") or {}).get("data") or {}).get("global_batch_size")
+        if batch is None:
+            raise CheckpointError("the checkpoint has neither samples_in_epoch nor the global batch of its "
+                                  "batch_in_epoch; it cannot be resumed at the right sample")
+        samples = int(state.get("batch_in_epoch", 0)) * int(batch)
+    shuffle = state.get("shuffle") or ("numpy" if len(state.get("rng") or [None]) == 1 else "torch")
+    return samples, shuffle
 
 
 def use_deterministic_algorithms() -> None:

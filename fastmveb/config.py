@@ -213,6 +213,12 @@ class TrainConfig:
     # resume although trajectory keys changed (fastmveb/rundir.py says what it does)
     allow_config_change: bool = opt(False, harmless=True)
     progress: bool = opt(True, harmless=True)
+    # How long a rank waits in one collective before it gives up (the process group's timeout). It bounds
+    # only the case nothing else notices: a peer that hangs. A peer that dies is noticed sooner: gloo sees the
+    # closed connection at once and torchrun stops the rest of the group within seconds. 600 s (Accelerate's
+    # and torch's NCCL default) because ranks legitimately wait minutes for each other: the first compiled
+    # step on a cold compile cache, a slow rank's checkpoint read at resume; lower it only where those are fast.
+    collective_timeout_s: int = opt(600, Range(10, 86400), harmless=True)
 
 
 @dataclass

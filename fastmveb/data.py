@@ -58,6 +58,7 @@ from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
+from ffcv.traversal_order import Random
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from dataset_prep.integrity import check_beton
@@ -85,31 +86,94 @@ def available_cores() -> int:
 
 
 class ResumableLoader(Loader):
-    """An ffcv Loader whose next epoch can be chosen, and started part-way through (see set_epoch)."""
+    """An ffcv Loader whose next epoch can be chosen, and started part-way through at a SAMPLE position
+    (see set_epoch), with the same global order whatever the number of processes.
 
-    _skip_batches = 0   # class default: the constructor already calls next_traversal_order()
+    The global order of an epoch is a permutation of the whole set drawn by one of two generators
+    (``shuffle``): "numpy" (what ffcv gives one process: numpy's default_rng(seed + epoch)) or "torch" (what
+    ffcv gives several: torch's DistributedSampler(seed, epoch), padded with repeats to a multiple of the
+    world size). Rank r of W reads positions r, r + W, r + 2W, ... of it, so optimizer step k (batch k on every
+    rank, B rows each) consumes exactly positions [k*B*W, (k+1)*B*W): the steps cut the global order into
+    consecutive blocks of the global batch. Hence a position kept as a count of samples s means the same
+    thing for any world size and any batch: the rest of the epoch is the global order from s on, dealt out
+    to the ranks in the same round-robin way. A fresh loader uses ffcv's own generator for its world size (so
+    existing trajectories are unchanged); a resume keeps the generator of the run it resumes (train.py).
+    """
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        if epoch < 0 or skip_batches < 0:
-            raise ValueError(f"epoch and skip_batches must be >= 0, got {epoch}, {skip_batches}")
+    _skip_samples = 0   # class defaults: the constructor already calls next_traversal_order()
+    shuffle: str | None = None   # None: ffcv's own order for this loader (numpy alone, torch distributed)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, skip_samples: int = 0) -> None:
+        """The next iteration is epoch ``epoch`` without its first ``skip_samples`` samples of the global
+        order (or ``skip_batches`` batches of this loader on every rank: skip_batches x batch x world)."""
+        if epoch < 0 or skip_batches < 0 or skip_samples < 0:
+            raise ValueError(f"epoch and skips must be >= 0, got {epoch}, {skip_batches}, {skip_samples}")
         if skip_batches > len(self):
             raise ValueError(f"skip_batches={skip_batches} exceeds the {len(self)} batches of an epoch")
+        world = self.rank_world()[1]
+        skip_samples += skip_batches * self.batch_size * world
+        if skip_samples > len(self.indices) + world:   # (+ world: the padding's repeats)
+            raise ValueError(f"skip_samples={skip_samples} exceeds the {len(self.indices)} samples "
+                             f"of an epoch")
         self.next_epoch = epoch
-        self._skip_batches = skip_batches
+        self._skip_samples = skip_samples
+
+    def rank_world(self) -> tuple[int, int]:
+        if not self.distributed:
+            return 0, 1
+        import torch.distributed as dist               # what ffcv's DistributedSampler reads too
+        return dist.get_rank(), dist.get_world_size()
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of the whole set (before padding and sharding) under ``self.shuffle``."""
+        shuffle = self.shuffle or ("torch" if self.distributed else "numpy")
+        indices = self.indices
+        if not isinstance(self.traversal_order, Random):
+            if self.distributed:
+                raise ValueError("only order=random can be resumed on several processes")
+            return np.asarray(self.traversal_order.sample_order(epoch))
+        if shuffle == "numpy":                         # ffcv's Random, one process
+            return np.random.default_rng(self.seed + epoch).permutation(indices)
+        if shuffle == "torch":                         # ffcv's Random, distributed: DistributedSampler's draw
+            from torch.utils.data import DistributedSampler
+            sampler = DistributedSampler(indices, num_replicas=1, rank=0, shuffle=True, seed=self.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+            return indices[np.array(list(sampler))]
+        raise ValueError(f"shuffle must be 'numpy' or 'torch', got {shuffle!r}")
+
+    def rank_order(self, epoch: int, skip_samples: int = 0) -> np.ndarray:
+        """The sample indices this rank reads in ``epoch`` from global position ``skip_samples`` on, cut
+        to whole batches (drop_last) or to the epoch's batches; every rank gets the same number of batches."""
+        rank, world = self.rank_world()
+        order = self.global_order(epoch)
+        if world > 1 and len(order) % world:           # DistributedSampler's padding: repeat the head
+            order = np.concatenate([order, order[:world - len(order) % world]])
+        order = order[:len(self) * self.batch_size * world]       # the epoch as ffcv cuts it (drop_last)
+        order = order[skip_samples:]
+        if len(order) % world:                         # a position set under another world size: pad the
+            order = np.concatenate([order, order[:world - len(order) % world]])   # rest alike
+        mine = order[rank::world]
+        if self.drop_last:
+            mine = mine[:len(mine) // self.batch_size * self.batch_size]
+        return mine
+
+    def batches_left(self) -> int:
+        """Batches the next iteration yields (the same on every rank)."""
+        n = len(self.rank_order(self.next_epoch, self._skip_samples))
+        return -(-n // self.batch_size)
 
     def next_traversal_order(self):
-        order = super().next_traversal_order()
-        if self._skip_batches:
-            # Loader.__iter__ then keeps order[:len(self) * batch_size]; cut that same epoch first, so that with
-            # drop_last the partial last batch stays dropped, then drop the batches already consumed.
-            order = order[:len(self) * self.batch_size][self._skip_batches * self.batch_size:]
-            self._skip_batches = 0   # only this epoch
+        if self.shuffle is None and not self._skip_samples:
+            return super().next_traversal_order()      # ffcv's own order: unchanged behaviour for fresh runs
+        order = self.rank_order(self.next_epoch, self._skip_samples)
+        self._skip_samples = 0                         # only this epoch
         return order
 
 
-def set_epoch(loader: ResumableLoader, epoch: int, skip_batches: int = 0) -> None:
-    """The next ``iter(loader)`` yields epoch ``epoch`` from batch ``skip_batches`` on (0 = the whole epoch)."""
-    loader.set_epoch(epoch, skip_batches)
+def set_epoch(loader: ResumableLoader, epoch: int, skip_batches: int = 0, skip_samples: int = 0) -> None:
+    """The next ``iter(loader)`` yields epoch ``epoch`` from batch ``skip_batches`` (of this loader) or from
+    sample ``skip_samples`` of the global order on (0 = the whole epoch)."""
+    loader.set_epoch(epoch, skip_batches, skip_samples)
 
 
 def set_output_sizes(loader: ResumableLoader, sizes: list[int]) -> None:
@@ -283,5 +347,7 @@ def eval_loader(beton, batch_size: int, num_workers: int, device, size: int = 22
 
 def epoch_indices(loader: ResumableLoader, epoch: int) -> np.ndarray:
     """The sample indices this rank reads in ``epoch``, in order (for tests and debugging)."""
-    order = np.asarray(loader.traversal_order.sample_order(epoch))
-    return order[:len(loader) * loader.batch_size]
+    if loader.shuffle is None:
+        order = np.asarray(loader.traversal_order.sample_order(epoch))
+        return order[:len(loader) * loader.batch_size]
+    return loader.rank_order(epoch)

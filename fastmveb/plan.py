@@ -56,6 +56,11 @@ class Plan:
     resolution: list[str] = field(default_factory=list)      # view / decode sizes per epoch range (resolution.py)
     cost: str = ""
     cost_detail: list[dict] = field(default_factory=list)    # per device that priced the run (gpu_hours)
+    lr_ratios: tuple[float, float] = (1e-3, 1e-3)            # optim.warmup_start_ratio, optim.final_lr_ratio
+
+    def lr(self, step: int) -> float:
+        """The lr of optimizer step ``step`` (optim.lr_at under this plan's numbers)."""
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, *self.lr_ratios)
 
     def meta(self) -> dict:
         """The quantities a run records in meta.json (and a test compares with the real loader)."""
@@ -174,7 +179,7 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
                 last_step=min(total, cfg.train.max_steps) if cfg.train.max_steps else total, peak_lr=peak,
                 start_lr=lr_at(0, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
                 end_lr=lr_at(total, total, warmup, peak, o.warmup_start_ratio, o.final_lr_ratio),
-                views=views, resolution=schedule_lines(cfg), entropy_groups=describe_groups(cfg.loss.group, micro, world_size),
+                lr_ratios=(o.warmup_start_ratio, o.final_lr_ratio), views=views, resolution=schedule_lines(cfg), entropy_groups=describe_groups(cfg.loss.group, micro, world_size),
                 batchnorm=f"statistics per view and micro-batch: {micro} samples per process" + (
                     f" x {world_size} processes = {micro * world_size} (model.sync_bn)"
                     if world_size > 1 and cfg.model.sync_bn else ""))
@@ -182,6 +187,36 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
         plan.memory = estimate_memory(cfg, micro, per_process, world_size)
     plan.cost, plan.cost_detail = gpu_hours(cfg, plan, throughput, device)
     return plan
+
+
+def resume_lines(old: Plan | None, new: Plan, step: int, changed: list[str], rng_kept: bool) -> list[str]:
+    """What a resume under another world size or config changes, for the start-up output: the processes
+    and how each splits the batch, every changed key, and the schedule under the new numbers (steps per
+    epoch, total steps, lr at the resume step). ``old`` is the checkpoint's plan (None: not rebuildable)."""
+    lines = []
+    if changed:
+        lines.append("changed keys: " + "; ".join(changed))
+    if old is None:
+        return lines
+    if old.world_size != new.world_size or (old.micro_batch, old.accum_steps) != (new.micro_batch, new.accum_steps):
+        lines.append(f"processes {old.world_size} -> {new.world_size}: per process {old.per_process_batch} -> "
+                     f"{new.per_process_batch} samples, micro-batch {old.micro_batch} -> {new.micro_batch}, "
+                     f"accumulation {old.accum_steps} -> {new.accum_steps}")
+    sched = [("global batch", old.global_batch, new.global_batch),
+             ("steps per epoch", old.steps_per_epoch, new.steps_per_epoch),
+             ("total steps", old.total_steps, new.total_steps), ("warm-up steps", old.warmup_steps, new.warmup_steps)]
+    lr = [p.lr(step) for p in (old, new)]
+    moved = [f"{name} {a} -> {b}" for name, a, b in sched if a != b]
+    if moved or lr[0] != lr[1]:
+        lines.append("schedule: " + ", ".join(moved + [f"lr at step {step} {lr[0]:.4g} -> {lr[1]:.4g}"]))
+    else:
+        lines.append(f"schedule unchanged: global batch {new.global_batch}, {new.total_steps} steps, lr at step "
+                     f"{step} {lr[1]:.4g}")
+    if not rng_kept:
+        lines.append(f"views: the checkpoint holds the random streams of {old.world_size} processes, this run has "
+                     f"{new.world_size}: the views' random streams restart here (the data order is kept), so "
+                     f"the views differ from the uninterrupted run's")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- memory

@@ -13,7 +13,8 @@ would silently mix two runs: the lr jumps, the data position means another sampl
 repeats any uninterrupted run. Such a resume stops with one line naming the keys. Keys that only change
 what is logged, evaluated or saved (config fields marked harmless, config.HARMLESS) may change; every other key, including keys added later,
 counts as trajectory-changing. ``train.allow_config_change=true`` resumes anyway: the weights, optimiser
-state, step and position (as a batch index) come from the checkpoint, the new values apply from there on.
+state, step and position (a count of samples, so the same sample under any batch) come from the checkpoint,
+the new values apply from there on, and the start-up output lists the changed keys and their effect on the schedule.
 """
 from __future__ import annotations
 

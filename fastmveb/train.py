@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm import tqdm
 
 from dataset_prep.integrity import BetonError, check_beton
@@ -42,7 +44,7 @@ from fastmveb.metrics import MetricsLogger, collapse_warning, effective_rank, un
 from fastmveb.build import build_training
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
 from fastmveb.optim import all_finite, lr_at, where_
-from fastmveb.plan import dataset_length, make_plan
+from fastmveb.plan import dataset_length, make_plan, resume_lines
 from fastmveb.resolution import ViewSwitch
 from fastmveb.views import ViewMaker
 from fastmveb.rundir import RunDirError, open_run_dir
@@ -141,6 +143,35 @@ class phase(torch.profiler.record_function):
         return super().__exit__(*exc)
 
 
+# Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint: EX_TEMPFAIL (sysexits.h),
+# "try again later". Rerunning the same command resumes from that checkpoint exactly.
+PREEMPTED_EXIT = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)    # what SLURM (--signal) and Kubernetes send before a kill
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 -> a flag, nothing else: the step in flight finishes, and a signal that lands during
+    a checkpoint save cannot cut it (the save is atomic anyway: checkpoint.save_checkpoint). The ranks agree
+    on the flag at the logging interval only (``agree``: one all_reduce of one integer, next to that interval's
+    host sync), so the step itself never syncs; the stop comes at most train.log_every steps after the signal."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def agree(self, device, world: int) -> int:
+        """The signal any rank received (0: none); every rank returns the same value."""
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     # With synchronised BatchNorm every rank computes the same running statistics from the same gathered
     # numbers, so DDP's per-forward broadcast of buffers from rank 0 would only cost a collective.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=not cfg.model.sync_bn)
+    init_elastic_process_group(cfg.train.collective_timeout_s)       # torchrun restarts: before Accelerate
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp])
+                              kwargs_handlers=[ddp, InitProcessGroupKwargs(
+                                  timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     if world != plan.world_size:                                      # a launcher that left WORLD_SIZE unset
@@ -241,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     views = ViewSwitch(cfg, lambda views_cfg: parts["compile"](ViewMaker(views_cfg).to(device)), loader)
 
     # ---- resume (exact: weights, target, optimizer, position in the data, every RNG) -------------------
-    step, epoch, batch_in_epoch = 0, 0, 0
+    # The position in the epoch is a count of samples of the epoch's global order, which every world size
+    # and batch reads in the same sequence (data.ResumableLoader): a resume on another number of processes,
+    # or under a changed global batch (train.allow_config_change), continues at the same sample.
+    step, epoch, samples_in_epoch = 0, 0, 0
+    loader.shuffle = "torch" if world > 1 else "numpy"               # ffcv's own generator for a fresh run
+    resume_notes: list[str] = []
     if latest is not None:
         try:
             ckpt.load_module_state(ckpt.unwrap(net).model, state["model"], "model", latest)
@@ -253,33 +291,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         step, epoch = state["step"], state["epoch"]
-        batch_in_epoch = min(state["batch_in_epoch"], steps_per_epoch)  # train.allow_config_change: batch changed
+        samples_in_epoch, loader.shuffle = ckpt.data_position(state)  # the run's generator, whatever the world
+        resume_notes = _resume_notes(state, cfg, plan, step, world)
     set_seed(cfg.train.seed + 1 + rank)                               # the view stream differs per rank
-    if latest is not None:
-        rngs = state["rng"]
-        if len(rngs) == world:
-            ckpt.restore_rng_state(rngs[rank])
-        elif main_proc:
-            print(f"warning: checkpoint from {len(rngs)} processes resumed on {world}; views will not "
-                  "repeat the uninterrupted run exactly", file=sys.stderr)
+    if latest is not None and len(state["rng"]) == world:
+        ckpt.restore_rng_state(state["rng"][rank])                    # (another world size: resume_notes say so)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         meta = {"git": git, "device": str(device), "argv": sys.argv, "torch": torch.__version__,
-                "compile": parts["use_compile"], "resumed_from": str(latest) if latest else None, **plan.meta()}
+                "compile": parts["use_compile"], "resumed_from": str(latest) if latest else None,
+                "resume_changes": resume_notes, **plan.meta()}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
         print(plan.format(), flush=True)
+        if latest is not None:
+            print(f"{'resume':<15}  {latest.name}: step {step}, epoch {epoch}, sample {samples_in_epoch} of the "
+                  f"epoch's {steps_per_epoch * plan.global_batch}", flush=True)
+            for line in resume_notes:
+                print(f"{'':<15}  {line}", flush=True)
     logger = MetricsLogger(run_dir, enabled=main_proc)
     logger.truncate_after(step)
 
-    def save(at_epoch: int, at_batch: int) -> None:
-        if at_batch >= steps_per_epoch:                               # position = the next batch to read
-            at_epoch, at_batch = at_epoch + 1, 0
+    def save(at_epoch: int, at_sample: int, epoch_done: bool = False) -> None:
+        if epoch_done:                                                # position = the next sample to read
+            at_epoch, at_sample = at_epoch + 1, 0
         rngs = gather_object([ckpt.capture_rng_state()])              # one entry per rank
         if main_proc:
+            # batch_in_epoch: for readers that know only the batch index (same global batch only)
             state = {"model": ckpt.unwrap(net).model.state_dict(), "target": target.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step, "epoch": at_epoch,
-                     "batch_in_epoch": at_batch, "rng": rngs, "config": to_dict(cfg), "git": git}
+                     "samples_in_epoch": at_sample, "batch_in_epoch": at_sample // plan.global_batch,
+                     "shuffle": loader.shuffle, "rng": rngs, "config": to_dict(cfg), "git": git}
             if probe is not None:
                 state["probe"] = probe.state_dict()
             if ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), state):   # CheckpointError: disk full
@@ -296,19 +338,23 @@ def main(argv: list[str] | None = None) -> int:
     max_bad = torch.zeros_like(consecutive_bad)
     t_window = time.perf_counter()
     stop_reason = None
+    preempt, preempted = Preemption(), 0
+    left = None                                                       # batches left in the current epoch
     net.train()
     target.train()
-    while step < last_step and stop_reason is None:
+    while step < last_step and stop_reason is None and not preempted:
         views_c, change = views.enter_epoch(epoch)                    # sizes depend on the epoch only: resume-exact
         if change and main_proc:
             tqdm.write(change)
-        set_epoch(loader, epoch, skip_batches=batch_in_epoch)
+        set_epoch(loader, epoch, skip_samples=samples_in_epoch)
+        left = loader.batches_left()                                  # the same on every rank
         batches = iter(loader)
-        while step < last_step:
+        while step < last_step and left:
             t0 = time.perf_counter()
             batch = next(batches, None)
             data_wait += time.perf_counter() - t0
-            if batch is None:
+            if batch is None:                                         # (left says when; never reached)
+                left = 0
                 break
             x, extent, y = unpack_train_batch(batch)                  # extent: each image's (H, W), or None
             lr = lr_at(step, total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.warmup_start_ratio,
@@ -316,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             m = m_table[min(step, total_steps)]
             stats, skip, z0 = train_step(net_c, target_c, views_c, optimizer, x, y, lr, m, cfg, accelerator,
                                          plan.micro_batch, extent)
-            step, batch_in_epoch, n_acc = step + 1, batch_in_epoch + 1, n_acc + 1
+            step, samples_in_epoch, left, n_acc = step + 1, samples_in_epoch + plan.global_batch, left - 1, n_acc + 1
             consecutive_bad = torch.where(skip, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
             max_bad = torch.maximum(max_bad, consecutive_bad)
             for k, val in stats.items():
@@ -346,15 +392,18 @@ def main(argv: list[str] | None = None) -> int:
                                    "optim.base_lr or check the data, then rerun to resume from the last checkpoint")
                 sums, n_acc, data_wait, t_window = {}, 0, 0.0, time.perf_counter()
                 max_bad = torch.zeros_like(max_bad)
+                preempted = preempt.agree(device, world)
+                if preempted:
+                    break
             bar.update(1)
             if stop_reason:
                 break
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
-                save(epoch, batch_in_epoch)
-        if stop_reason:
+                save(epoch, samples_in_epoch, left == 0)
+        if stop_reason or preempted:
             break
-        if batch_in_epoch >= steps_per_epoch:                          # epoch finished
-            epoch, batch_in_epoch = epoch + 1, 0
+        if left == 0:                                                 # epoch finished
+            epoch, samples_in_epoch, left = epoch + 1, 0, None            # (left: the next epoch's, unknown yet)
             if cfg.train.ckpt_every_epochs and epoch % cfg.train.ckpt_every_epochs == 0 and step < last_step:
                 save(epoch, 0)
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
@@ -371,7 +420,19 @@ def main(argv: list[str] | None = None) -> int:
         if main_proc:
             print(f"error: {stop_reason}", file=sys.stderr)
         return 1
-    save(epoch, batch_in_epoch)
+    save(epoch, samples_in_epoch, left == 0)
+    preempted = preempted or preempt.agree(device, world)            # (a signal during the last steps or save)
+    if preempted:
+        # From here on a repeated signal has nothing left to protect; ignored rather than handled because the
+        # interpreter's shutdown puts Python-handled signals back to their default (death), not ignored ones.
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        logger.close()
+        if main_proc:
+            print(f"stopped by {signal.Signals(preempted).name} at step {step}: checkpoint "
+                  f"{ckpt.checkpoint_path(run_dir, step)} written; rerun the same command to resume (exit status "
+                  f"{PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
 
     # ---- the learning check: kNN of the trained encoder next to the same encoder at initialisation -------
     if cfg.eval.knn_at_end:
@@ -380,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         init = MVEBModel.from_config(cfg.model).to(device, memory_format=parts["memory_format"])
         random = run_knn(cfg, init.backbone, device, accelerator)
         if main_proc:
-            logger.log(step, epoch + batch_in_epoch / steps_per_epoch,
+            logger.log(step, epoch + samples_in_epoch / (steps_per_epoch * plan.global_batch),
                        {"final_knn_top1": trained["top1"], "final_knn_top5": trained["top5"],
                         "random_knn_top1": random["top1"], "random_knn_top5": random["top5"], "knn_size": cfg.eval.size})
             print(f"kNN top-1 on {cfg.data.val_beton} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, {cfg.eval.size} px): "
@@ -417,6 +478,25 @@ def switch_off_label_parts(cfg: Config) -> str | None:
             "stay on")
 
 
+def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int) -> list[str]:
+    """The start-up lines of a resume that changes the world size or (train.allow_config_change) the config:
+    every changed key, the processes' batch split, the schedule (plan.resume_lines)."""
+    from fastmveb.config import from_dict
+    from fastmveb.rundir import _flatten, config_changes
+    old_tree = state.get("config") or {}
+    trajectory = config_changes(old_tree, to_dict(cfg))[0] if old_tree else []   # (harmless keys: not news)
+    a, b = _flatten(old_tree), _flatten(to_dict(cfg))
+    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in trajectory]
+    old_world = len(state.get("rng") or [])
+    try:
+        old_plan = make_plan(from_dict(old_tree, "checkpoint"), old_world, plan.dataset_len, memory=False)
+    except (ConfigError, TypeError):                                 # an older tree: the keys still show
+        old_plan = None
+    if not changed and old_plan is not None and old_world == world:
+        return []
+    return resume_lines(old_plan, plan, step, changed, rng_kept=old_world == world)
+
+
 def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,
             max_val: int | None = None, feature_dtype=torch.float32):
     """Weighted kNN (train bank, val queries), the work split over all processes (no rank waits alone at a
@@ -428,14 +508,61 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
                            T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
 
 
+def init_elastic_process_group(timeout_s: int) -> None:
+    """Under torchrun, join the process group through the launcher's store with a per-attempt key prefix.
+
+    torchrun's default (static) rendezvous keeps ONE store for all restarts of the group, and the workers'
+    default init adds no per-attempt prefix, so a restarted group can read the dead attempt's keys: issue 22
+    traced a restart failing that way in gloo ("connectFullMesh failed ... Connection refused", torch 2.14.1).
+    It did not recur in tests/test_elastic.py's restart test on the CPU box (which passes with or without
+    this); keys under "fastmveb/attempt<TORCHELASTIC_RESTART_COUNT>/" rule it out, with any rendezvous backend. Accelerate then finds the group initialised and uses it (accelerate.state checks
+    is_initialized()). Outside torchrun (or when the launcher hosts no store) Accelerate initialises as usual.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (world <= 1 or torch.distributed.is_initialized() or "TORCHELASTIC_RESTART_COUNT" not in os.environ
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                       is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore(f"fastmveb/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                         timeout=timeout)
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """One line for a collective that failed because another process died or hung, else None."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = " ".join(str(e).split())
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if not isinstance(e, dist_error) and not (isinstance(e, RuntimeError) and any(
+            k in text.lower() for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))):
+        return None
+    return (f"error: rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}: a collective "
+            f"failed, another process died or hung (train.collective_timeout_s bounds the wait): {text[:160]}; "
+            f"rerun to resume from the newest checkpoint")
+
+
 def cli() -> int:
     """The command (fastmveb-train, python -m fastmveb.train, accelerate launch [-m] fastmveb[/.]train): main()
-    with a failed checkpoint save (a full disk) as one line and exit 1 instead of a traceback."""
+    with a failed checkpoint save (a full disk) or a lost peer as one line and exit 1 instead of a traceback."""
     try:
         return main()
     except ckpt.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:                                           # noqa: BLE001 -- only a lost peer is caught
+        line = lost_peer(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        # Not sys.exit: tearing down a process group whose peer is gone can block (NCCL's abort, atexit hooks).
+        os._exit(1)
 
 
 if __name__ == "__main__":

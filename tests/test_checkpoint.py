@@ -168,3 +168,15 @@ def test_rng_round_trip_through_a_cuda_map_location(tmp_path):
     assert save_checkpoint(path, {"rng": state, "model": {"w": torch.ones(2, device="cuda")}})
     restore_rng_state(load_checkpoint(path, map_location="cuda")["rng"])
     assert (torch.rand(2, device="cuda").tolist(), np.random.rand(2).tolist()) == first
+
+
+def test_data_position_reads_samples_and_converts_old_batch_indices():
+    # New checkpoints keep the position as samples of the global order and name the order's generator.
+    assert ckpt.data_position({"samples_in_epoch": 48, "batch_in_epoch": 3, "shuffle": "numpy", "rng": [{}, {}]}) \
+        == (48, "numpy")
+    # Older ones: a batch index under their own global batch, the generator implied by their process count.
+    old = {"batch_in_epoch": 3, "config": {"data": {"global_batch_size": 16}}, "rng": [{}]}
+    assert ckpt.data_position(old) == (48, "numpy")
+    assert ckpt.data_position(dict(old, rng=[{}, {}])) == (48, "torch")
+    with pytest.raises(ckpt.CheckpointError, match="global batch"):
+        ckpt.data_position({"batch_in_epoch": 3, "rng": [{}]})

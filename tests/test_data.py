@@ -224,6 +224,61 @@ def test_two_rank_shards_in_process(betons, monkeypatch):
     assert shards[0][0] != shards[0][1]
 
 
+def _rank_loaders(beton, monkeypatch, world: int, batch: int, shuffle=None, drop_last=True):
+    """One loader per rank of a ``world``-process run, built in this process (rank/world patched)."""
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: world)
+    loaders = []
+    for rank in range(world):
+        monkeypatch.setattr(dist, "get_rank", lambda *a, r=rank: r)
+        loader = train_loader(beton, batch, 1, "cpu", decode_size=32, seed=5, distributed=world > 1,
+                              drop_last=drop_last)
+        loader.shuffle = shuffle
+        loader.rank_world = lambda r=rank: (r, world)       # fixed now: the patch moves on to the next rank
+        loaders.append(loader)
+    return loaders
+
+
+def _steps_consumed(loaders, epoch, skip_samples=0):
+    """Per optimizer step, the sorted global batch (all ranks' rows of that step)."""
+    orders = [lo.rank_order(epoch, skip_samples) for lo in loaders]
+    b = loaders[0].batch_size
+    assert len({len(o) for o in orders}) == 1                    # every rank the same number of batches
+    return [sorted(int(i) for o in orders for i in o[k * b:(k + 1) * b]) for k in range(-(-len(orders[0]) // b))]
+
+
+def test_sample_position_means_the_same_sample_for_any_world_size(betons, monkeypatch):
+    beton = betons[0]
+    # ffcv's own orders are reproduced: one process (numpy) and two (torch's DistributedSampler)
+    one = _rank_loaders(beton, monkeypatch, 1, 8, shuffle="numpy")[0]
+    assert np.array_equal(one.rank_order(1), np.asarray(one.traversal_order.sample_order(1))[:N_TRAIN // 8 * 8])
+    two = _rank_loaders(beton, monkeypatch, 2, 4, shuffle="torch")
+    for lo in two:
+        assert np.array_equal(lo.rank_order(1), np.asarray(lo.traversal_order.sample_order(1))[:len(lo) * 4])
+    # the same generator on 1 or 2 processes: step k consumes the same global batch of 8
+    one_t = _rank_loaders(beton, monkeypatch, 1, 8, shuffle="torch")
+    assert _steps_consumed(one_t, 1) == _steps_consumed(two, 1)
+    # 2 -> 1 and 1 -> 2 at sample 16 (2 steps of 8): the epoch's remaining samples, each exactly once
+    for before, after in ((two, one_t), (one_t, two)):
+        head = _steps_consumed(before, 1)[:2]
+        tail = _steps_consumed(after, 1, skip_samples=16)
+        assert tail == _steps_consumed(before, 1)[2:]
+        assert sorted(i for s in head + tail for i in s) == list(range(N_TRAIN))
+    # a changed global batch (8 -> 12 at sample 16): the same samples from there on, cut into batches of 12
+    # (this plan's epoch is 3 x 12 = 36 samples: after 16, one whole batch)
+    six = _rank_loaders(beton, monkeypatch, 2, 6, shuffle="torch")
+    tail = _steps_consumed(six, 1, skip_samples=16)
+    assert tail == [sorted(two[0].global_order(1)[16:28].tolist())]
+    # set_epoch + iteration yield exactly rank_order's samples, and batches_left says how many batches
+    lo = two[1]
+    set_epoch(lo, 1, skip_samples=16)
+    assert lo.batches_left() == 3
+    labels = torch.cat([b[-1].clone() for b in lo])
+    from ffcv.reader import Reader
+    assert labels.tolist() == Reader(str(beton)).metadata["f1"].ravel()[lo.rank_order(1, 16)].tolist()
+
+
 @pytest.mark.slow
 def test_distributed_shards_are_disjoint_and_cover(betons, tmp_path):
     """The real thing: two gloo processes, each with its own ffcv loader."""

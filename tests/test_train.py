@@ -1,5 +1,6 @@
 """The training spine end to end on real betons: a short run, exact resume after a kill, the NaN guard,
 and two CPU processes (gloo)."""
+import contextlib
 import json
 import os
 import signal
@@ -74,12 +75,19 @@ def test_short_run_end_to_end(small_betons, tmp_path):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
 
-def test_resume_after_kill_reproduces_the_uninterrupted_run(unlabeled_betons, tmp_path):
-    # On a beton without labels (dataset_prep folder; 128 images): resuming needs none.
-    full = run(tiny_overrides(unlabeled_betons, tmp_path, "full"))
+@pytest.fixture(scope="module")
+def reference_losses(small_betons, tmp_path_factory) -> dict[int, float]:
+    """The losses of the uninterrupted tiny run (tiny_overrides: 2 epochs of 10 steps, 1 process)."""
+    d = tmp_path_factory.mktemp("reference")
+    full = run(tiny_overrides(small_betons, d, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
-    reference = losses(tmp_path / "full")
-    assert sorted(reference) == list(range(1, 17))
+    reference = losses(d / "full")
+    assert sorted(reference) == list(range(1, 21))
+    return reference
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(small_betons, tmp_path, reference_losses):
+    reference = reference_losses
 
     # Same run, checkpoints every 3 steps (mid-epoch: an epoch is 8 steps), killed with SIGKILL.
     args = tiny_overrides(unlabeled_betons, tmp_path, "killed", **{"train.ckpt_every_steps": 3})
@@ -100,6 +108,45 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(unlabeled_betons, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = losses(tmp_path / "killed")
     assert got == reference                                             # bitwise equal, every step
+
+
+def signal_after(p: subprocess.Popen, metrics: Path, step: int, pid: int, first: int, again: int | None = None):
+    """Once ``metrics`` has a row at ``step`` or later, send ``first`` to ``pid``; then (``again``) keep sending
+    that signal every 20 ms until ``p`` exits: some of them land during the checkpoint save."""
+    deadline = time.time() + 600
+    while p.poll() is None and time.time() < deadline:
+        if metrics.exists() and any(json.loads(ln)["step"] >= step for ln in metrics.read_text().splitlines()
+                                    if ln.strip().endswith("}")):
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before the signal"
+    os.kill(pid, first)
+    while again and p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, again)
+        time.sleep(0.02)
+    out, err = p.communicate(timeout=600)
+    return p.returncode, out, err
+
+
+def test_sigusr1_stops_at_a_step_with_a_checkpoint_and_the_rerun_is_exact(small_betons, tmp_path, reference_losses):
+    # Preemption (issue 22 item 4): SIGUSR1, then SIGTERM every 20 ms (some during the save): the run stops at
+    # the next logging step, saves there and exits with status 75; the rerun ends bitwise on the reference.
+    from fastmveb.train import PREEMPTED_EXIT
+    args = tiny_overrides(small_betons, tmp_path, "pre")
+    p = subprocess.Popen([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    rc, _, err = signal_after(p, tmp_path / "pre" / "metrics.jsonl", 3, p.pid, signal.SIGUSR1, signal.SIGTERM)
+    assert rc == PREEMPTED_EXIT == 75, err[-3000:]
+    assert "Traceback" not in err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGUSR1")]
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert 3 <= step < 20 and "rerun the same command to resume" in line
+    assert load_checkpoint(latest_checkpoint(tmp_path / "pre"))["step"] == step == max(losses(tmp_path / "pre"))
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "pre") == reference_losses                 # bitwise equal, every step
 
 
 def test_nan_guard_skips_and_stops(small_betons, tmp_path):
