@@ -117,7 +117,8 @@ def test_compiled_one_graph_equals_eager():
     torch._dynamo.reset()
     compiled = torch.compile(fwd, backend="aot_eager", fullgraph=True)     # fullgraph: a break would raise
     ref, out_ref, new, out = per_view_and_batched(ref, x, w, fwd=compiled)
-    assert_same(ref, out_ref, new, out)
+    # aot_eager reorders float32 reductions: gradients agree to ~3e-5 of their largest entry on this box's CPU
+    assert_same(ref, out_ref, new, out, tol=1e-4)
 
 
 def test_converter_keeps_parameters_and_mode():
