@@ -45,6 +45,8 @@ def test_fingerprint_follows_the_recipe_and_the_data(monkeypatch):
     assert base == demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))
     other = demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", ["optim.epochs=3"]))
     assert other["config"] != base["config"] and other["data"] == base["data"]
+    # A key that cannot alter the weights (config.HARMLESS) leaves the figures valid.
+    assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", ["train.collective_timeout_s=60"])) == base
     make_image = synthetic.make_image
     monkeypatch.setattr(synthetic, "make_image", lambda *a, **k: make_image(*a, **k) // 2)    # another generator
     assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))["data"] != base["data"]
