@@ -26,13 +26,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from fastmveb.errors import UserError
 
 SIDECAR_SUFFIX = ".sha256.json"
 FIX = "rewrite it with 'make beton FORCE=1' (or dataset_prep ... --force)"
 _CHUNK = 1 << 24
 
 
-class BetonError(ValueError):
+class BetonError(UserError, ValueError):
     """A beton that must not be read; the message is one line naming the file and the fix."""
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from fastmveb.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -66,7 +67,7 @@ MIN_SIDE = 16   # px, as stored: smaller images are skipped (an empty eval centr
 MAX_SIDE = 65500
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """A fatal, user-facing problem; its message is the single line printed before exiting with status 2."""
 
 

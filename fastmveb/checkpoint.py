@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from fastmveb.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 _TMP_RE = re.compile(r"^\.step_\d+\.pt\.\d+\.tmp$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be written or does not fit this run; the message is one line with the way out."""
 
 
 class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint could not be written (full disk, I/O error); the previous ones are intact."""
+    exit_code = 1                                                     # the input was fine: the run could not finish
 
 
 def git_revision() -> str:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from fastmveb.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad run configuration; the message is one line that names the key, the source and the fix."""
 
 

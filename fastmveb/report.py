@@ -24,9 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-
-class RunError(Exception):
-    """Bad input (missing run directory or metrics): the message is one line. Kept here so the report needs no torch."""
+from fastmveb.errors import RunError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -288,13 +286,10 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
     import torch
     from accelerate.utils import set_seed
 
-    from fastmveb.eval.features import RunError as EvalRunError, extract_features, load_run_backbone
+    from fastmveb.eval.features import extract_features, load_run_backbone
     from fastmveb.eval.knn import knn_accuracy
     from fastmveb.model import MVEBModel
-    try:
-        trained, info = load_run_backbone(run_dir)
-    except EvalRunError as e:
-        raise RunError(str(e)) from None
+    trained, info = load_run_backbone(run_dir)
     cfg = info["cfg"]
     for path in (cfg.data.train_beton, cfg.data.val_beton):
         if not Path(path).is_file():

@@ -23,11 +23,12 @@ import os
 from pathlib import Path
 
 from .config import HARMLESS   # keys whose change cannot alter the weights (opt(..., harmless=True))
+from fastmveb.errors import UserError
 
 LOCK_FILE = ".lock"
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """The run directory cannot be used as asked; the message is one line with the way out."""
 
 

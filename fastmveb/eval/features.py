@@ -16,9 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-class RunError(Exception):
-    """Bad input to an entry point (missing run directory, no checkpoint, ...): the message is one line."""
+from fastmveb.errors import RunError
 
 
 def normalize_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
