@@ -1,14 +1,20 @@
-"""The training objects of a run, built from its config: the multi-view network, EMA target, view maker,
-LARS optimizer and their compiled callables. fastmveb/train.py and the step benchmarks share this, so a
-benchmark times what training runs.
+"""The training objects of a run, built from its config: the accelerator, the multi-view network, EMA target,
+LARS optimizer and their compiled callables. fastmveb/train.py and the benchmarks share this, so a benchmark times
+what training runs.
 
+    accelerator = make_accelerator(cfg)                    # DDP / gloo, precision, collective timeout, backend flags
     set_seed(cfg.train.seed)
-    parts = build_training(cfg, accelerator, lr_peak)     # dict: model, target, probe, net, view_maker,
-                                                           # optimizer, net_c, target_c, views_c, use_compile
-Per-view (and cross-process) BatchNorm, channels-last, DDP (accelerator.prepare) and torch.compile are applied here; the architecture
-itself is fastmveb/model.py's.
+    t = build_training(cfg, accelerator, lr_peak)          # Training: model, target, probe, net, optimizer, net_c, ...
+    views_c = t.view_maker(cfg.views)                      # compiled when training compiles
+
+Per-view (and cross-process) BatchNorm, channels-last, DDP (accelerator.prepare) and torch.compile are applied here;
+the architecture itself is fastmveb/model.py's.
 """
 from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,7 +53,63 @@ def uses_compile(cfg, device: torch.device) -> bool:
     return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
 
 
-def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = None) -> dict:
+def set_backend_flags() -> None:
+    """TF32 convolutions and matmuls, cuDNN autotuning: for training and every benchmark alike (the entropy
+    estimator turns TF32 off where it needs float32: fastmveb/entropy.py)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def make_accelerator(cfg, cpu: bool | None = None):
+    """The run's Accelerator (cpu: None = no CUDA here), with the backend flags set.
+
+    Deterministic algorithms go first (before CUDA and cuBLAS start). cpu=True is what makes torchrun-started
+    CPU processes join one gloo group (NOTES.md). With synchronised BatchNorm every rank computes the same
+    running statistics from the same gathered numbers, so DDP's per-forward broadcast of buffers from rank 0
+    would only cost a collective. Under torchrun the group is joined first with a per-attempt store prefix
+    (fastmveb/elastic.py); Accelerate then finds it initialised.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from .checkpoint import use_deterministic_algorithms
+    from .elastic import init_elastic_process_group
+    if cfg.train.deterministic:
+        use_deterministic_algorithms()
+    timeout_s = cfg.train.collective_timeout_s
+    init_elastic_process_group(timeout_s)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available() if cpu is None else cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not cfg.model.sync_bn),
+                         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))])
+    set_backend_flags()
+    return accelerator
+
+
+@dataclasses.dataclass
+class Training:
+    """What a step needs. ``model`` is the online MVEBModel, ``net`` the multi-view wrapper (DDP when world > 1)
+    that also runs the online probe; ``*_c`` are the callables the step runs (compiled or the modules)."""
+    model: nn.Module
+    target: nn.Module
+    probe: nn.Module | None
+    net: nn.Module
+    optimizer: "LARS"
+    net_c: Callable
+    target_c: Callable
+    use_compile: bool
+    memory_format: torch.memory_format
+    compile: Callable
+    device: torch.device
+
+    def view_maker(self, views_cfg) -> Callable:
+        """A view maker for these view sizes on the device, compiled when training compiles (fastmveb.resolution's
+        ViewSwitch makes one per size of a progressive-resolution schedule)."""
+        return self.compile(ViewMaker(views_cfg).to(self.device))
+
+
+def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = None) -> Training:
     """Everything a step needs, on accelerator.device (seed torch first: the weights come from its RNG).
     num_classes: size of the online linear probe (cfg.eval.online_linear), None for no probe."""
     device = accelerator.device
@@ -60,7 +122,6 @@ def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = N
         from .eval.online import OnlineLinearProbe
         probe = convert_batchnorm(OnlineLinearProbe(model.feat_dim, num_classes), sync=cfg.model.sync_bn).to(device)
     net = MultiView(model, probe)
-    view_maker = ViewMaker(cfg.views).to(device)
     optimizer = LARS(param_groups(net, cfg.optim.weight_decay), lr=lr_peak, weight_decay=cfg.optim.weight_decay,
                      momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
     net = accelerator.prepare(net)                                    # DDP when world > 1; FFCV shards itself
@@ -69,7 +130,6 @@ def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = N
     # compiled once (fastmveb/resolution.py says why not dynamo's symbolic shapes)
     compile_fn = (lambda m: torch.compile(m, backend=cfg.train.compile_backend, dynamic=False)) if use_compile \
         else (lambda m: m)
-    net_c, target_c, views_c = compile_fn(net), compile_fn(target), compile_fn(view_maker)
-    return {"model": model, "target": target, "probe": probe, "net": net, "view_maker": view_maker,
-            "optimizer": optimizer, "net_c": net_c, "target_c": target_c, "views_c": views_c,
-            "use_compile": use_compile, "memory_format": memory_format, "compile": compile_fn}
+    return Training(model=model, target=target, probe=probe, net=net, optimizer=optimizer, net_c=compile_fn(net),
+                    target_c=compile_fn(target), use_compile=use_compile, memory_format=memory_format,
+                    compile=compile_fn, device=device)

@@ -21,6 +21,7 @@ why the Python and numpy RNG states are converted to tensors and plain lists her
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -247,13 +248,14 @@ def use_deterministic_algorithms() -> None:
     """torch.use_deterministic_algorithms(True), with the cuBLAS setting it requires on CUDA.
 
     Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment before cuBLAS
-    starts; unset, it is set here (call this before any CUDA work), any other value raises ValueError.
+    starts; unset, it is set here (call this before any CUDA work), any other value raises ConfigError.
     """
+    from fastmveb.config import ConfigError
     cur = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if cur is None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     elif cur not in (":4096:8", ":16:8"):
-        raise ValueError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8, the environment "
+        raise ConfigError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8, the environment "
                          f"has {cur!r}; unset it or set one of those")
     torch.use_deterministic_algorithms(True)
 
@@ -296,3 +298,49 @@ def backbone_state_dict(model_state: dict, prefix: str = "backbone.") -> dict:
     """The backbone part of an MVEBModel state_dict, keyed as torchvision's ResNet (load with strict=False
     or after dropping ``fc``: the backbone has no fc)."""
     return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- the trainer's save and resume
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: optimizer steps done, and the next sample of the epoch's global order to read."""
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0
+
+
+def save_training(run_dir: str | Path, pos: Position, t, *, shuffle: str, global_batch: int, config: dict,
+                  git: str, keep_last: int, accelerator, epoch_done: bool = False) -> None:
+    """Every rank: its RNG states to the main process, which writes the checkpoint of ``pos`` (``t``: the
+    build.Training) atomically and prunes old ones; then all ranks wait for the write, so none runs ahead of a
+    checkpoint a restart would need. ``epoch_done``: the epoch's last batch is read, the position is the next
+    epoch's start. A non-finite model is not saved (save_checkpoint); a failed write raises CheckpointWriteError."""
+    from accelerate.utils import gather_object
+    epoch, samples = (pos.epoch + 1, 0) if epoch_done else (pos.epoch, pos.samples_in_epoch)
+    rngs = gather_object([capture_rng_state()])                       # one entry per rank
+    if accelerator.is_main_process:
+        # batch_in_epoch: for readers that know only the batch index (same global batch only)
+        state = {"model": t.model.state_dict(), "target": t.target.state_dict(), "optimizer": t.optimizer.state_dict(),
+                 "step": pos.step, "epoch": epoch, "samples_in_epoch": samples, "batch_in_epoch": samples // global_batch,
+                 "shuffle": shuffle, "rng": rngs, "config": config, "git": git}
+        if t.probe is not None:
+            state["probe"] = t.probe.state_dict()
+        if save_checkpoint(checkpoint_path(run_dir, pos.step), state):
+            prune_checkpoints(run_dir, keep_last)
+    accelerator.wait_for_everyone()
+
+
+def restore_training(state: dict, path: str | Path, t) -> tuple[Position, str]:
+    """Load a checkpoint's weights, EMA target, probe and optimizer into ``t`` (build.Training): -> (its position,
+    the generator of its data order). A checkpoint of another architecture is one CheckpointError line."""
+    load_module_state(t.model, state["model"], "model", path)
+    load_module_state(t.target, state["target"], "model", path)
+    if t.probe is not None and "probe" in state:
+        load_module_state(t.probe, state["probe"], "online probe", path)
+    try:
+        t.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:                                            # another parameter layout
+        raise CheckpointError(f"{path}: its optimizer state does not fit this model ({e}); resume it with the "
+                              "config it was trained with, or give this config another train.name") from None
+    samples, shuffle = data_position(state)
+    return Position(state["step"], state["epoch"], samples), shuffle

@@ -296,6 +296,15 @@ def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: st
     return loader
 
 
+def train_loader_from_config(cfg, batch_size: int, device, distributed: bool = False) -> ResumableLoader:
+    """The train loader of a run config (data.*, views.*, train.seed), ``batch_size`` rows per process: the one
+    call training and the end-to-end benchmark share, so the benchmark reads what training reads."""
+    d = cfg.data
+    return train_loader(d.train_beton, batch_size, d.num_workers, device, decode=d.decode, decode_size=d.decode_size,
+                        views=cfg.views, seed=cfg.train.seed, distributed=distributed, order=d.order,
+                        os_cache=d.os_cache, drop_last=d.drop_last)
+
+
 def labels(beton) -> np.ndarray:
     """Every sample's label (int64, sample order) from the beton's metadata table; no image is decoded."""
     from ffcv.reader import Reader

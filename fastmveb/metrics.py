@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,47 @@ def collapse_warning(erank: float, unif: float, batch: int, dim: int) -> str | N
     if unif > -0.05:
         return f"embeddings look collapsed: uniformity {unif:.3f} (0 = all equal, about -4 = spread)"
     return None
+
+
+class LogWindow:
+    """The step statistics of one logging window, summed ON THE DEVICE (no host sync per step), read once.
+
+    ``add`` after every step; ``read`` every train.log_every steps syncs once, for all the window's numbers
+    together, and starts the next window. ``max_bad`` is the longest run of consecutive skipped (non-finite)
+    steps inside the window, counted across window borders.
+    """
+
+    def __init__(self, device: torch.device):
+        self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=device)
+        self._start()
+
+    def _start(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.data_wait, self.t0 = 0, 0.0, time.perf_counter()
+        self.max_bad = torch.zeros_like(self.consecutive_bad)
+
+    def add(self, stats: dict[str, torch.Tensor], skip: torch.Tensor, data_wait: float) -> None:
+        self.consecutive_bad = torch.where(skip, self.consecutive_bad + 1, torch.zeros_like(self.consecutive_bad))
+        self.max_bad = torch.maximum(self.max_bad, self.consecutive_bad)
+        for k, val in stats.items():
+            self.sums[k] = self.sums[k] + val.float() if k in self.sums else val.float()
+        self.sums["skipped"] = self.sums.get("skipped", 0) + skip.float()
+        self.steps, self.data_wait = self.steps + 1, self.data_wait + data_wait
+
+    def read(self, z: torch.Tensor, batch: int) -> tuple[dict, int]:
+        """(row of window means, the skipped count, the collapse monitors of ``z`` and the timings; the most
+        consecutive skipped steps). One host sync. ``batch``: samples per step (the global batch)."""
+        keys = list(self.sums)
+        vals = torch.stack([self.sums[k] for k in keys]
+                           + [uniformity(z), effective_rank(z), self.max_bad.float()]).tolist()
+        seconds = time.perf_counter() - self.t0
+        row = {k: v / self.steps for k, v in zip(keys, vals)}
+        row.update(skipped=vals[keys.index("skipped")], uniformity=vals[-3], erank=vals[-2],
+                   samples_per_s=self.steps * batch / seconds, time_data=self.data_wait / self.steps,
+                   time_total=seconds / self.steps)
+        max_bad = int(vals[-1])
+        self._start()
+        return row, max_bad
 
 
 class MetricsLogger:

@@ -132,7 +132,7 @@ def signal_after(p: subprocess.Popen, metrics: Path, step: int, pid: int, first:
 def test_sigusr1_stops_at_a_step_with_a_checkpoint_and_the_rerun_is_exact(small_betons, tmp_path, reference_losses):
     # Preemption (issue 22 item 4): SIGUSR1, then SIGTERM every 20 ms (some during the save): the run stops at
     # the next logging step, saves there and exits with status 75; the rerun ends bitwise on the reference.
-    from fastmveb.train import PREEMPTED_EXIT
+    from fastmveb.elastic import PREEMPTED_EXIT
     args = tiny_overrides(small_betons, tmp_path, "pre")
     p = subprocess.Popen([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -162,7 +162,7 @@ def poisoned(*a, **k):
     calls[0] += 1
     return (loss * float('nan') if calls[0] >= 5 else loss), stats
 T.mveb_loss = poisoned
-sys.exit(T.main(sys.argv[1:]))
+sys.exit(T.cli(sys.argv[1:]))
 """
     args = tiny_overrides(small_betons, tmp_path, "nan", **{"optim.max_bad_steps": 3, "train.ckpt_every_steps": 1})
     r = subprocess.run([sys.executable, "-c", script, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
@@ -270,8 +270,8 @@ def _step_with_micro_batches(micro, train_bn: bool, poison_second: bool = False)
                                                "views.n_local=2", "views.global_size=32", "views.local_size=16"])
     acc = make_accelerator(cfg, torch.device("cpu"))
     torch.manual_seed(0)
-    parts = build_training(cfg, acc, lr_peak=2.0)
-    net, target, opt = parts["net"], parts["target"], parts["optimizer"]
+    t = build_training(cfg, acc, lr_peak=2.0)
+    net, target, opt = t.net, t.target, t.optimizer
     net.train(train_bn)
     target.train(train_bn)
     x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -286,7 +286,7 @@ def _step_with_micro_batches(micro, train_bn: bool, poison_second: bool = False)
         lo = torch.nn.functional.interpolate(v[..., 4:36, 4:36], size=16, mode="bilinear")
         return [g, g.flip(-1), lo, lo.flip(-2)]
 
-    model = parts["model"]
+    model = t.model
     before = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
     stats, skip, _ = train_step(net, target, views, opt, x, torch.zeros(16, dtype=torch.long), 1.5,
                                 torch.tensor(0.9), cfg, acc, micro)

@@ -1,4 +1,4 @@
-"""fastmveb/train.py's main(), recording what every optimizer step consumes: one JSON line per step,
+"""fastmveb/train.py (its cli()), recording what every optimizer step consumes: one JSON line per step,
 {"y": the labels of this rank's batch, "lr": the step's lr}, appended to $TRACE_DIR/rank$RANK.jsonl.
 On a beton whose labels are the sample indices (tests/test_elastic.py) the labels ARE the samples read.
 
@@ -25,4 +25,4 @@ def _traced(net, target, view_maker, optimizer, x, y, lr, *rest, **kw):
 
 T.train_step = _traced
 if __name__ == "__main__":
-    sys.exit(T.main(sys.argv[1:]))
+    sys.exit(T.cli(sys.argv[1:]))

@@ -130,34 +130,34 @@ def settings_of(cfg, device) -> dict:
 
 # ------------------------------------------------------------------------------------------------ build
 def make_accelerator(cfg, device: torch.device):
-    """An Accelerator for this config; its process-wide state is reset first so that several settings
-    (bf16 and fp32, this benchmark and the next) can run in one process."""
-    from accelerate import Accelerator
+    """The run's Accelerator (fastmveb.build.make_accelerator: precision, backend flags) on ``device``; its
+    process-wide state is reset first so that several settings (bf16 and fp32, this benchmark and the next)
+    can run in one process."""
     from accelerate.state import AcceleratorState
+    from fastmveb.build import make_accelerator as run_accelerator
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=device.type == "cpu")
+    return run_accelerator(cfg, cpu=device.type == "cpu")
 
 
-def build(cfg, device: torch.device, accelerator):
-    """net, target, view maker, optimizer, compiled callables and lr: the same construction as fastmveb/train.py
-    (torch.compile is lazy: a caller that never calls views_c pays nothing for it)."""
+def build(cfg, device: torch.device, accelerator) -> dict:
+    """The training objects built as fastmveb/train.py builds them (fastmveb.build.build_training), a view maker
+    at the config's sizes (compiled when training compiles; torch.compile is lazy: a caller that never calls it
+    pays nothing), a mid-training lr and the EMA momentum. Keys: training, net_c, target_c, optimizer, views_c,
+    lr, m, accelerator."""
     from accelerate.utils import set_seed
     from fastmveb.build import build_training
     from fastmveb.optim import lr_at, peak_lr
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
     set_seed(cfg.train.seed)
     lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.global_batch_size * accelerator.num_processes)
-    parts = build_training(cfg, accelerator, lr_peak)
-    net, target = parts["net"], parts["target"]
+    t = build_training(cfg, accelerator, lr_peak)
     # A mid-training lr: warm-up over, cosine not yet low (the value does not change the work done).
     lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
     m = torch.tensor(cfg.model.ema_momentum, device=device)
-    net.train()
-    target.train()
-    return dict(parts, lr=lr, m=m, accelerator=accelerator)
+    t.net.train()
+    t.target.train()
+    return {"training": t, "net_c": t.net_c, "target_c": t.target_c, "optimizer": t.optimizer,
+            "views_c": t.view_maker(cfg.views), "lr": lr, "m": m, "accelerator": accelerator}
 
 
 def random_views(cfg, device: torch.device, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -108,15 +108,15 @@ def _timed_loop(next_batch, step, warmup: int, steps: int, device) -> dict:
 
 
 def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads: int | None) -> dict:
-    """FFCV -> ViewMaker -> train_step, constructed as fastmveb/train.py does."""
-    from fastmveb.data import train_loader, unpack_train_batch
+    """FFCV -> ViewMaker -> train_step, constructed as fastmveb/train.py does: the same loader call and the same
+    view switch (one view maker per size, compiled as training compiles)."""
+    from fastmveb.data import train_loader_from_config, unpack_train_batch
+    from fastmveb.resolution import ViewSwitch
     from fastmveb.train import train_step
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
-    views_c = b["views_c"]
-    loader = train_loader(beton, cfg.data.global_batch_size, cfg.data.num_workers, device, decode=cfg.data.decode,
-                          decode_size=cfg.data.decode_size, views=cfg.views, seed=cfg.train.seed,
-                          order=cfg.data.order, os_cache=cfg.data.os_cache, drop_last=True)
+    loader = train_loader_from_config(cfg, cfg.data.global_batch_size, device)
+    views_c, _ = ViewSwitch(cfg, b["training"].view_maker, loader).enter_epoch(0)
     threads = pin_threads(threads)             # the Loader has just set torch's threads to its worker count
     batches = _Batches(loader)
     out = {}
