@@ -342,3 +342,34 @@ def test_unlabeled_beton_trains_with_label_parts_off(unlabeled_betons, tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert all("uniformity" in r and "erank" in r and not any("knn" in k or "probe" in k for k in r) for r in rows)
     assert load_checkpoint(latest_checkpoint(tmp_path / "unl"))["step"] == 2
+
+
+def test_loader_that_disagrees_with_the_plan_is_one_error_line(small_betons, tmp_path, monkeypatch, capsys):
+    # Was an `assert` (a traceback, and nothing at all under python -O): the plan counts the beton's samples,
+    # the loader reads them; a beton rewritten in between makes them disagree.
+    from accelerate.state import AcceleratorState
+    from fastmveb import train
+    monkeypatch.setattr(train, "dataset_length", lambda path: 320)     # the plan: 20 steps; the loader: 10
+    AcceleratorState._reset_state(reset_partial_state=True)
+    rc = train.cli(["--rc", str(ROOT / "rcs/tiny.yaml"), *tiny_overrides(small_betons, tmp_path, "drift")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "batches per epoch" in err[0], err
+    assert not (tmp_path / "drift" / "checkpoints").exists()
+
+
+def test_end_to_end_benchmark_reads_the_training_loader_of_the_config(small_betons, monkeypatch):
+    # bench train built its own loader (drop_last hard-coded True, never distributed): it now makes the one call
+    # training makes, so a config change reaches both. data.drop_last=false is visible in the loader it times.
+    from fastmveb import data
+    from fastmveb.bench.train import measure_fastmveb
+    seen, real = [], data.train_loader_from_config
+
+    def spy(cfg, batch_size, device, distributed=False):
+        loader = real(cfg, batch_size, device, distributed)
+        seen.append((cfg.data.drop_last, loader.drop_last, len(loader)))
+        return loader
+    monkeypatch.setattr(data, "train_loader_from_config", spy)
+    cfg = load_config(ROOT / "rcs/tiny.yaml", tiny_overrides(small_betons, Path("/nonexistent"), "b",
+                                                             **{"data.global_batch_size": 48, "data.drop_last": "false"}))
+    r = measure_fastmveb(cfg, torch.device("cpu"), small_betons / "train.beton", warmup=1, steps=1, threads=1)
+    assert seen == [(False, False, 4)] and r["samples_per_s"] > 0      # 160 samples / 48: 3 full + 1 partial
