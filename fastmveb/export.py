@@ -53,7 +53,8 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from fastmveb.eval.features import (RunError, backbone_state, read_checkpoint, resolve_checkpoint, run_config)
+from fastmveb.errors import RunError, run_cli
+from fastmveb.eval.features import backbone_state, read_checkpoint, resolve_checkpoint, run_config
 
 DEFAULT_CLASSES = 1000          # torchvision's ImageNet head size
 HEAD_FILE = "linear_head.pt"    # written by `python -m fastmveb.eval linear`
@@ -273,6 +274,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the export; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     ap = argparse.ArgumentParser(prog="python -m fastmveb.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="run directory (newest checkpoint unless --ckpt)")
     ap.add_argument("--ckpt", help="a specific checkpoint file")
@@ -285,16 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fc", default="auto", choices=["auto", "zero"], help="fc from a saved probe when one fits, or zeros")
     ap.add_argument("--force", action="store_true", help="overwrite an existing OUT and its .safetensors sibling")
     args = ap.parse_args(argv)
-    try:
-        r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force, args.fmt)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force, args.fmt)
     files = f"{r['pth']} and {r['safetensors']}" if r["safetensors"] else str(r["pth"])
     print(f"exported {r['arch']} for {r['format']} (step {r['step']}, {args.which} encoder, fc: {r['fc']}; "
           f"{r['check']}) -> {files}")
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-export``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

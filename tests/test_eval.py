@@ -362,8 +362,8 @@ def test_cli_missing_run_dir_is_one_line_error(tmp_path):
 
 
 def test_cli_no_checkpoint_is_one_line_error(tmp_path, capsys):
-    from fastmveb.eval.__main__ import main
-    assert main(["linear", "--run", str(tmp_path)]) == 2
+    from fastmveb.eval.__main__ import cli
+    assert cli(["linear", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint")
     assert not (tmp_path / "eval.jsonl").exists()
@@ -381,18 +381,18 @@ def test_resolve_checkpoint_errors(tmp_path):
 def test_transfer_evaluation_on_other_betons(small_betons, unlabeled_betons, tmp_path, capsys):
     """--train-beton / --val-beton: any labelled betons, even when the run's own are gone; unlabeled ones refused."""
     import json
-    from fastmveb.eval.__main__ import main
+    from fastmveb.eval.__main__ import cli
     run = _run_dir(tmp_path, tmp_path / "moved")                       # the run's own betons do not exist
-    assert main(["knn", "--run", str(run), "--num-workers", "1"]) == 2
+    assert cli(["knn", "--run", str(run), "--num-workers", "1"]) == 2
     assert "--train-beton" in capsys.readouterr().err
     a, b = str(small_betons / "val.beton"), str(small_betons / "train.beton")
-    assert main(["knn", "--run", str(run), "--train-beton", a, "--val-beton", b, "--max-val", "40", "--k", "5",
+    assert cli(["knn", "--run", str(run), "--train-beton", a, "--val-beton", b, "--max-val", "40", "--k", "5",
                  "--num-workers", "1"]) == 0
     rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["train_beton"], r["val_beton"]) for r in rows] == [("knn", a, b)]
     assert 0 <= rows[0]["top1"] <= 100
     capsys.readouterr()
-    assert main(["knn", "--run", str(run), "--train-beton", str(unlabeled_betons / "train.beton"), "--val-beton",
+    assert cli(["knn", "--run", str(run), "--train-beton", str(unlabeled_betons / "train.beton"), "--val-beton",
                  b, "--num-workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "has no labels" in err[0]
@@ -416,13 +416,13 @@ def test_finetune_subsets_are_class_balanced_seeded_or_listed():
 
 def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, capsys):
     import json
-    from fastmveb.eval.__main__ import main
+    from fastmveb.eval.__main__ import cli
     run = _run_dir(tmp_path, small_betons)
     files = (small_betons / "train.beton.files.txt").read_text().splitlines()
     subset = tmp_path / "subset.txt"
     # Synthetic file names repeat across classes (00010.jpg): name the class folder too, matched as a path suffix.
     subset.write_text("".join(f"{Path(f).parent.name}/{Path(f).name}\n" for f in files[:12]))
-    assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "2", "--batch", "8",
+    assert cli(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "2", "--batch", "8",
                  "--lr", "0.1", "--val-every", "1", "--num-workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "finetune on 12 labelled images" in out and out.count("val top-1") == 2   # --val-every 1: both epochs
@@ -431,6 +431,6 @@ def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, 
     assert rows[0]["base_lr"] == 0.1 and 0 <= rows[0]["top1"] <= 100
     # --fraction / --random-init: the subset and the baseline (run end to end by the slow test in test_learning.py)
     for args, message in ((["--fraction", "1.5"], "--fraction must be in (0, 1]"), ([], "--fraction F")):
-        assert main(["finetune", "--run", str(run), "--random-init", *args]) == 2
+        assert cli(["finetune", "--run", str(run), "--random-init", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

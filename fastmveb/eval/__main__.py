@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.eval.features import RunError, load_run_backbone
+from fastmveb.errors import RunError, run_cli
+from fastmveb.eval.features import load_run_backbone
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,13 +121,10 @@ def run(args) -> dict:
     if args.random_init:
         from fastmveb.model import build_backbone
         run_dir, path = Path(args.run), None
-        from fastmveb.config import ConfigError, load_config
+        from fastmveb.config import load_config
         if not (run_dir / "config.yaml").is_file():
             raise RunError(f"no config.yaml in '{run_dir}'")
-        try:
-            cfg = load_config(run_dir / "config.yaml")
-        except ConfigError as e:
-            raise RunError(str(e)) from None
+        cfg = load_config(run_dir / "config.yaml")                    # a ConfigError is a UserError: one line
         torch.manual_seed(args.seed)
         backbone, _ = build_backbone(cfg.model.arch, cfg.model.zero_init_residual)
         ck = {}
@@ -270,12 +268,9 @@ def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     args = _parser().parse_args(argv)
-    try:
-        rec = run(args)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rec = run(args)
     if rec["kind"] == "knn":
         what = f"kNN (k={rec['k']}, T={rec['T']})"
     elif rec["kind"] == "finetune":
@@ -298,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-eval``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    rc = main()
+    rc = cli()
     if "numba" in sys.modules:
         # numba's finalizers print harmless KeyError tracebacks at interpreter exit (NOTES.md); every file
         # is closed by now, so skip them rather than bury the result line under noise.
