@@ -14,9 +14,9 @@ from torch import nn
 
 from fastmveb.eval.features import RunError, extract_features, normalize_uint8
 from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
-from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip, sample_rrc_boxes,
+from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip,
                                   train_linear_on_features)
-from fastmveb.eval.online import OnlineLinearProbe
+from fastmveb.eval.online import OnlineLinearProbe, folded_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -196,6 +196,13 @@ def test_larc_matches_the_released_optimizer_on_weight_and_bias():
     assert (b.detach() - eb_weights_only).abs().max() > 0.1
 
 
+def sample_rrc_boxes(n, height, width, scale, ratio, generator):
+    """The boxes rrc_flip cuts, as roi_align's (x1, y1, x2, y2): training's sampler (views.sample_crop_boxes)."""
+    from fastmveb.views import sample_crop_boxes
+    top, left, h, w = sample_crop_boxes(n, height, width, scale, ratio, torch.device("cpu"), generator).unbind(1)
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
 def test_rrc_boxes_and_crops():
     g = torch.Generator().manual_seed(0)
     boxes = sample_rrc_boxes(2000, 40, 60, (0.08, 1.0), (3 / 4, 4 / 3), g)
@@ -346,7 +353,7 @@ def test_online_probe_folded_head_matches_eval_forward():
         probe(torch.randn(16, 6) * 3 + 2, torch.randint(0, 3, (16,)))
     probe.eval()
     h = torch.randn(4, 6)
-    hs = probe.head_state()
+    hs = folded_head(probe.state_dict())
     torch.testing.assert_close(h @ hs["weight"].T + hs["bias"], probe.fc(probe.bn(h)))
 
 
@@ -376,6 +383,47 @@ def test_resolve_checkpoint_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match="cannot read checkpoint"):
         load_run_backbone(tmp_path, tmp_path / "bad.pt")
+
+
+def test_eval_and_export_skip_an_unreadable_newest_checkpoint(small_betons, tmp_path, capsys):
+    """A newest step_*.pt cut short (full disk, a copy killed midway): eval and export fall back to the previous
+    one and say in one line which they skipped, as training's resume does; --ckpt naming it: one error line, 2."""
+    import json
+    from fastmveb.eval.__main__ import cli
+    from fastmveb.export import cli as export_cli
+    run = _run_dir(tmp_path, small_betons)
+    good, broken = run / "checkpoints" / "step_00000001.pt", run / "checkpoints" / "step_00000002.pt"
+    broken.write_bytes(good.read_bytes()[:4096])
+    assert cli(["knn", "--run", str(run), "--max-train", "40", "--max-val", "20", "--k", "5", "--num-workers", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert [ln for ln in err.splitlines() if "step_00000002.pt" in ln] == [
+        next(ln for ln in err.splitlines() if ln.startswith("warning: checkpoint") and "unreadable" in ln)]
+    assert "step_00000001.pt" in out and json.loads((run / "eval.jsonl").read_text())["ckpt"] == "step_00000001.pt"
+    assert export_cli(["--run", str(run), "--out", str(tmp_path / "bb.pth")]) == 0
+    out, err = capsys.readouterr()
+    assert "(step 1," in out and len([ln for ln in err.splitlines() if "step_00000002.pt" in ln]) == 1
+    for main, args in ((cli, ["knn", "--run", str(run), "--num-workers", "1"]), (export_cli, ["--run", str(run),
+                                                                                            "--out", str(tmp_path / "b2.pth")])):
+        assert main([*args, "--ckpt", str(broken)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: cannot read checkpoint") and "step_00000002.pt" in err[0]
+
+
+def test_a_checkpoint_of_another_arch_is_named(tmp_path, capsys):
+    """A resnet10 checkpoint under a config that says resnet18: the error names both archs and the fix (torch's
+    own message lists keys and names neither)."""
+    from fastmveb.config import dump_config, load_config
+    from fastmveb.eval.__main__ import cli
+    from fastmveb.export import cli as export_cli
+    run = _run_dir(tmp_path, tmp_path / "no-betons")                  # a resnet10 checkpoint
+    dump_config(load_config(run / "config.yaml", ["model.arch=resnet18"]), run / "config.yaml")
+    for main, args in ((cli, ["knn", "--run", str(run)]), (export_cli, ["--run", str(run), "--out",
+                                                                      str(tmp_path / "x.pth")])):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith("error: checkpoint ") and "step_00000001.pt holds a resnet10 backbone (" in err[0]
+        assert "says resnet18" in err[0] and "model.arch: resnet10" in err[0]
 
 
 def test_transfer_evaluation_on_other_betons(small_betons, unlabeled_betons, tmp_path, capsys):
