@@ -267,7 +267,8 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
 def main(argv: list[str] | None = None) -> int:
     """Run the export; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     ap = argparse.ArgumentParser(prog="python -m fastmveb.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", help="run directory (newest checkpoint unless --ckpt)")
+    ap.add_argument("--run", help="run directory (newest readable checkpoint unless --ckpt; a newer unreadable "
+                    "one is skipped with a warning, as training's resume skips it)")
     ap.add_argument("--ckpt", help="a specific checkpoint file")
     ap.add_argument("--out", required=True, help="FILE.pth (FILE.safetensors is written next to it); FILE.pkl "
                     "with --format detectron2")

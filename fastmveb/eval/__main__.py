@@ -7,8 +7,9 @@
     python -m fastmveb.eval finetune --run runs/NAME --fraction 0.01|0.1 [--subset FILE]   # semi-supervised
 
 Reads the betons (unless --train-beton / --val-beton name other labelled ones: transfer to another dataset),
-eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
-checkpoint (or --ckpt; the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
+eval crop and normalisation from the run's config.yaml, loads the backbone of the newest readable
+checkpoint (a newer unreadable one is skipped with one warning line, as training's resume skips it; or --ckpt;
+the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
 line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
 run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
 Defaults come from the config's eval section (knn_k, knn_t, linear_epochs, linear_base_lr,
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", required=True, help="run directory (config.yaml, checkpoints/)")
-    common.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
+    common.add_argument("--ckpt", help="checkpoint file (default: the run's newest readable one)")
     common.add_argument("--which", default="online", choices=["online", "target"], help="online encoder or EMA target")
     common.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone (baseline)")
     common.add_argument("--batch-size", type=int, help="eval loader batch size (default: data.eval_batch_size)")
