@@ -318,13 +318,9 @@ class ViewMaker(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.specs = view_specs(cfg)
+        # interpolation, jitter_order and dtype are the config's Literal choices: config.validate checks them.
         self.interpolation = cfg.interpolation
         self.jitter_order = cfg.jitter_order
-        _filter(self.interpolation)
-        if self.jitter_order not in ("random", "fixed"):
-            raise ValueError(f"jitter_order must be 'random' or 'fixed', got {self.jitter_order!r}")
-        if cfg.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"views dtype must be float32 or bfloat16, got {cfg.dtype!r}")
         self.out_dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
         self.blur_radius = int(math.ceil(3.0 * cfg.blur_sigma[1]))
         std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
