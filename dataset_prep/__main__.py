@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from fastmveb.errors import print_error, run_cli
+
 from .writer import DEFAULT_MAX_SIDE, MAX_SIDE, MIN_SIDE, WRITE_MODES, PrepError
 
 
@@ -137,27 +139,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad input raises a PrepError (``cli`` prints it as one line and exits 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["auto"]:
         known, rest = parser().parse_known_args(argv)
-        try:
-            argv = auto_mode(known.data) + rest
-        except PrepError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        argv = auto_mode(known.data) + rest
     args = parser().parse_args(argv)
     if args.cmd == "verify":
         from .integrity import BetonError, verify
         code = 0
-        for path in args.paths:
+        for path in args.paths:          # every beton gets its line: one bad file does not hide the others
             try:
                 print(verify(path))
             except BetonError as e:
-                print(f"error: {e}", file=sys.stderr)
-                code = 2
+                print_error(str(e))
+                code = e.exit_code
         return code
     max_side = getattr(args, "max_side", 0) or None
-    try:
+    try:                                 # a PrepError propagates to cli: one error line, exit 2
         if args.cmd == "grid":
             from .synthetic import write_grid
             write_grid(args.out, per_class=args.per_class, thumb=args.thumb, seed=args.seed)
@@ -194,17 +193,19 @@ def main(argv: list[str] | None = None) -> int:
                 classes = list_classes(Path(args.data) / "train")   # val's labels still come from train
             convert_imagefolder(args.data, args.out, splits=splits, classes=classes, subset=bool(args.classes),
                                 **write)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("error: interrupted; no beton was left half-written", file=sys.stderr)
+        print_error("interrupted; no beton was left half-written")
         return 130
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-prep``: main with a UserError (PrepError, BetonError) as one ``error: ...`` line, exit 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    code = main()
+    code = cli()
     sys.stdout.flush()
     sys.stderr.flush()
     # numba's finalizers can print harmless KeyError tracebacks at interpreter exit (NOTES.md); skip them.

@@ -132,10 +132,10 @@ def check_beton(beton: str | Path) -> None:
     _check_cached(str(beton), st.st_size, st.st_mtime_ns)
 
 
-def verify(beton: str | Path, restamp: bool = True) -> str:
+def verify(beton: str | Path) -> str:
     """Everything: header, sidecar size and SHA-256, and every sample's allocation. -> a one-line summary.
 
-    ``restamp``: when the hash matches but the time differs (a copy), record the new time in the sidecar.
+    When the hash matches but the time differs (a copy), the new time is recorded in the sidecar.
     """
     from ffcv.reader import Reader
     from ffcv.types import FieldDescType, HeaderType
@@ -151,7 +151,7 @@ def verify(beton: str | Path, restamp: bool = True) -> str:
                              f"{rec['size']} recorded); {FIX}")
         if sha256_file(beton) != rec["sha256"]:
             raise BetonError(f"{beton} is corrupted (its SHA-256 differs from {sidecar_path(beton).name}); {FIX}")
-        if st.st_mtime_ns != rec["mtime_ns"] and restamp:
+        if st.st_mtime_ns != rec["mtime_ns"]:
             try:
                 write_sidecar(dict(rec, mtime_ns=st.st_mtime_ns), sidecar_path(beton))
             except OSError:

@@ -296,8 +296,16 @@ def restore_rng_state(state: dict) -> None:
 
 def backbone_state_dict(model_state: dict, prefix: str = "backbone.") -> dict:
     """The backbone part of an MVEBModel state_dict, keyed as torchvision's ResNet (load with strict=False
-    or after dropping ``fc``: the backbone has no fc)."""
-    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    or after dropping ``fc``: the backbone has no fc). Evaluation and export read it through this one helper."""
+    sd = {}
+    for k, v in model_state.items():
+        # Wrappers (torch.compile, DDP) prefix names; the contract is unwrapped modules, but tolerate them.
+        for pre in ("_orig_mod.", "module."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        if k.startswith(prefix):
+            sd[k[len(prefix):]] = v
+    return sd
 
 
 # ----------------------------------------------------------------------------- the trainer's save and resume

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from fastmveb.errors import UserError
+from fastmveb.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "demo.json"
@@ -85,11 +85,8 @@ def _final_knn(run_dir: Path) -> dict:
 def run(seeds: list[int], rc: Path, overrides: list[str], out: Path, readme: Path, embedding: Path | None,
         generate: bool, run_dir: Path, jobs: int = 1) -> dict:
     """Generate (optionally), train every seed, write ``out``; returns the results payload."""
-    from fastmveb.config import ConfigError, load_config
-    try:
-        cfg = load_config(rc, overrides)
-    except ConfigError as e:
-        raise DemoError(str(e)) from None
+    from fastmveb.config import load_config
+    cfg = load_config(rc, overrides)                                  # a ConfigError is a UserError: one line
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     payload = {"env": _env(), "rc": str(rc.relative_to(ROOT) if rc.is_relative_to(ROOT) else rc),
                "overrides": overrides, "fingerprint": fingerprint(cfg), "load_start": _load(), "seeds": []}
@@ -135,11 +132,8 @@ def run(seeds: list[int], rc: Path, overrides: list[str], out: Path, readme: Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
     if embedding is not None:
-        from fastmveb.report import RunError, make_embedding
-        try:
-            make_embedding(run_dir / f"demo-seed{seeds[0]}", embedding)
-        except RunError as e:
-            raise DemoError(str(e)) from None
+        from fastmveb.report import make_embedding
+        make_embedding(run_dir / f"demo-seed{seeds[0]}", embedding)
     sync_readme(payload, readme)
     return payload
 
@@ -191,6 +185,7 @@ def read_results(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     ap = argparse.ArgumentParser(prog="python -m fastmveb.demo", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train the demo at each seed, write the results file and the README block")
@@ -211,26 +206,26 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--readme", default=os.path.relpath(README), help="README to update (default README.md)")
     args = ap.parse_args(argv)
     results, readme = Path(args.results).resolve(), Path(args.readme).resolve()
-    try:
-        if not readme.is_file():
-            raise DemoError(f"README '{readme}' not found")
-        if args.cmd == "run":
-            if args.jobs < 1 or len(set(args.seeds)) != len(args.seeds):
-                raise DemoError(f"--jobs must be >= 1 and --seeds distinct, got {args.jobs} and {args.seeds}")
-            rc = Path(args.rc).resolve()
-            if not rc.is_file():
-                raise DemoError(f"run config '{args.rc}' not found")
-            run(args.seeds, rc, args.overrides, results, readme, Path(args.embedding).resolve() if args.embedding else None,
-                args.generate, Path(args.run_dir).resolve(), args.jobs)
-        else:
-            if not sync_readme(read_results(results), readme):
-                raise DemoError(f"'{readme}' has no demo block ({BEGIN} ... {END})")
-        print(f"demo figures -> {os.path.relpath(results)}, {os.path.relpath(readme)}")
-    except DemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not readme.is_file():
+        raise DemoError(f"README '{readme}' not found")
+    if args.cmd == "run":
+        if args.jobs < 1 or len(set(args.seeds)) != len(args.seeds):
+            raise DemoError(f"--jobs must be >= 1 and --seeds distinct, got {args.jobs} and {args.seeds}")
+        rc = Path(args.rc).resolve()
+        if not rc.is_file():
+            raise DemoError(f"run config '{args.rc}' not found")
+        run(args.seeds, rc, args.overrides, results, readme, Path(args.embedding).resolve() if args.embedding else None,
+            args.generate, Path(args.run_dir).resolve(), args.jobs)
+    elif not sync_readme(read_results(results), readme):
+        raise DemoError(f"'{readme}' has no demo block ({BEGIN} ... {END})")
+    print(f"demo figures -> {os.path.relpath(results)}, {os.path.relpath(readme)}")
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-demo``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastmveb.collectives import all_gather_rows
 from fastmveb.hostsync import sync_free
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -189,16 +190,6 @@ def _grouped_score64(z: torch.Tensor, size: int, eta: float, min_tau: float):
     return torch.cat(scores, -2), torch.cat(taus, -1), torch.cat(falls, -1)
 
 
-def _gather_rows(z: torch.Tensor) -> torch.Tensor:
-    """All ranks' z (..., N, d) concatenated along N in rank order; no autograd (the score is detached anyway).
-
-    Every rank must hold the same shape (drop_last batches); torch.distributed rejects anything else.
-    """
-    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.contiguous())
-    return torch.cat(parts, -2)
-
-
 def entropy_surrogate(z: torch.Tensor, group: int | str = 128, eta: float = 0.01,
                       min_tau: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """H_sur(z) = -(1/N) sum_i <sg(score_i), z_i>: its gradient w.r.t. z is -score / N, that of the entropy.
@@ -215,7 +206,8 @@ def entropy_surrogate(z: torch.Tensor, group: int | str = 128, eta: float = 0.01
     N = z.shape[-2]
     zd = z.detach()
     if group == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        score, tau, fallback = _score64(_gather_rows(zd), eta, min_tau)
+        # all ranks' rows along N; no autograd needed: the score is detached anyway
+        score, tau, fallback = _score64(all_gather_rows(zd, dim=-2, same_shape=True), eta, min_tau)
         start = dist.get_rank() * N
         score = score[..., start:start + N, :]
     elif group in ("global", "local"):

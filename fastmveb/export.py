@@ -49,11 +49,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import ResNet
 
-from fastmveb.eval.features import (RunError, backbone_state, read_checkpoint, resolve_checkpoint, run_config)
+from fastmveb.errors import RunError, run_cli
+from fastmveb.eval.features import arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
+from fastmveb.eval.online import folded_head
+from fastmveb.model import torchvision_resnet
 
 DEFAULT_CLASSES = 1000          # torchvision's ImageNet head size
 HEAD_FILE = "linear_head.pt"    # written by `python -m fastmveb.eval linear`
@@ -62,22 +64,10 @@ FORMATS = ("torchvision", "timm", "detectron2")
 
 def torchvision_model(arch: str) -> ResNet:
     """The torchvision model (random init, default 1000-class fc) that an export of ``arch`` loads into."""
-    if arch == "resnet10":
-        return ResNet(BasicBlock, [1, 1, 1, 1])
     try:
-        return torchvision.models.get_model(arch, weights=None)
+        return torchvision_resnet(arch)
     except ValueError:
         raise RunError(f"unknown arch {arch!r}: not a torchvision model") from None
-
-
-def _probe_head(state: dict) -> dict | None:
-    """Fold an OnlineLinearProbe state_dict (bn running stats + fc) into one Linear on raw features."""
-    keys = {"bn.running_mean", "bn.running_var", "fc.weight", "fc.bias"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        return None
-    inv = (state["bn.running_var"].float() + 1e-5).rsqrt()  # nn.BatchNorm1d's default eps
-    w = state["fc.weight"].float() * inv[None, :]
-    return {"weight": w, "bias": state["fc.bias"].float() - w @ state["bn.running_mean"].float()}
 
 
 def find_head(run_dir: Path | None, ck: dict, ckpt_path: Path, which: str, feat_dim: int) -> tuple[dict | None, str]:
@@ -90,7 +80,7 @@ def find_head(run_dir: Path | None, ck: dict, ckpt_path: Path, which: str, feat_
             return {"weight": saved["weight"], "bias": saved["bias"]}, f"linear probe ({saved.get('mode', '?')}, {HEAD_FILE})"
     if which == "online":
         for key in ("probe", "online_probe"):
-            head = _probe_head(ck.get(key))
+            head = folded_head(ck.get(key))
             if head is not None and tuple(head["weight"].shape[1:]) == (feat_dim,):
                 return head, f"online linear probe (checkpoint '{key}')"
     return None, "zero-initialised (1000 classes)"
@@ -224,8 +214,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         if p.exists() and not force:
             raise RunError(f"'{p}' exists; pass --force to overwrite it" + ("" if fmt == "detectron2" else
                            " (and its .pth/.safetensors sibling)"))
-    run_dir, path = resolve_checkpoint(run, ckpt)
-    ck = read_checkpoint(path)
+    run_dir, path, ck = open_checkpoint(run, ckpt)
     cfg = run_config(run_dir, ck)
     arch = cfg.model.arch
     bsd = backbone_state(ck, which)
@@ -234,7 +223,10 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
     if fmt == "detectron2":
         fc = "zero"                                                   # detection has no classifier: fc is dropped
     head, source = find_head(run_dir, ck, path, which, feat_dim) if fc == "auto" else (None, "zero-initialised (1000 classes)")
-    sd = torchvision_state(bsd, arch, head, ref)                      # the strict torchvision check, every format
+    try:
+        sd = torchvision_state(bsd, arch, head, ref)                  # the strict torchvision check, every format
+    except RunError as e:                                             # a checkpoint of another arch: name it
+        raise RunError(arch_mismatch(bsd, arch, path, config_source(run_dir)) or str(e)) from None
     result = {"pth": None, "safetensors": None, "arch": arch, "step": ck.get("step"), "fc": source, "format": fmt,
               "check": f"loads strictly into torchvision {arch}"}
     if fmt == "detectron2":
@@ -273,8 +265,10 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the export; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     ap = argparse.ArgumentParser(prog="python -m fastmveb.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", help="run directory (newest checkpoint unless --ckpt)")
+    ap.add_argument("--run", help="run directory (newest readable checkpoint unless --ckpt; a newer unreadable "
+                    "one is skipped with a warning, as training's resume skips it)")
     ap.add_argument("--ckpt", help="a specific checkpoint file")
     ap.add_argument("--out", required=True, help="FILE.pth (FILE.safetensors is written next to it); FILE.pkl "
                     "with --format detectron2")
@@ -285,16 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fc", default="auto", choices=["auto", "zero"], help="fc from a saved probe when one fits, or zeros")
     ap.add_argument("--force", action="store_true", help="overwrite an existing OUT and its .safetensors sibling")
     args = ap.parse_args(argv)
-    try:
-        r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force, args.fmt)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = export_backbone(args.out, args.run, args.ckpt, args.which, args.fc, args.force, args.fmt)
     files = f"{r['pth']} and {r['safetensors']}" if r["safetensors"] else str(r["pth"])
     print(f"exported {r['arch']} for {r['format']} (step {r['step']}, {args.which} encoder, fc: {r['fc']}; "
           f"{r['check']}) -> {files}")
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-export``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -21,14 +21,21 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from .checkpoint import unwrap
 
-# A resnet18 with one block per stage: small enough for CPU tests and the demo, same code path as resnet50.
-_EXTRA_ARCHS = {"resnet10": lambda **kw: ResNet(BasicBlock, [1, 1, 1, 1], **kw)}
-
-
 def valid_archs() -> list[str]:
     tv = [n for n in torchvision.models.list_models(module=torchvision.models)
           if n.startswith(("resnet", "wide_resnet", "resnext"))]
-    return sorted(set(tv) | set(_EXTRA_ARCHS))
+    return sorted(set(tv) | {"resnet10"})
+
+
+def torchvision_resnet(arch: str, **kwargs) -> ResNet:
+    """The torchvision model ``arch`` names (random init, its 1000-class fc); ValueError for an unknown name.
+
+    "resnet10" is a resnet18 with one block per stage, ResNet(BasicBlock, [1, 1, 1, 1]): small enough for CPU
+    tests and the demo, same code path as resnet50. An export of it loads into exactly this model.
+    """
+    if arch == "resnet10":
+        return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+    return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
 def build_backbone(arch: str, zero_init_residual: bool = True) -> tuple[ResNet, int]:
@@ -36,13 +43,23 @@ def build_backbone(arch: str, zero_init_residual: bool = True) -> tuple[ResNet, 
     names = valid_archs()
     if arch not in names:
         raise ValueError(f"unknown backbone arch {arch!r}; valid: {', '.join(names)}")
-    if arch in _EXTRA_ARCHS:
-        net = _EXTRA_ARCHS[arch](zero_init_residual=zero_init_residual)
-    else:
-        net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    net = torchvision_resnet(arch, zero_init_residual=zero_init_residual)
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+def identify_backbone(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The arch (of ``valid_archs``) whose backbone has exactly these tensor names and shapes (``fc.*``
+    ignored), or None. The candidates are built on the meta device: shapes only, no memory, no init cost."""
+    want = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith("fc.")}
+    for arch in valid_archs():
+        with torch.device("meta"):
+            net = torchvision_resnet(arch)
+        have = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("fc.")}
+        if have == want:
+            return arch
+    return None
 
 
 class Projector(nn.Sequential):

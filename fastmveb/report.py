@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastmveb.errors import RunError
+from fastmveb.errors import RunError, run_cli
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -336,6 +336,7 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Draw the pages; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     ap = argparse.ArgumentParser(prog="python -m fastmveb.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run directory with metrics.jsonl")
     ap.add_argument("--out", help="PNG path (default: RUN/report.png)")
@@ -343,17 +344,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="also draw the PCA embedding of val features, trained vs random init, with their kNN top-1 "
                          "(default path: RUN/embedding.png; needs the run's checkpoint and betons)")
     args = ap.parse_args(argv)
-    try:
-        out = make_report(args.run, args.out)
-        print(f"report -> {out}")
-        if args.embedding is not None:
-            emb, knn = make_embedding(args.run, args.embedding or None)
-            print(f"embedding -> {emb} (kNN top-1: trained {knn['trained']:.2f}%, random init {knn['random_init']:.2f}%)")
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = make_report(args.run, args.out)
+    print(f"report -> {out}")
+    if args.embedding is not None:
+        emb, knn = make_embedding(args.run, args.embedding or None)
+        print(f"embedding -> {emb} (kNN top-1: trained {knn['trained']:.2f}%, random init {knn['random_init']:.2f}%)")
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-report``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

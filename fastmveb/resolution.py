@@ -1,8 +1,8 @@
 """Progressive resolution: fewer pixels early, the FFCV way, for every MVEB view.
 
     res = resolution_at(epoch, cfg)           # Resolution(global_size, local_size, decode_size) of that epoch
-    for first, last, res in schedule(cfg):    # the epoch ranges of constant size (the --dry-run table)
-    print(format_schedule(cfg))
+    for first, last, res in schedule(cfg):    # the epoch ranges of constant size
+    print("\n".join(schedule_lines(cfg)))    # the same, as the --dry-run plan shows it
 
 The global view side is a pure function of the epoch (``ramp_size``): ``views.res_start_size`` up to epoch
 ``views.res_start_epoch``, then a linear ramp to ``views.global_size`` at ``views.res_end_epoch``, rounded to
@@ -92,16 +92,6 @@ def schedule(cfg) -> list[tuple[int, int, Resolution]]:
         else:
             out.append((e, e, r))
     return out
-
-
-def format_schedule(cfg) -> str:
-    """The size schedule as a small table (one line per epoch range), for the --dry-run plan."""
-    n_local = cfg.views.n_local
-    lines = ["epochs      global  local  decode"]
-    for first, last, r in schedule(cfg):
-        span = f"{first}-{last}" if last > first else f"{first}"
-        lines.append(f"{span:<11} {r.global_size:>6} {r.local_size if n_local else '-':>6} {r.decode_size:>7}")
-    return "\n".join(lines)
 
 
 def schedule_lines(cfg) -> list[str]:

@@ -308,23 +308,19 @@ def gaussian_blur(x, kernels):
 class ViewMaker(torch.nn.Module):
     """All MVEB views of a batch. See the module docstring for the contract.
 
-    interpolation ("bilinear" | "bicubic") and jitter_order ("random" | "fixed") are read from the config
-    when it has such fields, else from the arguments. Defaults: bicubic (the released recipe's
-    RandomResizedCrop interpolation; same cost as bilinear here, both are one dense matmul per axis) and
-    random (torchvision's per-sample op order, exact, at ~the cost of the fixed order).
+    interpolation ("bilinear" | "bicubic") and jitter_order ("random" | "fixed") come from the config
+    (views.interpolation, views.jitter_order). Defaults: bicubic (the released recipe's RandomResizedCrop
+    interpolation; same cost as bilinear here, both are one dense matmul per axis) and random (torchvision's
+    per-sample op order, exact, at ~the cost of the fixed order).
     """
 
-    def __init__(self, cfg: ViewsConfig, interpolation: str | None = None, jitter_order: str | None = None):
+    def __init__(self, cfg: ViewsConfig):
         super().__init__()
         self.cfg = cfg
         self.specs = view_specs(cfg)
-        self.interpolation = interpolation or getattr(cfg, "interpolation", "bicubic")
-        self.jitter_order = jitter_order or getattr(cfg, "jitter_order", "random")
-        _filter(self.interpolation)
-        if self.jitter_order not in ("random", "fixed"):
-            raise ValueError(f"jitter_order must be 'random' or 'fixed', got {self.jitter_order!r}")
-        if cfg.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"views dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+        # interpolation, jitter_order and dtype are the config's Literal choices: config.validate checks them.
+        self.interpolation = cfg.interpolation
+        self.jitter_order = cfg.jitter_order
         self.out_dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
         self.blur_radius = int(math.ceil(3.0 * cfg.blur_sigma[1]))
         std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dataset_prep import synthetic, writer
-from dataset_prep.__main__ import main as cli
+from dataset_prep.__main__ import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,17 +69,17 @@ def test_report_rewrites_only_the_block_and_errors_in_one_line(tmp_path, capsys)
     readme.write_text(f"# x\nbefore\n{demo.BEGIN}\nstale 20.00%\n{demo.END}\nafter\n")
     results = tmp_path / "demo.json"
     results.write_text(json.dumps(PAYLOAD))
-    assert demo.main(["report", "--results", str(results), "--readme", str(readme)]) == 0
+    assert demo.cli(["report", "--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "stale" not in text and text.startswith("# x\nbefore\n") and text.endswith(f"{demo.END}\nafter\n")
     assert demo.demo_block(json.loads(results.read_text())) in text
     capsys.readouterr()
     # Missing results, a README without the markers: one line, exit 2, README untouched.
-    assert demo.main(["report", "--results", str(tmp_path / "none.json"), "--readme", str(readme)]) == 2
+    assert demo.cli(["report", "--results", str(tmp_path / "none.json"), "--readme", str(readme)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read demo results")
     (tmp_path / "plain.md").write_text("# no markers\n")
-    assert demo.main(["report", "--results", str(results), "--readme", str(tmp_path / "plain.md")]) == 2
+    assert demo.cli(["report", "--results", str(results), "--readme", str(tmp_path / "plain.md")]) == 2
     assert "no demo block" in capsys.readouterr().err
     assert (tmp_path / "plain.md").read_text() == "# no markers\n"
 

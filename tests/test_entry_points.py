@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -18,6 +20,29 @@ def test_every_console_script_points_at_a_main():
     for name, target in SCRIPTS.items():
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_every_command_reports_bad_input_through_run_cli(tmp_path, capsys):
+    """One path for user errors: each main raises a UserError, and its console script (cli = errors.run_cli(main))
+    prints it once as `error: ...` and exits 2. The GPU check, run as `python -m`, goes the same way."""
+    from fastmveb.errors import UserError
+    nope = str(tmp_path / "nope")
+    bad = {"fastmveb-eval": ["knn", "--run", nope], "fastmveb-export": ["--run", nope, "--out", nope + ".pth"],
+           "fastmveb-report": ["--run", nope], "fastmveb-bench": ["nope"],
+           "fastmveb-demo": ["report", "--readme", nope + ".md"], "fastmveb-prep": ["auto", "--data", nope],
+           "gpu_check": ["--out", str(tmp_path / "gc"), "--work", str(tmp_path / "w"), "--only", "nope"]}
+    targets = dict(SCRIPTS, gpu_check="fastmveb.bench.gpu_check:cli")
+    assert set(targets) - set(bad) == {"fastmveb-train"}                # a new command gets its line here
+    for name, argv in bad.items():
+        module, _, func = targets[name].partition(":")
+        mod = importlib.import_module(module)
+        assert func == "cli", name
+        with pytest.raises(UserError):
+            mod.main(argv)
+        capsys.readouterr()
+        assert mod.cli(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], (name, err)
 
 
 def _run(cmd):

@@ -14,9 +14,9 @@ from torch import nn
 
 from fastmveb.eval.features import RunError, extract_features, normalize_uint8
 from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
-from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip, sample_rrc_boxes,
+from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip,
                                   train_linear_on_features)
-from fastmveb.eval.online import OnlineLinearProbe
+from fastmveb.eval.online import OnlineLinearProbe, folded_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -196,6 +196,13 @@ def test_larc_matches_the_released_optimizer_on_weight_and_bias():
     assert (b.detach() - eb_weights_only).abs().max() > 0.1
 
 
+def sample_rrc_boxes(n, height, width, scale, ratio, generator):
+    """The boxes rrc_flip cuts, as roi_align's (x1, y1, x2, y2): training's sampler (views.sample_crop_boxes)."""
+    from fastmveb.views import sample_crop_boxes
+    top, left, h, w = sample_crop_boxes(n, height, width, scale, ratio, torch.device("cpu"), generator).unbind(1)
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
 def test_rrc_boxes_and_crops():
     g = torch.Generator().manual_seed(0)
     boxes = sample_rrc_boxes(2000, 40, 60, (0.08, 1.0), (3 / 4, 4 / 3), g)
@@ -346,7 +353,7 @@ def test_online_probe_folded_head_matches_eval_forward():
         probe(torch.randn(16, 6) * 3 + 2, torch.randint(0, 3, (16,)))
     probe.eval()
     h = torch.randn(4, 6)
-    hs = probe.head_state()
+    hs = folded_head(probe.state_dict())
     torch.testing.assert_close(h @ hs["weight"].T + hs["bias"], probe.fc(probe.bn(h)))
 
 
@@ -362,8 +369,8 @@ def test_cli_missing_run_dir_is_one_line_error(tmp_path):
 
 
 def test_cli_no_checkpoint_is_one_line_error(tmp_path, capsys):
-    from fastmveb.eval.__main__ import main
-    assert main(["linear", "--run", str(tmp_path)]) == 2
+    from fastmveb.eval.__main__ import cli
+    assert cli(["linear", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint")
     assert not (tmp_path / "eval.jsonl").exists()
@@ -378,21 +385,62 @@ def test_resolve_checkpoint_errors(tmp_path):
         load_run_backbone(tmp_path, tmp_path / "bad.pt")
 
 
+def test_eval_and_export_skip_an_unreadable_newest_checkpoint(small_betons, tmp_path, capsys):
+    """A newest step_*.pt cut short (full disk, a copy killed midway): eval and export fall back to the previous
+    one and say in one line which they skipped, as training's resume does; --ckpt naming it: one error line, 2."""
+    import json
+    from fastmveb.eval.__main__ import cli
+    from fastmveb.export import cli as export_cli
+    run = _run_dir(tmp_path, small_betons)
+    good, broken = run / "checkpoints" / "step_00000001.pt", run / "checkpoints" / "step_00000002.pt"
+    broken.write_bytes(good.read_bytes()[:4096])
+    assert cli(["knn", "--run", str(run), "--max-train", "40", "--max-val", "20", "--k", "5", "--num-workers", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert [ln for ln in err.splitlines() if "step_00000002.pt" in ln] == [
+        next(ln for ln in err.splitlines() if ln.startswith("warning: checkpoint") and "unreadable" in ln)]
+    assert "step_00000001.pt" in out and json.loads((run / "eval.jsonl").read_text())["ckpt"] == "step_00000001.pt"
+    assert export_cli(["--run", str(run), "--out", str(tmp_path / "bb.pth")]) == 0
+    out, err = capsys.readouterr()
+    assert "(step 1," in out and len([ln for ln in err.splitlines() if "step_00000002.pt" in ln]) == 1
+    for main, args in ((cli, ["knn", "--run", str(run), "--num-workers", "1"]), (export_cli, ["--run", str(run),
+                                                                                            "--out", str(tmp_path / "b2.pth")])):
+        assert main([*args, "--ckpt", str(broken)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: cannot read checkpoint") and "step_00000002.pt" in err[0]
+
+
+def test_a_checkpoint_of_another_arch_is_named(tmp_path, capsys):
+    """A resnet10 checkpoint under a config that says resnet18: the error names both archs and the fix (torch's
+    own message lists keys and names neither)."""
+    from fastmveb.config import dump_config, load_config
+    from fastmveb.eval.__main__ import cli
+    from fastmveb.export import cli as export_cli
+    run = _run_dir(tmp_path, tmp_path / "no-betons")                  # a resnet10 checkpoint
+    dump_config(load_config(run / "config.yaml", ["model.arch=resnet18"]), run / "config.yaml")
+    for main, args in ((cli, ["knn", "--run", str(run)]), (export_cli, ["--run", str(run), "--out",
+                                                                      str(tmp_path / "x.pth")])):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith("error: checkpoint ") and "step_00000001.pt holds a resnet10 backbone (" in err[0]
+        assert "says resnet18" in err[0] and "model.arch: resnet10" in err[0]
+
+
 def test_transfer_evaluation_on_other_betons(small_betons, unlabeled_betons, tmp_path, capsys):
     """--train-beton / --val-beton: any labelled betons, even when the run's own are gone; unlabeled ones refused."""
     import json
-    from fastmveb.eval.__main__ import main
+    from fastmveb.eval.__main__ import cli
     run = _run_dir(tmp_path, tmp_path / "moved")                       # the run's own betons do not exist
-    assert main(["knn", "--run", str(run), "--num-workers", "1"]) == 2
+    assert cli(["knn", "--run", str(run), "--num-workers", "1"]) == 2
     assert "--train-beton" in capsys.readouterr().err
     a, b = str(small_betons / "val.beton"), str(small_betons / "train.beton")
-    assert main(["knn", "--run", str(run), "--train-beton", a, "--val-beton", b, "--max-val", "40", "--k", "5",
+    assert cli(["knn", "--run", str(run), "--train-beton", a, "--val-beton", b, "--max-val", "40", "--k", "5",
                  "--num-workers", "1"]) == 0
     rows = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["train_beton"], r["val_beton"]) for r in rows] == [("knn", a, b)]
     assert 0 <= rows[0]["top1"] <= 100
     capsys.readouterr()
-    assert main(["knn", "--run", str(run), "--train-beton", str(unlabeled_betons / "train.beton"), "--val-beton",
+    assert cli(["knn", "--run", str(run), "--train-beton", str(unlabeled_betons / "train.beton"), "--val-beton",
                  b, "--num-workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "has no labels" in err[0]
@@ -416,13 +464,13 @@ def test_finetune_subsets_are_class_balanced_seeded_or_listed():
 
 def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, capsys):
     import json
-    from fastmveb.eval.__main__ import main
+    from fastmveb.eval.__main__ import cli
     run = _run_dir(tmp_path, small_betons)
     files = (small_betons / "train.beton.files.txt").read_text().splitlines()
     subset = tmp_path / "subset.txt"
     # Synthetic file names repeat across classes (00010.jpg): name the class folder too, matched as a path suffix.
     subset.write_text("".join(f"{Path(f).parent.name}/{Path(f).name}\n" for f in files[:12]))
-    assert main(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "2", "--batch", "8",
+    assert cli(["finetune", "--run", str(run), "--subset", str(subset), "--epochs", "2", "--batch", "8",
                  "--lr", "0.1", "--val-every", "1", "--num-workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "finetune on 12 labelled images" in out and out.count("val top-1") == 2   # --val-every 1: both epochs
@@ -431,6 +479,6 @@ def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, 
     assert rows[0]["base_lr"] == 0.1 and 0 <= rows[0]["top1"] <= 100
     # --fraction / --random-init: the subset and the baseline (run end to end by the slow test in test_learning.py)
     for args, message in ((["--fraction", "1.5"], "--fraction must be in (0, 1]"), ([], "--fraction F")):
-        assert main(["finetune", "--run", str(run), "--random-init", *args]) == 2
+        assert cli(["finetune", "--run", str(run), "--random-init", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

@@ -15,7 +15,7 @@ from torch import nn
 from fastmveb.config import Config, dump_config, to_dict
 from fastmveb.eval.features import RunError, load_run_backbone
 from fastmveb.eval.online import OnlineLinearProbe
-from fastmveb.export import export_backbone, main, torchvision_model
+from fastmveb.export import cli, export_backbone, torchvision_model
 from fastmveb.model import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_export_errors(tmp_path, capsys):
         export_backbone(tmp_path / "x.pth", run=tmp_path)
     with pytest.raises(RunError, match=r"\.pth"):
         export_backbone(tmp_path / "x.bin", run=tmp_path)
-    assert main(["--run", str(tmp_path), "--out", str(tmp_path / "x.pth")]) == 2
+    assert cli(["--run", str(tmp_path), "--out", str(tmp_path / "x.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
 
@@ -242,10 +242,10 @@ def test_detectron2_export_has_detectron2s_r50_names_and_the_weights(tmp_path, c
     for d2, tv in pairs.items():
         assert model[d2].dtype == np.float32 and np.array_equal(model[d2], sd[tv].numpy()), d2
     assert model["res5.2.conv3.weight"].shape == (2048, 512, 1, 1) and model["stem.conv1.weight"].shape == (64, 3, 7, 7)
-    assert main(["--run", str(run), "--format", "detectron2", "--out", str(tmp_path / "R-50.pth")]) == 2
+    assert cli(["--run", str(run), "--format", "detectron2", "--out", str(tmp_path / "R-50.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ".pkl" in err[0]
-    assert main(["--run", str(run), "--format", "detectron2", "--out", str(r["pth"])]) == 2   # exists: --force
+    assert cli(["--run", str(run), "--format", "detectron2", "--out", str(r["pth"])]) == 2   # exists: --force
     assert "--force" in capsys.readouterr().err
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmveb.report import RunError, main, make_report, read_jsonl, series
+from fastmveb.report import RunError, cli, make_report, read_jsonl, series
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_report_errors(tmp_path, capsys):
     with pytest.raises(RunError, match="no metrics.jsonl"):
         make_report(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("\n")
-    assert main(["--run", str(tmp_path)]) == 2
+    assert cli(["--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "no metric lines" in err[0]
 
@@ -99,7 +99,7 @@ def test_embedding_page_of_a_real_run(small_betons, tmp_path):
     fin = [row for row in read_jsonl(run / "metrics.jsonl")[0] if "final_knn_top1" in row][-1]
     assert f"trained {fin['final_knn_top1']:.2f}%, random init {fin['random_knn_top1']:.2f}%" in r.stdout
     # An explicit path; a run without checkpoints (or a missing folder for the PNG) is one error line.
-    assert main(["--run", str(run), "--embedding", str(tmp_path / "e.png")]) == 0 and (tmp_path / "e.png").is_file()
+    assert cli(["--run", str(run), "--embedding", str(tmp_path / "e.png")]) == 0 and (tmp_path / "e.png").is_file()
     bare = tmp_path / "bare"
     write_metrics(bare)
     r = subprocess.run([sys.executable, "-m", "fastmveb.report", "--run", str(bare), "--embedding"],

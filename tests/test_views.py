@@ -348,7 +348,7 @@ def test_blur_per_sample_sigma_and_identity():
 @pytest.mark.parametrize("order", ["random", "fixed"])
 def test_torch_compile_aot_eager_same_result(order):
     # One graph (fullgraph) with Kornia's ops inside (the fixed order adds Kornia's brightness and saturation).
-    vm = ViewMaker(small_cfg(n_local=1), jitter_order=order)
+    vm = ViewMaker(small_cfg(n_local=1, jitter_order=order))
     compiled = torch.compile(vm, backend="aot_eager", fullgraph=True)
     x = images(4)
     torch.manual_seed(5)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from fastmveb.errors import UserError, print_error, run_cli
+
 STAGES = ["loader", "views", "entropy", "step", "train", "profile"]
 _LENIENT = "--ignore-unknown-args"   # set by `all` for its per-stage processes
 
@@ -55,8 +57,8 @@ def run_all(rest: list[str]) -> int:
     out.add_argument("--out-dir", default=None)
     from fastmveb.bench import report
     print(f"wrote {report.build(out.parse_known_args(rest)[0].out_dir)}")
-    if failed:
-        print(f"error: stage(s) failed: {', '.join(failed)}", file=sys.stderr)
+    if failed:                     # not bad input: the run could not finish (exit 1, each stage said why)
+        print_error(f"stage(s) failed: {', '.join(failed)}")
         return 1
     return 0
 
@@ -68,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES + ["all", "report"]:
-        print(f"error: unknown benchmark '{stage}'; choose one of {', '.join(STAGES + ['all', 'report'])}",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"unknown benchmark '{stage}'; choose one of {', '.join(STAGES + ['all', 'report'])}")
     if stage == "all":
         if "-h" in rest or "--help" in rest:        # not a run of every stage with --help passed on
             print(__doc__.strip())
@@ -80,5 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-bench``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -48,6 +48,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from fastmveb.errors import UserError, run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Time boxes in seconds (CUDA, CPU --short). The CUDA boxes add up to 480 s = 8 minutes; --budget-s caps
@@ -713,8 +715,7 @@ def orchestrate(args) -> int:
     only = [s.strip() for s in args.only.split(",")] if args.only else STAGES
     bad = [s for s in only if s not in STAGES]
     if bad:
-        print(f"error: unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")
     tee = Tee(out / "gpu_check.log")
     t_start = time.monotonic()
     tee.write(f"fastmveb gpu-check: device {args.device}{' (--short)' if args.short else ''}, budget {args.budget_s:.0f} s, "
@@ -765,5 +766,10 @@ def main(argv: list[str] | None = None) -> int:
     return orchestrate(args)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m fastmveb.bench.gpu_check``: main with a UserError as one ``error: ...`` line, exit 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -218,9 +218,9 @@ def main(args) -> None:
         for name, n_local in recipes:
             rcfg = ViewsConfig(n_local=n_local)
             for order in ("random", "fixed"):
-                vm = ViewMaker(rcfg, jitter_order=order).to(device)
+                vm = ViewMaker(ViewsConfig(n_local=n_local, jitter_order=order)).to(device)
                 add(f"recipe {name} ours (jitter {order})", lambda: vm(x8), n, "recipe")
-            vmb = ViewMaker(ViewsConfig(n_local=n_local, dtype="bfloat16"), interpolation="bicubic").to(device)
+            vmb = ViewMaker(ViewsConfig(n_local=n_local, dtype="bfloat16", interpolation="bicubic")).to(device)
             add(f"recipe {name} ours (bicubic, bf16 out)", lambda: vmb(x8), n, "recipe")
             if args.compile:
                 vmc = torch.compile(ViewMaker(rcfg).to(device))

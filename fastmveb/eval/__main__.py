@@ -7,8 +7,9 @@
     python -m fastmveb.eval finetune --run runs/NAME --fraction 0.01|0.1 [--subset FILE]   # semi-supervised
 
 Reads the betons (unless --train-beton / --val-beton name other labelled ones: transfer to another dataset),
-eval crop and normalisation from the run's config.yaml, loads the backbone of the newest
-checkpoint (or --ckpt; the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
+eval crop and normalisation from the run's config.yaml, loads the backbone of the newest readable
+checkpoint (a newer unreadable one is skipped with one warning line, as training's resume skips it; or --ckpt;
+the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
 line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
 run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
 Defaults come from the config's eval section (knn_k, knn_t, linear_epochs, linear_base_lr,
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.eval.features import RunError, load_run_backbone
+from fastmveb.errors import RunError, run_cli
+from fastmveb.eval.features import load_run_backbone
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", required=True, help="run directory (config.yaml, checkpoints/)")
-    common.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
+    common.add_argument("--ckpt", help="checkpoint file (default: the run's newest readable one)")
     common.add_argument("--which", default="online", choices=["online", "target"], help="online encoder or EMA target")
     common.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone (baseline)")
     common.add_argument("--batch-size", type=int, help="eval loader batch size (default: data.eval_batch_size)")
@@ -120,13 +122,10 @@ def run(args) -> dict:
     if args.random_init:
         from fastmveb.model import build_backbone
         run_dir, path = Path(args.run), None
-        from fastmveb.config import ConfigError, load_config
+        from fastmveb.config import load_config
         if not (run_dir / "config.yaml").is_file():
             raise RunError(f"no config.yaml in '{run_dir}'")
-        try:
-            cfg = load_config(run_dir / "config.yaml")
-        except ConfigError as e:
-            raise RunError(str(e)) from None
+        cfg = load_config(run_dir / "config.yaml")                    # a ConfigError is a UserError: one line
         torch.manual_seed(args.seed)
         backbone, _ = build_backbone(cfg.model.arch, cfg.model.zero_init_residual)
         ck = {}
@@ -270,12 +269,9 @@ def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     args = _parser().parse_args(argv)
-    try:
-        rec = run(args)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rec = run(args)
     if rec["kind"] == "knn":
         what = f"kNN (k={rec['k']}, T={rec['T']})"
     elif rec["kind"] == "finetune":
@@ -298,8 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``fastmveb-eval``: main with a UserError as one ``error: ...`` line and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    rc = main()
+    rc = cli()
     if "numba" in sys.modules:
         # numba's finalizers print harmless KeyError tracebacks at interpreter exit (NOTES.md); every file
         # is closed by now, so skip them rather than bury the result line under noise.

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastmveb.collectives import all_gather_rows
 from fastmveb.errors import RunError
 
 
@@ -41,22 +42,6 @@ def _autocast(device: torch.device, amp_dtype):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def _gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate a tensor's rows over all ranks (rows may differ per rank); returns a CPU tensor."""
-    world = dist.get_world_size()
-    # NCCL only moves device tensors; gloo takes CPU ones. The device passed in matches the backend in use.
-    t = t.to(device)
-    n = torch.tensor([t.shape[0]], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    pad = torch.zeros((max(sizes) - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=device)
-    padded = torch.cat([t, pad])
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)]).cpu()
 
 
 @torch.no_grad()
@@ -92,16 +77,19 @@ def extract_features(backbone: nn.Module, loader, device, mean, std, max_samples
         raise RunError("the loader yielded no batches (empty dataset, or batch size larger than the dataset with drop_last)")
     feats, labels = torch.cat(feats), torch.cat(labels)
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # NCCL only moves device tensors; gloo takes CPU ones.
         comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        feats, labels = _gather_rows(feats, comm), _gather_rows(labels, comm)
+        feats, labels = all_gather_rows(feats.to(comm)).cpu(), all_gather_rows(labels.to(comm)).cpu()
     return feats, labels
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading a backbone from a run directory (shared by `python -m fastmveb.eval` and `python -m fastmveb.export`).
 
-def resolve_checkpoint(run: str | Path | None, ckpt: str | Path | None) -> tuple[Path | None, Path]:
-    """(run_dir or None, checkpoint path); the newest checkpoint of the run unless ``ckpt`` names one."""
+def open_checkpoint(run: str | Path | None, ckpt: str | Path | None) -> tuple[Path | None, Path, dict]:
+    """(run_dir or None, checkpoint path, its contents): ``ckpt`` when given, else the run's newest checkpoint
+    that reads. A newer one that does not (cut by a full disk, damaged on storage) is skipped with one warning
+    line naming it, as training's resume skips it (checkpoint.load_latest); ``--ckpt`` names one explicitly."""
     run_dir = Path(run) if run is not None else None
     if run_dir is not None and not run_dir.is_dir():
         raise RunError(f"run directory '{run_dir}' not found")
@@ -109,17 +97,18 @@ def resolve_checkpoint(run: str | Path | None, ckpt: str | Path | None) -> tuple
         path = Path(ckpt)
         if not path.is_file():
             raise RunError(f"checkpoint '{path}' not found")
-        return run_dir, path
+        return run_dir, path, read_checkpoint(path)
     if run_dir is None:
         raise RunError("give --run DIR (newest checkpoint) or --ckpt PATH")
-    from fastmveb.checkpoint import latest_checkpoint
-    try:
-        path = latest_checkpoint(run_dir)
-    except FileNotFoundError:
-        path = None
+    from fastmveb.checkpoint import latest_checkpoint, load_latest
+    path, ck = load_latest(run_dir)
     if path is None:
-        raise RunError(f"no checkpoint in '{run_dir / 'checkpoints'}' (has the run saved one yet?)")
-    return run_dir, Path(path)
+        where = run_dir / "checkpoints"
+        if latest_checkpoint(run_dir) is None:
+            raise RunError(f"no checkpoint in '{where}' (has the run saved one yet?)")
+        raise RunError(f"no readable checkpoint in '{where}' (each one is named above); pass --ckpt PATH to "
+                       "another checkpoint of this run")
+    return run_dir, path, ck
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -131,6 +120,13 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(ck, dict) or "model" not in ck:
         raise RunError(f"'{path}' is not a fastmveb checkpoint (no 'model' entry)")
     return ck
+
+
+def config_source(run_dir: Path | None) -> str:
+    """Where run_config read the config from, for messages."""
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        return str(run_dir / "config.yaml")
+    return "the config inside the checkpoint"
 
 
 def run_config(run_dir: Path | None, ck: dict):
@@ -148,22 +144,32 @@ def run_config(run_dir: Path | None, ck: dict):
 
 def backbone_state(ck: dict, which: str = "online") -> dict[str, torch.Tensor]:
     """The backbone's state_dict (keys without the 'backbone.' prefix) of the online model or the EMA target."""
+    from fastmveb.checkpoint import backbone_state_dict
     if which not in ("online", "target"):
         raise RunError(f"--which must be online or target, got {which!r}")
     entry = ck.get("model" if which == "online" else "target")
     if not isinstance(entry, dict):
         raise RunError(f"the checkpoint has no '{'model' if which == 'online' else 'target'}' state")
-    sd = {}
-    for k, v in entry.items():
-        # Wrappers (torch.compile, DDP) prefix names; the contract is unwrapped, but tolerate them.
-        for pre in ("_orig_mod.", "module."):
-            while k.startswith(pre):
-                k = k[len(pre):]
-        if k.startswith("backbone."):
-            sd[k[len("backbone."):]] = v
+    sd = backbone_state_dict(entry)
     if not sd:
         raise RunError("the checkpoint's model state has no 'backbone.*' entries")
     return sd
+
+
+def arch_mismatch(sd: dict[str, torch.Tensor], arch: str, path: Path, config_from: str) -> str | None:
+    """The one-line error for a backbone state that is not ``arch``'s, naming the arch it is (None when it is
+    ``arch``'s after all). torch's load_state_dict error lists keys and shapes and names no architecture."""
+    from fastmveb.model import identify_backbone
+    found = identify_backbone(sd)
+    if found == arch:
+        return None
+    what = f"a {found} backbone" if found else "a backbone of no known arch"
+    if config_from.endswith("config.yaml"):
+        fix = (f"pass the --run directory that trained it, or set model.arch: {found} in {config_from}" if found
+               else "evaluate it with the run directory that trained it")
+    else:
+        fix = "its weights and its config disagree: the file is damaged or was not written by fastmveb"
+    return f"checkpoint {path} holds {what} ({len(sd)} tensors) but the run's config ({config_from}) says {arch}; {fix}"
 
 
 def load_run_backbone(run: str | Path | None = None, ckpt: str | Path | None = None, which: str = "online"):
@@ -171,8 +177,7 @@ def load_run_backbone(run: str | Path | None = None, ckpt: str | Path | None = N
 
     The backbone is built with fastmveb.model.build_backbone from the run's config and loaded strictly.
     """
-    run_dir, path = resolve_checkpoint(run, ckpt)
-    ck = read_checkpoint(path)
+    run_dir, path, ck = open_checkpoint(run, ckpt)
     cfg = run_config(run_dir, ck)
     from fastmveb.model import build_backbone
     backbone, feat_dim = build_backbone(cfg.model.arch, zero_init_residual=cfg.model.zero_init_residual)
@@ -180,5 +185,6 @@ def load_run_backbone(run: str | Path | None = None, ckpt: str | Path | None = N
     try:
         backbone.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise RunError(f"checkpoint backbone does not match {cfg.model.arch}: {str(e).splitlines()[0]}") from None
+        raise RunError(arch_mismatch(sd, cfg.model.arch, path, config_source(run_dir))
+                       or f"checkpoint backbone does not match {cfg.model.arch}: {str(e).splitlines()[0]}") from None
     return backbone, {"cfg": cfg, "run_dir": run_dir, "ckpt_path": path, "ckpt": ck, "feat_dim": feat_dim}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmveb.collectives import all_gather_rows
 from fastmveb.eval.features import extract_features
 
 
@@ -107,20 +108,6 @@ def knn_eval(backbone, train_loader, val_loader, device, mean, std, k: int = 200
 # ---------------------------------------------------------------------------------------------------------
 # The kNN monitor on every process: no rank works alone while the others wait at a barrier.
 
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Rows of ``t`` from every rank, concatenated in rank order (ranks may hold different row counts)."""
-    import torch.distributed as dist
-    world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]                      # one small read per call, outside the training step
-    pad = t.new_zeros((max(sizes) - t.shape[0],) + tuple(t.shape[1:]))
-    out = [t.new_empty((max(sizes),) + tuple(t.shape[1:])) for _ in range(world)]
-    dist.all_gather(out, torch.cat([t, pad]))
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
-
-
 def _first_occurrence(idx: torch.Tensor, all_idx: torch.Tensor, offset: int) -> torch.Tensor:
     """Mask of this rank's rows (idx, at ``offset`` in the rank-ordered all_idx) that are the first copy of
     their sample: FFCV's distributed sampler pads the shards with repeats, which would vote twice."""
@@ -134,7 +121,7 @@ def _first_occurrence(idx: torch.Tensor, all_idx: torch.Tensor, offset: int) -> 
 @torch.no_grad()
 def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: int = 200, T: float = 0.1,
                     max_train: int | None = None, max_val: int | None = None, amp_dtype=None,
-                    feature_dtype: torch.dtype = torch.bfloat16, comm_device=None) -> dict:
+                    feature_dtype: torch.dtype = torch.bfloat16) -> dict:
     """knn_eval with the work split over the processes: every rank extracts features of its shard of the
     bank and of the queries (loaders made with distributed=True; ``max_train`` / ``max_val`` bound the
     totals), the queries are gathered, every rank takes the top-k of all queries against its own bank shard,
@@ -154,8 +141,7 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
         return {"top1": top1, "top5": top5}
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(device)
-    comm = torch.device(comm_device) if comm_device is not None else (device if dist.get_backend() == "nccl"
-                                                                       else torch.device("cpu"))
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")   # NCCL moves device tensors, gloo CPU
     per_rank = lambda m: None if m is None else -(-m // world)              # noqa: E731
 
     def shard(loader, limit):
@@ -169,18 +155,18 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
     bank, bank_y, bank_i = shard(bank_loader, max_train)
     q, q_y, q_i = shard(query_loader, max_val)
     # Queries: every rank gets all of them, each sample once.
-    all_qi = _all_gather_cat(q_i)
+    all_qi = all_gather_rows(q_i)
     keep_q = _first_occurrence(all_qi, all_qi, 0)
-    queries, query_y = _all_gather_cat(q)[keep_q], _all_gather_cat(q_y)[keep_q]
+    queries, query_y = all_gather_rows(q)[keep_q], all_gather_rows(q_y)[keep_q]
     # Bank: this rank's shard, minus rows that another rank (or an earlier row) holds too.
-    sizes = _all_gather_cat(torch.tensor([bank_i.shape[0]], device=comm))
+    sizes = all_gather_rows(torch.tensor([bank_i.shape[0]], device=comm))
     offset = int(sizes[:rank].sum())
-    keep_b = _first_occurrence(bank_i, _all_gather_cat(bank_i), offset)
+    keep_b = _first_occurrence(bank_i, all_gather_rows(bank_i), offset)
     bank, bank_y = bank[keep_b], bank_y[keep_b]
     num_classes = int(torch.stack([bank_y.max(), query_y.max()]).max().item()) + 1
-    num_classes = int(_all_gather_cat(torch.tensor([num_classes], device=comm)).max())
+    num_classes = int(all_gather_rows(torch.tensor([num_classes], device=comm)).max())
     # Local top-k (similarity, label) per query against this shard, merged over the ranks.
-    k_all = min(k, int(_all_gather_cat(torch.tensor([bank.shape[0]], device=comm)).sum()))
+    k_all = min(k, int(all_gather_rows(torch.tensor([bank.shape[0]], device=comm)).sum()))
     sims, labs = _local_topk(bank, bank_y, queries, k_all, device)
     sims, labs = sims.to(comm), labs.to(comm)
     all_s = [torch.empty_like(sims) for _ in range(world)]

@@ -72,10 +72,6 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Batched RandomResizedCrop + flip on the device.
-
-
 def _head_step(head: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor, y: torch.Tensor,
                lr: float) -> torch.Tensor:
     """One optimizer step of the linear head at learning rate lr; returns the detached loss."""
@@ -87,37 +83,9 @@ def _head_step(head: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor,
     opt.step()
     return loss.detach()
 
-def sample_rrc_boxes(n: int, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                     generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
-    """[n, 4] boxes (x1, y1, x2, y2) in pixels, drawn like torchvision's RandomResizedCrop.
 
-    height, width: ints (one size for all) or (n,) tensors (each image's own size). Up to ``attempts``
-    (area, log-ratio) draws per image; the first that fits wins, else the centre crop with the aspect ratio
-    clamped into ``ratio`` (torchvision's fallback).
-    """
-    height = torch.as_tensor(height, dtype=torch.float64).cpu().expand(n)
-    width = torch.as_tensor(width, dtype=torch.float64).cpu().expand(n)
-    area = (height * width)[:, None]
-    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64)
-    target = area * (scale[0] + (scale[1] - scale[0]) * u)
-    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
-    r = torch.exp(lr0 + (lr1 - lr0) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
-    w = torch.sqrt(target * r).round()
-    h = torch.sqrt(target / r).round()
-    ok = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
-    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)
-    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    found = ok.any(dim=1)
-    in_ratio = width / height
-    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    w = torch.where(found, w, fw)
-    h = torch.where(found, h, fh)
-    uy, ux = torch.rand(n, generator=generator, dtype=torch.float64), torch.rand(n, generator=generator, dtype=torch.float64)
-    y0 = torch.where(found, torch.floor(uy * (height - h + 1)), torch.floor((height - h) / 2))
-    x0 = torch.where(found, torch.floor(ux * (width - w + 1)), torch.floor((width - w) / 2))
-    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).float()
-
+# ---------------------------------------------------------------------------------------------------------
+# Batched RandomResizedCrop + flip on the device.
 
 def rrc_flip(x: torch.Tensor, size: int = 224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
              generator: torch.Generator | None = None, extent: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,14 +97,18 @@ def rrc_flip(x: torch.Tensor, size: int = 224, scale=(0.08, 1.0), ratio=(3 / 4, 
     roi_align with adaptive sampling averages ceil(box/size) points per output pixel in each direction, so
     large crops are low-passed before downsampling (plain grid_sample would alias).
     """
+    # Training's own RandomResizedCrop rule draws the boxes (on the CPU: ``generator`` is a CPU one). Imported
+    # here: fastmveb.views loads kornia, which the fast probe, kNN and export never need.
+    from fastmveb.views import sample_crop_boxes, to_canvas
     n, _, height, width = x.shape
+    cpu = torch.device("cpu")
     if extent is None:
-        boxes = sample_rrc_boxes(n, height, width, scale, ratio, generator)
+        tlhw = sample_crop_boxes(n, height, width, scale, ratio, cpu, generator)
     else:
         ext = extent.detach().to("cpu", torch.float32)
-        boxes = sample_rrc_boxes(n, ext[:, 0], ext[:, 1], scale, ratio, generator)
-        boxes = boxes * torch.stack([width / ext[:, 1], height / ext[:, 0]] * 2, dim=1)   # image -> canvas px
-    boxes = boxes.to(x.device)
+        tlhw = to_canvas(sample_crop_boxes(n, ext[:, 0], ext[:, 1], scale, ratio, cpu, generator), ext, (height, width))
+    top, left, h, w = tlhw.unbind(1)
+    boxes = torch.stack([left, top, left + w, top + h], dim=1).to(x.device)     # roi_align's (x1, y1, x2, y2)
     rois = torch.cat([torch.arange(n, device=x.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
     out = roi_align(x.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     flip = (torch.rand(n, generator=generator) < flip_p).to(x.device)
@@ -154,8 +126,7 @@ def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device
 def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                              val_labels: torch.Tensor, num_classes: int | None = None, epochs: int = 100,
                              batch_size: int = 256, base_lr: float = 0.1, momentum: float = 0.9,
-                             weight_decay: float = 0.0, device="cpu", seed: int = 0, standardize: bool = True,
-                             log=None) -> dict:
+                             weight_decay: float = 0.0, device="cpu", seed: int = 0, log=None) -> dict:
     """Linear classifier on fixed features: SGD momentum, lr = base_lr * batch / 256, per-step cosine.
 
     Returns {"top1", "top5", "train_top1", "head": {"weight", "bias"} on the raw (unstandardised) features}.
@@ -164,11 +135,8 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
     d = train_feats.shape[1]
-    if standardize:
-        mu = train_feats.mean(0)
-        sd = train_feats.std(0).clamp_min(1e-6)  # dead ReLU units have std 0
-    else:
-        mu, sd = torch.zeros(d), torch.ones(d)
+    mu = train_feats.mean(0)
+    sd = train_feats.std(0).clamp_min(1e-6)  # dead ReLU units have std 0
     g = torch.Generator().manual_seed(seed)
     head = nn.Linear(d, num_classes)
     with torch.no_grad():
@@ -196,7 +164,7 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
             step += 1
         if log is not None and (ep + 1 == epochs or (ep + 1) % max(1, epochs // 10) == 0):
             log(f"linear fast epoch {ep + 1}/{epochs} loss {float(tot) / steps_per_epoch:.4f}")
-    folded = _fold(head, mu, sd)
+    folded = fold_standardisation(head.weight, head.bias, mu, sd)
     raw = nn.Linear(d, num_classes).to(device)
     raw.load_state_dict({k: v.to(device) for k, v in folded.items()})
     top1, top5 = _evaluate(raw, val_feats, val_labels, device)
@@ -205,10 +173,12 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
 
 
 @torch.no_grad()
-def _fold(head: nn.Linear, mu: torch.Tensor, sd: torch.Tensor) -> dict:
-    """Linear on standardised features -> the same function of raw features: W' = W / sd, b' = b - W' mu."""
-    w = head.weight.float().cpu() / sd[None, :]
-    b = head.bias.float().cpu() - w @ mu
+def fold_standardisation(weight: torch.Tensor, bias: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor) -> dict:
+    """A Linear on standardised features (h - mu) / sd -> the same function of raw h, as float32 CPU tensors:
+    W' = W / sd, b' = b - W' mu. The fast probe's standardisation and the online probe's BatchNorm (eval mode:
+    sd = sqrt(running_var + eps)) both fold through here, so a saved head is a plain torchvision fc."""
+    w = weight.detach().float().cpu() / sd.float().cpu()[None, :]
+    b = bias.detach().float().cpu() - w @ mu.float().cpu()
     return {"weight": w.contiguous(), "bias": b.contiguous()}
 
 
@@ -230,8 +200,7 @@ def linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs: i
 def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: int = 90, base_lr: float = 0.1,
                 weight_decay: float = 0.0, trust_coef: float = 0.001, momentum: float = 0.9, crop_size: int = 224,
                 crop_scale=(0.08, 1.0), num_classes: int | None = None, amp_dtype=None, seed: int = 0,
-                micro_batch: int | None = None, val_every: int = 10, max_steps_per_epoch: int | None = None,
-                log=None, set_epoch=None) -> dict:
+                micro_batch: int | None = None, val_every: int = 10, log=None, set_epoch=None) -> dict:
     """The released linear protocol on a frozen backbone (module docstring). ``train_loader`` yields shuffled
     uint8 batches of whole training images; its batch is the protocol's batch (released: 4096), read from the
     first batch, and sets lr = base_lr * batch / 256. ``micro_batch``: the backbone sees the batch in chunks of
@@ -257,11 +226,9 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
             if set_epoch is not None:
                 set_epoch(ep)
             tot, nb = 0.0, 0
-            for i, out in enumerate(train_loader):
+            for out in train_loader:
                 # (x, y), or (x, extent, y) from a decode-once loader of whole images on a canvas
                 x, y, extent = out[0], out[-1], (out[1] if len(out) == 3 else None)
-                if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
-                    break
                 if opt is None:  # lr scales with the batch the loader actually delivers
                     batch = x.shape[0]
                     lr = base_lr * batch / 256

@@ -1,4 +1,5 @@
-"""Online monitors used during pretraining: a linear probe on detached features, and a cheap kNN.
+"""The online monitor trained during pretraining: a linear probe on detached features (the kNN monitor is
+fastmveb.eval.knn.distributed_knn).
 
     probe = OnlineLinearProbe(feat_dim, num_classes)          # its params go into the trainer's optimiser
     probe_loss, top1 = probe(h, y)                            # h: backbone features of a (global) view
@@ -7,8 +8,8 @@
 The probe reads h.detach(), so adding its loss to the objective leaves every backbone / projector gradient
 bit-for-bit unchanged; it only trains itself. A non-affine BatchNorm in front of the linear layer makes the
 probe insensitive to the feature scale, which drifts during pretraining (and to the trainer's lr/LARS
-settings, which were chosen for the encoder, not for a classifier). ``head_state()`` folds that BatchNorm
-into the linear layer, giving a plain fc on raw features that ``fastmveb.export`` can ship as the
+settings, which were chosen for the encoder, not for a classifier). ``folded_head(probe.state_dict())`` folds
+that BatchNorm into the linear layer, giving a plain fc on raw features that ``fastmveb.export`` ships as the
 torchvision fc.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmveb.eval.knn import knn_eval
+from fastmveb.eval.linear import fold_standardisation
 
 
 class OnlineLinearProbe(nn.Module):
@@ -40,21 +41,14 @@ class OnlineLinearProbe(nn.Module):
         top1 = (logits.detach().argmax(dim=1) == y).float().mean() * 100.0
         return loss, top1
 
-    @torch.no_grad()
-    def head_state(self) -> dict[str, torch.Tensor]:
-        """{'weight', 'bias'} of one Linear on raw features equal to fc(bn(h)) in eval mode."""
-        inv = (self.bn.running_var + self.bn.eps).rsqrt()
-        w = self.fc.weight * inv[None, :]
-        b = self.fc.bias - w @ self.bn.running_mean
-        return {"weight": w.float().cpu().clone(), "bias": b.float().cpu().clone()}
 
 
-def online_knn(backbone, train_loader, val_loader, device, mean, std, k: int = 200, T: float = 0.1,
-               max_train: int | None = None, max_val: int | None = 10000, amp_dtype=None, gather: bool = False) -> dict:
-    """kNN monitor during training: knn_eval on a prefix of the eval loaders; -> {"knn_top1", "knn_top5"}.
-
-    Keys carry the metrics.jsonl names, so the trainer can log the dict as it is.
-    """
-    r = knn_eval(backbone, train_loader, val_loader, device, mean, std, k=k, T=T, max_train=max_train,
-                 max_val=max_val, amp_dtype=amp_dtype, gather=gather)
-    return {"knn_top1": r["top1"], "knn_top5": r["top5"]}
+def folded_head(state: dict | None) -> dict[str, torch.Tensor] | None:
+    """{'weight', 'bias'} of one Linear on raw features equal to fc(bn(h)) in eval mode, from an
+    OnlineLinearProbe state_dict (what checkpoints store); None when ``state`` is not one."""
+    keys = {"bn.running_mean", "bn.running_var", "fc.weight", "fc.bias"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        return None
+    eps = nn.BatchNorm1d(1).eps                                      # the probe's BatchNorm1d keeps the default
+    return fold_standardisation(state["fc.weight"], state["fc.bias"], state["bn.running_mean"],
+                                (state["bn.running_var"].float() + eps).sqrt())
