@@ -21,19 +21,17 @@ decode-once at several S next to the centre square and the per-view decode.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from .common import environment, markdown_table, write_results
-
-ROOT = Path(__file__).resolve().parents[2]
+from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table,
+                                   pick_device, write_results)
 
 
 def add_args(parser):
-    parser.add_argument("--beton", default=str(ROOT / "data/synthetic/train.beton"))
+    parser.add_argument("--beton", default=str(DEFAULT_DATA / "train.beton"))
     parser.add_argument("--jpeg-root", default=None, help="ImageFolder tree of the same images "
                         "(default: <beton folder>/jpeg/train)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (--short: 32)")
@@ -46,22 +44,6 @@ def add_args(parser):
     parser.add_argument("--photos", type=int, default=None,
                         help="photo-sized JPEGs for the decode-size study (default 512, --short 256; 0 skips it)")
     parser.add_argument("--photos-dir", default=str(ROOT / "data/photos"), help="where the photo set is kept")
-
-
-def ensure_data(beton: Path, jpeg_root: Path) -> None:
-    from dataset_prep.synthetic import make_synthetic, write_jpeg_tree
-    default = ROOT / "data/synthetic"
-    if not beton.exists():
-        if beton.parent.resolve() != default.resolve():
-            raise SystemExit(f"error: {beton} not found")
-        print(f"{beton} missing: generating the synthetic dataset", flush=True)
-        make_synthetic(default, force=True)
-    if not jpeg_root.is_dir():
-        if jpeg_root.resolve() != (default / "jpeg/train").resolve():
-            raise SystemExit(f"error: JPEG tree {jpeg_root} not found")
-        # Same defaults and seed as make_synthetic: byte-identical to the images the default beton was written from.
-        print(f"{jpeg_root} missing: regenerating the synthetic JPEG tree", flush=True)
-        write_jpeg_tree(default / "jpeg")
 
 
 # The photo set: ImageNet's common shapes at its common 500-px long side, (H, W).
@@ -164,7 +146,7 @@ def main(args) -> None:
     from fastmveb.config import ViewsConfig
     from fastmveb.data import available_cores, train_loader
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     beton = Path(args.beton)
     jpeg_root = Path(args.jpeg_root) if args.jpeg_root else beton.parent / "jpeg" / "train"
     ensure_data(beton, jpeg_root)
@@ -173,7 +155,7 @@ def main(args) -> None:
     min_time = args.min_time or (5.0 if args.short else 20.0)
     warmup = 2 if args.short else 3
     only = {s_.strip() for s_ in args.only.split(",") if s_.strip()}
-    load_before = os.getloadavg()
+    load_before = loadavg()
 
     from fastmveb.config import DataConfig
     default_s = DataConfig().decode_size
@@ -238,8 +220,8 @@ def main(args) -> None:
                 "short": bool(args.short), "warmup_batches": warmup, "min_time_s": min_time,
                 "rounds": max(1, args.rounds),
                 "device": str(device),
-                "loadavg_before": [round(x, 2) for x in load_before],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                "loadavg_before": load_before,
+                "loadavg_after": loadavg(),
                 "photos": n_photos,
                 "note": "samples_per_s: median of the rounds, spread: (max - min) / median; x_vs_pil: vs the PIL "
                         "loader with the same views (ffcv once/center: vs PIL two-view); glob_up/loc_up: fraction "
