@@ -264,3 +264,15 @@ def test_settings_flags_reach_the_benchmark_config():
     assert (cfg.train.mixed_precision, cfg.train.compile, cfg.model.channels_last, cfg.views.channels_last) == \
         ("bf16", "true", False, False)
     assert (cfg.loss.lam, cfg.views.n_local, default_threads(args, cpu)) == (0.5, 4, 2)
+
+
+def test_benchmarks_set_no_backend_flags_and_build_as_training_does():
+    """No benchmark sets torch.backends flags itself (fastmveb.build.make_accelerator sets them for training and
+    benchmarks alike), and the end-to-end stage reads training's loader call and view switch."""
+    import re
+    bench_dir = ROOT / "fastmveb" / "bench"
+    setters = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in bench_dir.rglob("*.py")
+               for m in re.finditer(r"torch\.backends\.[\w.]+\s*=(?!=)", p.read_text())]
+    assert not setters, setters
+    source = (bench_dir / "train.py").read_text()
+    assert "train_loader_from_config(cfg," in source and 'ViewSwitch(cfg, b["training"].view_maker, loader)' in source

@@ -7,7 +7,7 @@
                             pin_threads / default_threads
     construction            make_accelerator, build (as fastmveb/train.py builds), random_views, identity_views
     memory                  reset_peak_memory, peak_memory, status_kib, free
-    data                    ensure_data (the synthetic beton and its JPEG tree, generated when missing)
+    data                    ensure_data (the synthetic beton and its JPEG tree, generated when missing), photo
 """
 from __future__ import annotations
 
@@ -331,3 +331,23 @@ def ensure_data(beton: Path, jpeg_root: Path) -> None:
         # Same defaults and seed as make_synthetic: byte-identical to the images the default beton was written from.
         print(f"{jpeg_root} missing: regenerating the synthetic JPEG tree", flush=True)
         write_jpeg_tree(DEFAULT_DATA / "jpeg")
+
+
+# The photo set (bench loader's decode-size study, the GPU check's data): ImageNet's common shapes at its common
+# 500-px long side, (H, W).
+PHOTO_SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 400), (375, 500), (333, 500)]
+
+
+def photo(i: int, rng):
+    """A photo stand-in, (H, W, 3) uint8: smooth colour field + oriented texture + sensor noise (so the JPEG is
+    ~photo-sized)."""
+    import cv2
+    import numpy as np
+    h, w = PHOTO_SHAPES[i % len(PHOTO_SHAPES)]
+    low = rng.uniform(0, 255, (6, 8, 3)).astype(np.float32)
+    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
+    img += 40 * np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period)[..., None]
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -332,9 +332,9 @@ def stage_profile(args, res: StageResult, out: Path, work: Path) -> int:
 def _make_photo(job: tuple[int, str]) -> None:
     import numpy as np
     from PIL import Image
-    from fastmveb.bench.loader import _photo
+    from fastmveb.bench.common import photo
     i, path = job
-    Image.fromarray(_photo(i, np.random.default_rng(i))).save(path, quality=90)
+    Image.fromarray(photo(i, np.random.default_rng(i))).save(path, quality=90)
 
 
 def photo_beton(work: Path, n: int, workers: int) -> tuple[Path, Path, float]:

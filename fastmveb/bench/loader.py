@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table,
+from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table, photo,
                                    pick_device, write_results)
 
 
@@ -46,24 +46,8 @@ def add_args(parser):
     parser.add_argument("--photos-dir", default=str(ROOT / "data/photos"), help="where the photo set is kept")
 
 
-# The photo set: ImageNet's common shapes at its common 500-px long side, (H, W).
-PHOTO_SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 400), (375, 500), (333, 500)]
 PHOTO_MAX_SIDES = (384, 512)
 GLOBAL, LOCAL = (224, (0.4, 1.0)), (96, (0.05, 0.4))
-
-
-def _photo(i: int, rng) -> "np.ndarray":
-    """A photo stand-in: smooth colour field + oriented texture + sensor noise (so the JPEG is ~photo-sized)."""
-    import cv2
-    import numpy as np
-    h, w = PHOTO_SHAPES[i % len(PHOTO_SHAPES)]
-    low = rng.uniform(0, 255, (6, 8, 3)).astype(np.float32)
-    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    theta, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
-    img += 40 * np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period)[..., None]
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def ensure_photos(root: Path, n: int) -> dict[int, Path]:
@@ -77,7 +61,7 @@ def ensure_photos(root: Path, n: int) -> dict[int, Path]:
         tmp.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
         for i in range(n):
-            Image.fromarray(_photo(i, rng)).save(tmp / f"{i:05d}.jpg", quality=90)
+            Image.fromarray(photo(i, rng)).save(tmp / f"{i:05d}.jpg", quality=90)
         tmp.rename(jpeg)
     samples = [(str(f), 0) for f in sorted(jpeg.glob("*.jpg"))]
     out = {}
