@@ -19,7 +19,7 @@ its first step runs (view maker, network, EMA target: 3 graphs) and reused whene
 epoch never recompiles by itself. The alternative, dynamo's automatic dynamic shapes (one static compile,
 then one symbolic recompile that serves every later size), was measured slower to build on the CPU with
 inductor: ~300 s per static compile against over 800 s for the symbolic one, unfinished (ResNet-10, shared
-2-core box; ``bench step --ramp --compile true`` records the per-size figures), and a ramp has few sizes.
+2-core box; ``bench ramp --compile true`` records the per-size figures), and a ramp has few sizes.
 cudnn.benchmark: cuDNN autotunes its convolution algorithms once per new input shape, so the first step at a
 new size is slower; the choice is cached per shape. The CUDA caching allocator keeps the previous size's
 blocks and carves the new size's tensors from them, reserving more only when the new size needs more: an

@@ -180,8 +180,8 @@ def test_all_short(small_betons, tmp_path):
     assert all(f"### {s}" in text for s in ("loader", "views", "entropy", "step", "train", "profile"))
 
 
-def test_step_ramp_times_every_size_and_projects_the_saving(tmp_path):
-    """`bench step --ramp`: one row per epoch range of each config's schedule (the ramp's sizes, in order),
+def test_ramp_times_every_size_and_projects_the_saving(tmp_path):
+    """`bench ramp`: one row per epoch range of each config's schedule (the ramp's sizes, in order),
     then a projection row per config against the first; the report turns them into headline lines."""
     rc = tmp_path / "ramp.yaml"
     from fastmveb.config import dump_config
@@ -190,15 +190,19 @@ def test_step_ramp_times_every_size_and_projects_the_saving(tmp_path):
                                                    "views.global_size=64", "views.local_size=32", "data.decode_size=96"])
     dump_config(cfg, rc)                          # a 4-epoch tiny.yaml with globals 32 -> 48 -> 64 over epochs 0-2
     epochs = TINY.optim.epochs
-    bench("step", "--ramp", f"rcs/tiny.yaml,{rc}", "--short", "--device", "cpu", "--out-dir", tmp_path,
-          "--warmup", 1, "--iters", 1)
+    bench("ramp", "--rcs", f"rcs/tiny.yaml,{rc}", "--short", "--device", "cpu", "--out-dir", tmp_path,
+          "--warmup", 1, "--iters", 1, "--threads", 1, "--compile", "false", "--precision", "no",
+          "--set", "train.seed=1")
     payload = only_json(tmp_path, "ramp")
+    assert payload["settings"]["rcs"] == ["rcs/tiny.yaml", str(rc)]
+    assert payload["settings"]["overrides"] == ["train.seed=1"] and payload["settings"]["timed_steps"] == 1
     rows = payload["rows"]
     assert [(r["recipe"], r["epochs"]) for r in rows] == [("tiny", f"0-{epochs - 1}"), ("tiny", f"all {epochs}"), ("ramp", "0"),
                                                           ("ramp", "1"), ("ramp", "2-3"), ("ramp", "all 4")]
     assert [r["views"] for r in rows if r["recipe"] == "ramp"][:3] == ["2x32 + 2x16", "2x48 + 2x24", "2x64 + 2x32"]
     sized = [r for r in rows if "samples_per_s" in r]
     assert all(positive(r["samples_per_s"]) and r["graphs_added"] == 0 and r["arch"] == "resnet10" for r in sized)
+    assert all(r["compile"] is False and r["torch_threads"] == 1 and r["batch"] == 8 for r in sized)
     base = 1 / sized[0]["samples_per_s"]
     for r in sized:                               # epoch time relative to the base config's, per size
         assert r["epoch_time_vs_base"] == pytest.approx((1 / r["samples_per_s"]) / base)
@@ -210,3 +214,65 @@ def test_step_ramp_times_every_size_and_projects_the_saving(tmp_path):
     from fastmveb.bench import report
     text = report.build(tmp_path).read_text()
     assert "ramp projected over all 4 epochs" in text and "the ramp saves" in text
+
+
+def _args(stage: str, *argv):
+    """The namespace `python -m fastmveb.bench STAGE argv...` builds (same parser, same defaults)."""
+    import importlib
+    from fastmveb.bench.__main__ import _parser
+    return _parser(stage, importlib.import_module(f"fastmveb.bench.{stage}")).parse_known_args(list(argv))
+
+
+def test_ramp_flags_reach_every_config():
+    """`bench ramp`'s defaults (CPU: ResNet-10 under --short, batch 8, fp32, 512-d projector) and each flag that
+    changes a config; `step --ramp` is gone (the ramp is its own stage)."""
+    import torch
+    from fastmveb.bench import ramp
+    cpu = torch.device("cpu")
+    args, _ = _args("ramp", "--short")
+    assert args.rcs == "rcs/rn50.yaml,rcs/rn50_fast.yaml" and args.warmup is None and args.iters is None
+    cfg = ramp.ramp_config(args, cpu, "rcs/rn50_fast.yaml")
+    assert (cfg.model.arch, cfg.data.global_batch_size, cfg.train.mixed_precision, cfg.model.proj_out) == \
+        ("resnet10", 8, "no", 512)
+    args, _ = _args("ramp", "--short", "--arch", "resnet18", "--batch-size", "12", "--precision", "bf16",
+                    "--compile", "true", "--threads", "2", "--set", "loss.lam=0.5", "--set", "optim.epochs=90")
+    cfg = ramp.ramp_config(args, cpu, "rcs/rn50_fast.yaml")
+    assert (cfg.model.arch, cfg.data.global_batch_size, cfg.train.mixed_precision, cfg.train.compile) == \
+        ("resnet18", 12, "bf16", "true")
+    assert (cfg.loss.lam, cfg.optim.epochs, args.threads) == (0.5, 90, 2)
+    _, unknown = _args("step", "--ramp")
+    assert unknown == ["--ramp"]
+
+
+def test_settings_flags_reach_the_benchmark_config():
+    """The run-config flags step, train and profile share (common.add_settings_args -> common.bench_config)."""
+    import torch
+    from fastmveb.bench.common import bench_config, default_threads
+    cpu = torch.device("cpu")
+    args, _ = _args("step", "--short")
+    cfg = bench_config(args, cpu, 6)
+    assert (cfg.model.arch, cfg.data.global_batch_size, cfg.views.n_local, cfg.data.per_device_batch_size) == \
+        ("resnet10", 16, 6, 0)
+    assert default_threads(args, cpu) == 1
+    args, _ = _args("step", "--short", "--rc", str(ROOT / "rcs" / "tiny.yaml"), "--arch", "resnet18",
+                    "--batch-size", "12", "--global-size", "48", "--local-size", "24", "--precision", "bf16",
+                    "--compile", "true", "--channels-last", "false", "--threads", "2", "--set", "loss.lam=0.5",
+                    "--n-local", "4", "--recipes", "multi-crop")
+    cfg = bench_config(args, cpu, args.n_local)
+    assert (cfg.model.arch, cfg.data.global_batch_size, cfg.views.global_size, cfg.views.local_size) == \
+        ("resnet18", 12, 48, 24)
+    assert (cfg.train.mixed_precision, cfg.train.compile, cfg.model.channels_last, cfg.views.channels_last) == \
+        ("bf16", "true", False, False)
+    assert (cfg.loss.lam, cfg.views.n_local, default_threads(args, cpu)) == (0.5, 4, 2)
+
+
+def test_benchmarks_set_no_backend_flags_and_build_as_training_does():
+    """No benchmark sets torch.backends flags itself (fastmveb.build.make_accelerator sets them for training and
+    benchmarks alike), and the end-to-end stage reads training's loader call and view switch."""
+    import re
+    bench_dir = ROOT / "fastmveb" / "bench"
+    setters = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in bench_dir.rglob("*.py")
+               for m in re.finditer(r"torch\.backends\.[\w.]+\s*=(?!=)", p.read_text())]
+    assert not setters, setters
+    source = (bench_dir / "train.py").read_text()
+    assert "train_loader_from_config(cfg," in source and 'ViewSwitch(cfg, b["training"].view_maker, loader)' in source

@@ -57,7 +57,7 @@ def test_device_path_switch():
 
 
 def test_train_step_has_no_host_sync_on_the_device_path():
-    from fastmveb.bench.step import build, make_accelerator
+    from fastmveb.bench.common import build, make_accelerator
     from fastmveb.config import load_config
     from fastmveb.model import ema_momentum_table
     from fastmveb.train import train_step
@@ -94,7 +94,7 @@ def test_train_step_has_no_host_sync_on_the_device_path():
 def test_train_step_has_no_cuda_sync():
     # The device itself: any device-to-host sync inside train_step raises (bf16 autocast, per-view BN, LARS
     # skip select, EMA, the entropy's sync-free branch).
-    from fastmveb.bench.step import build, make_accelerator
+    from fastmveb.bench.common import build, make_accelerator
     from fastmveb.config import load_config
     from fastmveb.model import ema_momentum_table
     from fastmveb.train import train_step

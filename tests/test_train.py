@@ -263,7 +263,7 @@ def test_released_rn50_recipe_starts_under_accelerate_launch(small_betons, tmp_p
 def _step_with_micro_batches(micro, train_bn: bool, poison_second: bool = False):
     """One train_step on a fixed 16-row batch with views that involve no randomness; returns the parameters,
     LARS momenta and BN buffers before and after, and the step's stats."""
-    from fastmveb.bench.step import make_accelerator
+    from fastmveb.bench.common import make_accelerator
     from fastmveb.build import build_training
     from fastmveb.train import train_step
     cfg = load_config(ROOT / "rcs/tiny.yaml", ["model.proj_hidden=32", "model.proj_out=32", "loss.group=8",
@@ -371,5 +371,5 @@ def test_end_to_end_benchmark_reads_the_training_loader_of_the_config(small_beto
     monkeypatch.setattr(data, "train_loader_from_config", spy)
     cfg = load_config(ROOT / "rcs/tiny.yaml", tiny_overrides(small_betons, Path("/nonexistent"), "b",
                                                              **{"data.global_batch_size": 48, "data.drop_last": "false"}))
-    r = measure_fastmveb(cfg, torch.device("cpu"), small_betons / "train.beton", warmup=1, steps=1, threads=1)
+    r = measure_fastmveb(cfg, torch.device("cpu"), warmup=1, steps=1, threads=1)
     assert seen == [(False, False, 4)] and r["samples_per_s"] > 0      # 160 samples / 48: 3 full + 1 partial

@@ -1,6 +1,8 @@
 """Timing benchmarks, one module per stage:
-``python -m fastmveb.bench {all,loader,views,entropy,step,train,profile,report}``.
+``python -m fastmveb.bench {all,loader,views,entropy,step,ramp,train,profile,report}``.
 
 Each stage module exposes ``add_args(parser)`` and ``main(args) -> dict``; results are printed as a markdown
-table and written as JSON (device, torch version, date, settings) under benchmarks/results/.
+table and written as JSON (device, torch version, date, settings) under benchmarks/results/. What the stages
+share (settings flags, the run config of a benchmark, construction as training builds, thread pinning, memory,
+results writing, data generation) is in common.py; released/ holds the released reference pipelines.
 """

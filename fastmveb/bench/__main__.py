@@ -1,7 +1,8 @@
 """Timing benchmarks: ``python -m fastmveb.bench STAGE [--short] [--device cpu|cuda] [--out-dir DIR]``.
 
 STAGE is one of loader, views, entropy, step, train, profile, or all (every stage in one run on one machine, then
-the results table), or report (only rebuild the table). Each stage prints a markdown table and writes JSON +
+the results table), or ramp (the step at every size of progressive-resolution schedules; not part of all), or
+report (only rebuild the table). Each stage prints a markdown table and writes JSON +
 markdown under benchmarks/results/; ``report`` writes benchmarks/results/README.md from the JSON files.
 ``all`` runs each stage in its own process (a stage's threads, compile caches and memory high-water marks
 do not leak into the next), passes every option on (each stage ignores the ones it does not know), goes on
@@ -18,7 +19,8 @@ import time
 
 from fastmveb.errors import UserError, print_error, run_cli
 
-STAGES = ["loader", "views", "entropy", "step", "train", "profile"]
+STAGES = ["loader", "views", "entropy", "step", "train", "profile"]     # what `all` runs, in this order
+COMMANDS = STAGES + ["ramp", "all", "report"]
 _LENIENT = "--ignore-unknown-args"   # set by `all` for its per-stage processes
 
 
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
-    if stage not in STAGES + ["all", "report"]:
-        raise UserError(f"unknown benchmark '{stage}'; choose one of {', '.join(STAGES + ['all', 'report'])}")
+    if stage not in COMMANDS:
+        raise UserError(f"unknown benchmark '{stage}'; choose one of {', '.join(COMMANDS)}")
     if stage == "all":
         if "-h" in rest or "--help" in rest:        # not a run of every stage with --help passed on
             print(__doc__.strip())

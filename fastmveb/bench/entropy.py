@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastmveb.bench.common import environment, markdown_table, sync, write_results
+from fastmveb.bench.common import ROOT, environment, markdown_table, pick_device, status_kib, sync, write_results
 
-ROOT = Path(__file__).resolve().parents[2]
 NS = [128, 256, 512, 1024, 2048, 4096, 8192]
 NS_SHORT = [128, 256, 512]
 
@@ -54,10 +53,10 @@ def make_z(N: int, d: int, device) -> torch.Tensor:
 
 
 def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+    kib = status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+    return kib
 
 
 def measure(method: str, N: int, d: int, device: str, save: str | None = None, threads: int = 0) -> dict:
@@ -118,7 +117,7 @@ def add_args(parser):
 
 
 def main(args) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(args.device))
     Ns = args.n or (NS_SHORT if args.short else NS)
     budget = args.naive_budget_gib
     if budget is None:

@@ -213,10 +213,11 @@ def largest_batch(capacity_gib: float, peak_gib: float, batch: int, per_sample_g
 
 
 def _step_row(step_args, device, n_local, extra, warmup, iters, label, recipe) -> dict:
-    from fastmveb.bench import step as S
-    cfg = S.bench_config(step_args, device, n_local, extra)
-    row = {"recipe": recipe, "variant": label, **S.measure_step(cfg, device, warmup, iters,
-                                                                 S.default_threads(step_args, device))}
+    from fastmveb.bench.common import bench_config, default_threads
+    from fastmveb.bench.step import measure_step
+    cfg = bench_config(step_args, device, n_local, extra)
+    row = {"recipe": recipe, "variant": label, **measure_step(cfg, device, warmup, iters,
+                                                               default_threads(step_args, device))}
     print(f"step {recipe:10s} {label:32s} {row['samples_per_s']:9.1f} samples/s {row['step_ms']:8.1f} ms/step "
           f"peak {row['peak_mem_gb']:.2f} GiB", flush=True)
     return row
@@ -224,13 +225,13 @@ def _step_row(step_args, device, n_local, extra, warmup, iters, label, recipe) -
 
 def stage_step(args, res: StageResult, out: Path, work: Path) -> int:
     import torch
-    from fastmveb.bench import common
-    from fastmveb.bench import step as S
+    from fastmveb.bench.common import bench_config, environment, free, step_iters, write_results
+    from fastmveb.bench.step import COLUMNS, measure_step
     from fastmveb.plan import estimate_memory
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     step_args = bench_args("step", common_flags(args) + tiny_batch(args) + ["--out-dir", str(work)])
-    warmup, iters = S.step_iters(step_args, device)
+    warmup, iters = step_iters(step_args, device)
     rows, skipped = [], []
     res.set(rows=rows, skipped_rows=skipped)
 
@@ -241,13 +242,13 @@ def stage_step(args, res: StageResult, out: Path, work: Path) -> int:
         except torch.OutOfMemoryError as e:                    # a batch that does not fit: say so, go on
             oom = str(e).splitlines()[0]
         if oom:                                                # freed once the exception (and its frames) is gone
-            S.free(device, True)
+            free(device, True)
             skipped.append({"recipe": recipe, "variant": label, "reason": f"out of memory: {oom}"})
         res.set(rows=rows, skipped_rows=skipped)
 
     add(0, (), "training setting", "two-view")
     add(6, (), "training setting", "multi-crop")
-    base = S.bench_config(step_args, device, 0)
+    base = bench_config(step_args, device, 0)
     cl = base.model.channels_last
     if cuda:
         add(0, (("train", "compile", "false"),), "compile flipped", "two-view")
@@ -265,7 +266,7 @@ def stage_step(args, res: StageResult, out: Path, work: Path) -> int:
             ref = next((r for r in rows if r["recipe"] == recipe and r["variant"] == "training setting"), None)
             if ref is None:
                 continue
-            cfg = S.bench_config(step_args, device, n_local)
+            cfg = bench_config(step_args, device, n_local)
             b0 = cfg.data.global_batch_size
             per_sample = (estimate_memory(cfg, 2 * b0, 2 * b0, 1)["activations"] -
                           estimate_memory(cfg, b0, b0, 1)["activations"]) / b0
@@ -291,15 +292,15 @@ def stage_step(args, res: StageResult, out: Path, work: Path) -> int:
                          ("views", "res_start_size", 0), ("data", "decode_size", r.decode_size))
             oom = None
             try:
-                cfg = S.bench_config(fast_args, device, fast.views.n_local, cfg_extra)
+                cfg = bench_config(fast_args, device, fast.views.n_local, cfg_extra)
                 row = {"recipe": "rn50_fast", "variant": f"rn50_fast {r.global_size}/{r.local_size}",
-                       **S.measure_step(cfg, device, warmup, iters, None)}
+                       **measure_step(cfg, device, warmup, iters, None)}
                 rows.append(row)
                 print(f"step rn50_fast {row['views']:20s} {row['samples_per_s']:9.1f} samples/s", flush=True)
             except torch.OutOfMemoryError as e:
                 oom = str(e).splitlines()[0]
             if oom:
-                S.free(device, True)
+                free(device, True)
                 skipped.append({"recipe": "rn50_fast", "variant": f"{r.global_size}/{r.local_size}",
                                 "reason": f"out of memory: {oom}"})
             res.set(rows=rows, skipped_rows=skipped)
@@ -307,11 +308,11 @@ def stage_step(args, res: StageResult, out: Path, work: Path) -> int:
         skipped.append({"recipe": "two-view, multi-crop", "variant": "largest batch that fits",
                         "reason": "skipped: no CUDA (the search sizes the batch to the GPU's memory)"})
         skipped.append({"recipe": "rn50_fast", "variant": "its view sizes", "reason": "skipped: no CUDA"})
-    columns = ["recipe", "variant"] + S.COLUMNS[1:]
+    columns = ["recipe", "variant"] + COLUMNS[1:]
     settings = {"rc": "rcs/rn50.yaml" if cuda else "rcs/tiny.yaml", "short": bool(args.short), "device": str(device),
                 "warmup_steps": warmup, "timed_steps": iters, "inputs": "random views already on the device",
                 "by": "python -m fastmveb.bench.gpu_check (stage step)", "skipped_rows": skipped}
-    path = common.write_results("step", common.environment(device), settings, rows, columns, out_dir=work)
+    path = write_results("step", environment(device), settings, rows, columns, out_dir=work)
     res.set(rows=rows, skipped_rows=skipped, file=copy_result(path, out))
     return 0
 
@@ -333,9 +334,9 @@ def stage_profile(args, res: StageResult, out: Path, work: Path) -> int:
 def _make_photo(job: tuple[int, str]) -> None:
     import numpy as np
     from PIL import Image
-    from fastmveb.bench.loader import _photo
+    from fastmveb.bench.common import photo
     i, path = job
-    Image.fromarray(_photo(i, np.random.default_rng(i))).save(path, quality=90)
+    Image.fromarray(photo(i, np.random.default_rng(i))).save(path, quality=90)
 
 
 def photo_beton(work: Path, n: int, workers: int) -> tuple[Path, Path, float]:

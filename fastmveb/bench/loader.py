@@ -21,19 +21,17 @@ decode-once at several S next to the centre square and the per-view decode.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from .common import environment, markdown_table, write_results
-
-ROOT = Path(__file__).resolve().parents[2]
+from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table, photo,
+                                   pick_device, write_results)
 
 
 def add_args(parser):
-    parser.add_argument("--beton", default=str(ROOT / "data/synthetic/train.beton"))
+    parser.add_argument("--beton", default=str(DEFAULT_DATA / "train.beton"))
     parser.add_argument("--jpeg-root", default=None, help="ImageFolder tree of the same images "
                         "(default: <beton folder>/jpeg/train)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (--short: 32)")
@@ -48,40 +46,8 @@ def add_args(parser):
     parser.add_argument("--photos-dir", default=str(ROOT / "data/photos"), help="where the photo set is kept")
 
 
-def ensure_data(beton: Path, jpeg_root: Path) -> None:
-    from dataset_prep.synthetic import make_synthetic, write_jpeg_tree
-    default = ROOT / "data/synthetic"
-    if not beton.exists():
-        if beton.parent.resolve() != default.resolve():
-            raise SystemExit(f"error: {beton} not found")
-        print(f"{beton} missing: generating the synthetic dataset", flush=True)
-        make_synthetic(default, force=True)
-    if not jpeg_root.is_dir():
-        if jpeg_root.resolve() != (default / "jpeg/train").resolve():
-            raise SystemExit(f"error: JPEG tree {jpeg_root} not found")
-        # Same defaults and seed as make_synthetic: byte-identical to the images the default beton was written from.
-        print(f"{jpeg_root} missing: regenerating the synthetic JPEG tree", flush=True)
-        write_jpeg_tree(default / "jpeg")
-
-
-# The photo set: ImageNet's common shapes at its common 500-px long side, (H, W).
-PHOTO_SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 400), (375, 500), (333, 500)]
 PHOTO_MAX_SIDES = (384, 512)
 GLOBAL, LOCAL = (224, (0.4, 1.0)), (96, (0.05, 0.4))
-
-
-def _photo(i: int, rng) -> "np.ndarray":
-    """A photo stand-in: smooth colour field + oriented texture + sensor noise (so the JPEG is ~photo-sized)."""
-    import cv2
-    import numpy as np
-    h, w = PHOTO_SHAPES[i % len(PHOTO_SHAPES)]
-    low = rng.uniform(0, 255, (6, 8, 3)).astype(np.float32)
-    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    theta, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
-    img += 40 * np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period)[..., None]
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def ensure_photos(root: Path, n: int) -> dict[int, Path]:
@@ -95,7 +61,7 @@ def ensure_photos(root: Path, n: int) -> dict[int, Path]:
         tmp.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
         for i in range(n):
-            Image.fromarray(_photo(i, rng)).save(tmp / f"{i:05d}.jpg", quality=90)
+            Image.fromarray(photo(i, rng)).save(tmp / f"{i:05d}.jpg", quality=90)
         tmp.rename(jpeg)
     samples = [(str(f), 0) for f in sorted(jpeg.glob("*.jpg"))]
     out = {}
@@ -164,7 +130,7 @@ def main(args) -> None:
     from fastmveb.config import ViewsConfig
     from fastmveb.data import available_cores, train_loader
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     beton = Path(args.beton)
     jpeg_root = Path(args.jpeg_root) if args.jpeg_root else beton.parent / "jpeg" / "train"
     ensure_data(beton, jpeg_root)
@@ -173,7 +139,7 @@ def main(args) -> None:
     min_time = args.min_time or (5.0 if args.short else 20.0)
     warmup = 2 if args.short else 3
     only = {s_.strip() for s_ in args.only.split(",") if s_.strip()}
-    load_before = os.getloadavg()
+    load_before = loadavg()
 
     from fastmveb.config import DataConfig
     default_s = DataConfig().decode_size
@@ -238,8 +204,8 @@ def main(args) -> None:
                 "short": bool(args.short), "warmup_batches": warmup, "min_time_s": min_time,
                 "rounds": max(1, args.rounds),
                 "device": str(device),
-                "loadavg_before": [round(x, 2) for x in load_before],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                "loadavg_before": load_before,
+                "loadavg_after": loadavg(),
                 "photos": n_photos,
                 "note": "samples_per_s: median of the rounds, spread: (max - min) / median; x_vs_pil: vs the PIL "
                         "loader with the same views (ffcv once/center: vs PIL two-view); glob_up/loc_up: fraction "

@@ -32,10 +32,10 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastmveb.bench import common
-from fastmveb.bench.step import (RECIPES, add_settings_args, bench_config, build, default_threads, free,
-                                 make_accelerator, pick_device, pin_threads, recipe_names, settings_of,
-                                 uses_compile)
+from fastmveb.bench.common import (RECIPES, add_settings_args, bench_config, build, default_rc, default_threads,
+                                   environment, free, make_accelerator, markdown_table, pick_device, pin_threads,
+                                   recipe_names, settings_of, sync, write_results)
+from fastmveb.build import uses_compile
 
 PHASES = ["views", "forward", "target", "loss", "backward", "optimizer", "ema"]
 RANGE_PREFIX = "fastmveb/"          # train_step's record_function names: fastmveb/<phase>
@@ -150,14 +150,14 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
 
     for _ in range(warmup):
         stats = step()[0]
-    common.sync(device)
+    sync(device)
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             stats = step()[0]
-        common.sync(device)
+        sync(device)
         wall_us = (time.perf_counter() - t0) * 1e6
     loss = float(stats["loss"])
     if trace:
@@ -212,13 +212,12 @@ def main(args) -> dict:
         print(f"profile {name}: {wall:.1f} ms/step under the profiler; " + ", ".join(
             f"{r['name']} {r['share']:.0%}" for r in got if r["kind"] == "phase") + "; launches/step: " + ", ".join(
             f"{r['name'].split(':')[0]} {r['calls_per_step']:.0f}" for r in got if r["kind"] == "launches"), flush=True)
-    settings = {"rc": args.rc or ("rcs/rn50.yaml" if cuda else "rcs/tiny.yaml"), "short": bool(args.short),
+    settings = {"rc": args.rc or default_rc(device), "short": bool(args.short),
                 "device": str(device), "warmup_steps": warmup, "profiled_steps": steps,
                 "threads_pinned": default_threads(args, device),
                 "inputs": "random uint8 batch at the decode size, already on the device; real ViewMaker",
                 "time_counted": "self CUDA time of each op's kernels" if cuda else "self CPU time of each op"}
-    print(common.markdown_table(rows, COLUMNS))
-    path = common.write_results("profile", common.environment(device), settings, rows, COLUMNS,
-                                out_dir=args.out_dir)
+    print(markdown_table(rows, COLUMNS))
+    path = write_results("profile", environment(device), settings, rows, COLUMNS, out_dir=args.out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "settings": settings, "path": str(path)}

@@ -1,5 +1,6 @@
-"""Progressive-resolution benchmark: ``python -m fastmveb.bench step --ramp [RC,RC...] [--short] [--compile true]``
-``[--set section.key=value ...]`` (applied to every config).
+"""Progressive-resolution benchmark: ``python -m fastmveb.bench ramp [--rcs RC,RC...] [--short] [--compile true]``
+``[--set section.key=value ...]`` (applied to every config). Not part of ``all`` (on a CPU with --compile true
+each size compiles for minutes).
 
 Times ``fastmveb.train.train_step`` (as the step benchmark does: random views already on the device, so no
 loading or augmentation) at every size of each run config's resolution schedule (fastmveb/resolution.py),
@@ -23,17 +24,39 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.bench import common
+from fastmveb.bench.common import (ROOT, build, default_threads, environment, free, identity_views, loadavg,
+                                   make_accelerator, markdown_table, one_process, pick_device, pin_threads,
+                                   random_views, step_iters, sync, write_results)
+from fastmveb.build import uses_compile
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RCS = "rcs/rn50.yaml,rcs/rn50_fast.yaml"
 COLUMNS = ["recipe", "epochs", "views", "arch", "batch", "compile", "samples_per_s", "step_ms", "first_step_s",
            "graphs_added", "epoch_time_vs_base", "mean_epoch_time_vs_base", "run_time_vs_base", "ramp_saving"]
 
 
+def add_args(parser) -> None:
+    parser.add_argument("--rcs", default=DEFAULT_RCS, metavar="RC,RC",
+                        help="comma-separated run configs whose resolution schedules are timed; epoch times are "
+                             f"projected against the first (default {DEFAULT_RCS})")
+    parser.add_argument("--arch", default=None, help="backbone (default: the rcs' on CUDA; resnet18 CPU, "
+                        "resnet10 CPU --short)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch of one step, the same for every config "
+                        "(default: each rc's micro-batch on CUDA; CPU 16, --short 8)")
+    parser.add_argument("--precision", choices=["bf16", "no"], default=None,
+                        help="autocast (default: the rcs' on CUDA; CPU no)")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default=None,
+                        help="torch.compile (default: the rcs'; auto = on for CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads, pinned (default on CPU: 1; on CUDA: not pinned)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any other run-config override, applied to every config (repeatable)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per size (the first one compiles)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per size")
+
+
 def ramp_config(args, device: torch.device, rc: str):
-    """The run config of ``rc`` with the benchmark's device defaults and the step flags applied."""
-    from fastmveb.config import apply_overrides, load_config, validate
+    """The run config of ``rc`` with the benchmark's device defaults and the flags applied."""
+    from fastmveb.config import apply_overrides, load_config
     cfg = load_config(ROOT / rc if not Path(rc).is_absolute() else rc)
     cpu = device.type == "cpu"
     sets = [("train", "progress", False),
@@ -48,18 +71,11 @@ def ramp_config(args, device: torch.device, rc: str):
         if val is not None:
             setattr(getattr(cfg, sec), key, val)
     apply_overrides(cfg, list(args.set))   # --set section.key=value, e.g. a ramp on rcs/tiny.yaml
-    # One process's step without accumulation, as the step benchmark: the rc's per-device micro-batch.
-    from fastmveb.plan import split_batch
-    cfg.data.global_batch_size = split_batch(cfg.data.global_batch_size, 1, cfg.data.per_device_batch_size)[1]
-    cfg.data.per_device_batch_size = 0
-    validate(cfg)
-    return cfg
+    return one_process(cfg)                # as the step benchmark: the rc's per-device micro-batch
 
 
 def measure_schedule(cfg, device: torch.device, warmup: int, iters: int, threads: int | None) -> list[dict]:
     """One row per epoch range of the schedule: samples/s at its sizes, on one network built once."""
-    from fastmveb.bench.step import (_identity, build, free, make_accelerator, pin_threads, random_views,
-                                     uses_compile)
     from fastmveb.resolution import compiled_graphs, schedule, views_config
     from fastmveb.train import train_step
     threads = pin_threads(threads)
@@ -71,21 +87,21 @@ def measure_schedule(cfg, device: torch.device, warmup: int, iters: int, threads
         v, y = random_views(scfg, device)
 
         def step():
-            return train_step(b["net_c"], b["target_c"], _identity, b["optimizer"], v, y, b["lr"], b["m"], scfg,
+            return train_step(b["net_c"], b["target_c"], identity_views, b["optimizer"], v, y, b["lr"], b["m"], scfg,
                               accelerator)
         graphs = compiled_graphs()
         t0 = time.perf_counter()
         stats, _, _ = step()                      # compiles when compiled and the shape is new
-        common.sync(device)
+        sync(device)
         first_s = time.perf_counter() - t0
         added = compiled_graphs() - graphs
         for _ in range(max(0, warmup - 1)):
             step()
-        common.sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             stats, _, _ = step()
-        common.sync(device)
+        sync(device)
         dt = (time.perf_counter() - t0) / iters
         n_local = cfg.views.n_local
         rows.append({"epochs": f"{first}-{last}" if last > first else str(first), "n_epochs": last - first + 1,
@@ -121,12 +137,11 @@ def project(per_rc: list[tuple[str, object, list[dict]]]) -> list[dict]:
 
 
 def main(args) -> dict:
-    from fastmveb.bench.step import default_threads, pick_device, step_iters
     device = pick_device(args.device)
     warmup, iters = step_iters(args, device)
     warmup, iters = args.warmup or warmup, args.iters or iters
-    load_before = os.getloadavg()
-    rcs = [r.strip() for r in args.ramp.split(",") if r.strip()]
+    load_before = loadavg()
+    rcs = [r.strip() for r in args.rcs.split(",") if r.strip()]
     per_rc = []
     for rc in rcs:
         cfg = ramp_config(args, device, rc)
@@ -140,10 +155,10 @@ def main(args) -> dict:
     settings = {"rcs": rcs, "short": bool(args.short), "device": str(device), "warmup_steps": warmup,
                 "timed_steps": iters, "torch_threads": torch.get_num_threads(),
                 "inputs": "random views already on the device", "overrides": list(args.set),
-                "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "loadavg_before": [round(x, 2) for x in load_before],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
-    print(common.markdown_table(rows, COLUMNS))
+                "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "loadavg_before": load_before,
+                "loadavg_after": loadavg()}
+    print(markdown_table(rows, COLUMNS))
     name = "ramp-compiled" if compiled and device.type == "cpu" else "ramp"
-    path = common.write_results(name, common.environment(device), settings, rows, COLUMNS, out_dir=args.out_dir)
+    path = write_results(name, environment(device), settings, rows, COLUMNS, out_dir=args.out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "settings": settings, "path": str(path)}

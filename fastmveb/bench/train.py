@@ -2,7 +2,7 @@
 
 For each recipe (two-view 2 x G, multi-crop 2 x G + 6 x L) and in one run on the same data, it times:
   fastmveb   FFCV loader (decode once) -> ViewMaker -> fastmveb.train.train_step, built as fastmveb/train.py
-             builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/step.py)
+             builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/common.py)
   step       the same step on random device-resident views (bench/step.py with identical settings): the
              compute bound; ``e2e_over_step`` = fastmveb / step says how much of it the input side leaves
   released   the released pipeline re-implemented (fastmveb/bench/released/pipeline.py): PIL views in a torch
@@ -14,25 +14,24 @@ Samples/s counts source images (each makes 2 or 2 + n_local views). Warm-up step
 torch.compile compilation, cudnn autotuning, plus as many steps as the loader has batches prefetched) are not
 timed; the timed steps end with one device sync. ``data_wait_frac``: share of the timed wall time spent
 waiting for the next batch. torch's intra-op threads are pinned to the same count for all three (see
-bench/step.py pin_threads).
+bench/common.py pin_threads).
 Data: data/synthetic/train.beton and the JPEG tree it was written from (data/synthetic/jpeg/train), generated
 when missing (``python -m dataset_prep synthetic --out data/synthetic``).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from fastmveb.bench import common
-from fastmveb.bench.step import (RECIPES, add_settings_args, bench_config, build, default_threads, free,
-                                 make_accelerator, measure_step, pick_device, pin_threads, recipe_names,
-                                 settings_of, step_iters, uses_compile)
+from fastmveb.bench.common import (DEFAULT_DATA, RECIPES, add_settings_args, bench_config, build, default_rc,
+                                   default_threads, ensure_data, environment, free, loadavg, make_accelerator,
+                                   markdown_table, pick_device, pin_threads, recipe_names, settings_of, step_iters,
+                                   sync, write_results)
+from fastmveb.bench.step import measure_step
+from fastmveb.build import uses_compile
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = ROOT / "data" / "synthetic"
 COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "fastmveb_samples_per_s",
            "step_samples_per_s", "e2e_over_step", "data_wait_frac", "released_samples_per_s",
            "released_precision", "released_data_wait_frac", "x_vs_released"]
@@ -50,20 +49,6 @@ def add_args(parser) -> None:
     parser.add_argument("--baseline-precision", choices=["auto", "fp16", "bf16", "no"], default="auto",
                         help="released pipeline autocast (auto: fp16 on CUDA as released; on CPU fastmveb's)")
     parser.add_argument("--no-released", action="store_true", help="skip the released pipeline")
-
-
-def ensure_data(beton: Path, jpeg_root: Path) -> None:
-    from dataset_prep.synthetic import make_synthetic, write_jpeg_tree
-    if not beton.exists():
-        if beton.parent.resolve() != DEFAULT_DATA.resolve():
-            raise SystemExit(f"error: {beton} not found")
-        print(f"{beton} missing: generating the synthetic dataset", flush=True)
-        make_synthetic(DEFAULT_DATA, force=True)
-    if not jpeg_root.is_dir():
-        if jpeg_root.resolve() != (DEFAULT_DATA / "jpeg" / "train").resolve():
-            raise SystemExit(f"error: JPEG tree {jpeg_root} not found")
-        print(f"{jpeg_root} missing: regenerating the synthetic JPEG tree", flush=True)
-        write_jpeg_tree(DEFAULT_DATA / "jpeg")   # same defaults and seed as the beton's images
 
 
 class _Batches:
@@ -94,7 +79,7 @@ def _timed_loop(next_batch, step, warmup: int, steps: int, device) -> dict:
     """Run warmup untimed steps, then time ``steps`` steps (data wait included) with one sync at the end."""
     for _ in range(warmup):
         step(next_batch())
-    common.sync(device)
+    sync(device)
     wait = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -102,14 +87,14 @@ def _timed_loop(next_batch, step, warmup: int, steps: int, device) -> dict:
         batch = next_batch()
         wait += time.perf_counter() - tw
         step(batch)
-    common.sync(device)
+    sync(device)
     dt = time.perf_counter() - t0
     return {"seconds": dt, "data_wait_frac": wait / dt}
 
 
-def measure_fastmveb(cfg, device, beton: Path, warmup: int, steps: int, threads: int | None) -> dict:
+def measure_fastmveb(cfg, device, warmup: int, steps: int, threads: int | None) -> dict:
     """FFCV -> ViewMaker -> train_step, constructed as fastmveb/train.py does: the same loader call and the same
-    view switch (one view maker per size, compiled as training compiles)."""
+    view switch (one view maker per size, compiled as training compiles). Reads cfg.data.train_beton."""
     from fastmveb.data import train_loader_from_config, unpack_train_batch
     from fastmveb.resolution import ViewSwitch
     from fastmveb.train import train_step
@@ -200,7 +185,7 @@ def main(args) -> dict:
     steps = args.steps or ((20 if cuda else 4) if args.short else (50 if cuda else 12))
     s_warmup = step_iters(args, device)[0]
     threads = default_threads(args, device)
-    load_before = os.getloadavg()
+    load_before = loadavg()
     rows = []
     for name in recipe_names(args):
         cfg = bench_config(args, device, args.n_local if RECIPES[name] else 0)
@@ -209,7 +194,7 @@ def main(args) -> dict:
             cfg.data.num_workers = args.workers
         cfg.data.num_workers = max(1, min(cfg.data.num_workers, available_cores()))   # as the loader caps it
         workers = cfg.data.num_workers
-        fm = measure_fastmveb(cfg, device, beton, warmup, steps, threads)
+        fm = measure_fastmveb(cfg, device, warmup, steps, threads)
         print(f"train {name:10s} fastmveb e2e {fm['samples_per_s']:9.1f} samples/s "
               f"(data wait {100 * fm['data_wait_frac']:.0f}%)", flush=True)
         st = measure_step(cfg, device, s_warmup, steps, threads)      # as many timed steps as end to end
@@ -226,7 +211,7 @@ def main(args) -> dict:
                        released_data_wait_frac=rel["data_wait_frac"], released_loss=rel["loss"],
                        x_vs_released=fm["samples_per_s"] / rel["samples_per_s"])
         rows.append(row)
-    settings = {"rc": args.rc or ("rcs/rn50.yaml" if cuda else "rcs/tiny.yaml"), "short": bool(args.short),
+    settings = {"rc": args.rc or default_rc(device), "short": bool(args.short),
                 "device": str(device), "beton": str(beton), "jpeg_root": str(jpeg_root),
                 "warmup_steps": f"{warmup} + prefetch depth (FFCV 3, DataLoader 2 x workers)", "timed_steps": steps,
                 "step_warmup": s_warmup,
@@ -235,10 +220,9 @@ def main(args) -> dict:
                 "torch_threads_pinned": threads,
                 "released_precision_note": "fp16 autocast + GradScaler on CUDA as released; on CPU the "
                                            "precision fastmveb runs at (no = fp32)",
-                "loadavg_before": [round(x, 2) for x in load_before],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+                "loadavg_before": load_before, "loadavg_after": loadavg()}
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    print(common.markdown_table(rows, columns))
-    path = common.write_results("train", common.environment(device), settings, rows, columns, out_dir=args.out_dir)
+    print(markdown_table(rows, columns))
+    path = write_results("train", environment(device), settings, rows, columns, out_dir=args.out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "settings": settings, "path": str(path)}

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastmveb.bench import common
+from fastmveb.bench.common import environment, markdown_table, pick_device, time_fn, write_results
 from fastmveb.config import ViewsConfig
 from fastmveb.views import (ViewMaker, blend_toward, blur_kernels, color_jitter, gaussian_blur,
                             resized_crop, sample_crop_boxes, shift_hue)
@@ -148,7 +148,7 @@ def _pil_rate(x_cpu: torch.Tensor, n_local: int, procs: int) -> float:
 def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     cuda = device.type == "cuda"
     n = args.batch or (256 if cuda else (16 if args.short else 64))
     iters = 2 if args.short else 5
@@ -157,7 +157,7 @@ def main(args) -> None:
     rows: list[dict] = []
 
     def add(name, fn, per_call_images, kind):
-        t = common.time_fn(fn, device, warmup=1, iters=iters)
+        t = time_fn(fn, device, warmup=1, iters=iters)
         rows.append({"what": name, "kind": kind, "images_per_s": per_call_images / t, "ms_per_call": 1e3 * t})
         print(f"{name:58s} {per_call_images / t:10,.0f} img/s")
 
@@ -201,8 +201,8 @@ def main(args) -> None:
         for op, own, kor in _own_vs_kornia(v, p, radius):
             t_own, t_kor = [], []
             for _ in range(3):
-                t_own.append(common.time_fn(own, device, warmup=1, iters=iters))
-                t_kor.append(common.time_fn(kor, device, warmup=1, iters=iters))
+                t_own.append(time_fn(own, device, warmup=1, iters=iters))
+                t_kor.append(time_fn(kor, device, warmup=1, iters=iters))
             t_own, t_kor = sorted(t_own)[1], sorted(t_kor)[1]
             rows.append({"what": f"{op}@224 own code", "kind": "own", "images_per_s": n / t_own,
                          "ms_per_call": 1e3 * t_own})
@@ -239,12 +239,12 @@ def main(args) -> None:
                 rows.append({"what": f"recipe {name} released PIL, {procs} processes", "kind": "pil-cpu",
                              "images_per_s": rp, "ms_per_call": None})
                 print(f"recipe {name} released PIL, {procs} processes: {rp:,.1f} img/s")
-    env = common.environment(device)
+    env = environment(device)
     settings = {"batch": n, "decode": DECODE, "iters": iters, "short": bool(args.short),
                 "threads": torch.get_num_threads(), "device": str(device),
                 # The CPU box is shared: a load above the core count makes every CPU number pessimistic.
                 "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}
     columns = ["what", "kind", "images_per_s", "ms_per_call", "kornia_over_own"]
-    path = common.write_results("views", env, settings, rows, columns, out_dir=args.out_dir)
-    print(common.markdown_table(rows, columns))
+    path = write_results("views", env, settings, rows, columns, out_dir=args.out_dir)
+    print(markdown_table(rows, columns))
     print(f"wrote {path}")
