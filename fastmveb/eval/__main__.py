@@ -5,6 +5,7 @@
     python -m fastmveb.eval linear --run runs/NAME --mode full [--micro-batch 1024]   # the released protocol
     python -m fastmveb.eval knn|linear --run runs/NAME --train-beton A.beton --val-beton B.beton  # transfer
     python -m fastmveb.eval finetune --run runs/NAME --fraction 0.01|0.1 [--subset FILE]   # semi-supervised
+    torchrun --nproc_per_node N -m fastmveb.eval -- finetune --run runs/NAME --fraction 0.1  # on N processes
 
 Reads the betons (unless --train-beton / --val-beton name other labelled ones: transfer to another dataset),
 eval crop and normalisation from the run's config.yaml, loads the backbone of the newest

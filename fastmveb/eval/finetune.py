@@ -98,7 +98,8 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
     distributed=True and the same seed, so every rank reads its share of one seeded order of the subset; the
     batch is the global batch (per-rank batch x processes, the lr follows it); DDP averages the gradients; with
     the loader's torch-generated order (``shuffle = "torch"``, fastmveb.data) step k consumes the same samples
-    whatever the number of processes; val counts every sample once. BatchNorm normalises each rank's own batch (no sync), as DDP fine-tuning usually does.
+    whatever the number of processes; val counts every sample once. BatchNorm normalises each rank's own batch
+    (no sync), as DDP fine-tuning usually does.
     """
     device = torch.device(device)
     rank, world = _rank_world()
