@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -482,3 +483,49 @@ def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, 
         assert cli(["finetune", "--run", str(run), "--random-init", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def _odd_val_beton(small_betons: Path, root: Path, n: int = 39) -> Path:
+    """A labelled beton of the first ``n`` val JPEGs (dataset_prep's list mode): an odd count, so a 2-rank
+    distributed sampler pads rank 1's shard with a repeat of sample 0."""
+    from dataset_prep.writer import convert_folder
+    jpegs = sorted((small_betons / "jpeg" / "val").glob("*/*.jpg"))[:n]
+    lst = root / "val_list.txt"
+    lst.write_text("".join(f"{p}\t{int(p.parent.name.split('_')[0])}\n" for p in jpegs))
+    convert_folder(root / "odd", list_file=lst, max_side=128, num_workers=1, progress=False)
+    return root / "odd" / "train.beton"
+
+
+def test_finetune_on_two_processes_counts_every_val_sample_once(small_betons, tmp_path, capsys):
+    """torchrun --nproc_per_node 2 -m fastmveb.eval -- finetune (one gloo group; DDP over Accelerate): the same
+    subset, the global batch split over the ranks, the same number of steps as one process, val sharded and
+    gathered with the padding's repeat counted once, and rank 0 alone printing and recording the result."""
+    import json
+    from fastmveb.eval.__main__ import main
+    run = _run_dir(tmp_path, small_betons)
+    val = _odd_val_beton(small_betons, tmp_path)
+    # 31 listed files over 2 ranks: the sampler pads rank 1 to 16, one more batch of 8 than the 31 // 16 = 1 step
+    # that reads each file once; it is read and not trained on, as one process drops its partial batch.
+    files = (small_betons / "train.beton.files.txt").read_text().splitlines()
+    subset = tmp_path / "subset.txt"
+    subset.write_text("".join(f"{Path(f).parent.name}/{Path(f).name}\n" for f in files[::5][:31]))
+    args = ["finetune", "--run", str(run), "--val-beton", str(val), "--subset", str(subset), "--epochs", "2",
+            "--batch", "16", "--num-workers", "1", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    # '--': torchrun's own --run-path would otherwise claim --run (argparse prefix matching)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(33500 + os.getpid() % 1000), "-m", "fastmveb.eval", "--", *args], cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [line] = [ln for ln in r.stdout.splitlines() if ln.startswith("finetune on")]
+    assert "batch 16 over 2 processes; val 39 images" in line, line
+    assert r.stdout.count("finetune epoch 2/2") == 1                     # rank 0's log only
+    one, two = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for k in ("n_labelled", "batch", "steps", "epochs", "n_val"):
+        assert one[k] == two[k], k
+    assert two["n_val"] == 39 and two["n_labelled"] == 31 and two["steps"] == 2 * (31 // 16)
+    for rec in (one, two):                                              # percentages of 39 samples
+        for k in ("top1", "top5"):
+            assert abs(rec[k] * 39 / 100 - round(rec[k] * 39 / 100)) < 1e-9, rec

@@ -329,7 +329,7 @@ def test_a_non_finite_micro_step_skips_the_whole_step():
 
 def test_unlabeled_beton_trains_with_label_parts_off(unlabeled_betons, tmp_path):
     """dataset_prep folder's betons (label -1): the kNN monitor, online probe and learning check switch off in one
-    line; uniformity and effective rank stay. (Resuming on them: test_resume_after_kill_... runs on them.)"""
+    line; uniformity and effective rank stay. (Stopped, resumed and on 2 processes: the test below.)"""
     extra = {"eval.knn_at_end": "true", "eval.knn_every_epochs": 1, "eval.online_linear": "true",
              "train.deterministic": "false", "train.max_steps": 2}
     r = run(tiny_overrides(unlabeled_betons, tmp_path, "unl", **extra))
@@ -373,3 +373,35 @@ def test_end_to_end_benchmark_reads_the_training_loader_of_the_config(small_beto
                                                              **{"data.global_batch_size": 48, "data.drop_last": "false"}))
     r = measure_fastmveb(cfg, torch.device("cpu"), warmup=1, steps=1, threads=1)
     assert seen == [(False, False, 4)] and r["samples_per_s"] > 0      # 160 samples / 48: 3 full + 1 partial
+
+
+def test_unlabeled_beton_resumes_exactly_on_two_processes(unlabeled_betons, tmp_path):
+    """Issue 23's "a resumed or multi-process run on an unlabeled beton works", both at once: 2 gloo ranks on
+    dataset_prep folder's betons (label -1) stop at step 3 (train.max_steps, with a checkpoint there); the rerun
+    with the budget of 6 steps resumes from it and ends on the uninterrupted 2-rank run's losses, bitwise. Every
+    launch says once (rank 0) that the label parts are off."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(name: str, steps: int) -> None:
+        args = tiny_overrides(unlabeled_betons, tmp_path, name, **{"train.max_steps": steps, "eval.knn_at_end": "true",
+                                                                   "eval.knn_every_epochs": 1,
+                                                                   "eval.online_linear": "true"})
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(30500 + os.getpid() % 1000), TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        notes = [ln for ln in r.stdout.splitlines() if "has no labels" in ln]
+        assert len(notes) == 1 and notes[0].startswith("note:") and "kNN monitor" in notes[0], r.stdout[-3000:]
+
+    torchrun("whole", 6)
+    torchrun("cut", 3)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "cut"))["step"] == 3
+    assert sorted(losses(tmp_path / "cut")) == [1, 2, 3]
+    torchrun("cut", 6)
+    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["resumed_from"].endswith("step_00000003.pt")
+    whole = losses(tmp_path / "whole")
+    assert sorted(whole) == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "cut") == whole                            # bitwise equal, every step
+    rows = [json.loads(ln) for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert all("erank" in r and not any("knn" in k or "probe" in k for k in r) for r in rows)

@@ -5,6 +5,7 @@
     python -m fastmveb.eval linear --run runs/NAME --mode full [--micro-batch 1024]   # the released protocol
     python -m fastmveb.eval knn|linear --run runs/NAME --train-beton A.beton --val-beton B.beton  # transfer
     python -m fastmveb.eval finetune --run runs/NAME --fraction 0.01|0.1 [--subset FILE]   # semi-supervised
+    torchrun --nproc_per_node N -m fastmveb.eval -- finetune --run runs/NAME --fraction 0.1  # on N processes
 
 Reads the betons (unless --train-beton / --val-beton name other labelled ones: transfer to another dataset),
 eval crop and normalisation from the run's config.yaml, loads the backbone of the newest readable
@@ -145,6 +146,9 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
+    accelerator = _finetune_accelerator(args, device) if args.cmd == "finetune" else None
+    if accelerator is not None and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        device = accelerator.device                                   # one GPU per process (torchrun)
     amp = {"bf16": torch.bfloat16, "no": None}.get(args.amp)
     if args.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else None
@@ -168,9 +172,9 @@ def run(args) -> dict:
                      max_val=args.max_val, amp_dtype=amp)
         record.update(k=k, T=T, top1=r["top1"], top5=r["top5"])
     elif args.cmd == "finetune":
-        r = _finetune(cfg, backbone, device, amp, workers, bs, args)
-        record.update({k: r[k] for k in ("fraction", "subset", "n_labelled", "epochs", "base_lr", "batch", "top1",
-                                          "top5")})
+        r = _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator)
+        record.update({k: r[k] for k in ("fraction", "subset", "n_labelled", "epochs", "base_lr", "batch", "steps",
+                                          "processes", "top1", "top5", "n_val")})
     else:
         from fastmveb.eval import linear
         mode = args.mode or cfg.eval.linear_mode
@@ -217,10 +221,23 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
                               log=log, set_epoch=lambda e: set_epoch(train, e))
 
 
-def _finetune(cfg, backbone, device, amp, workers, bs, args) -> dict:
-    """The labelled subset of the train beton (--fraction or --subset), then fastmveb.eval.finetune.finetune."""
+def _finetune_accelerator(args, device):
+    """Accelerate over the processes torchrun (or accelerate launch) started, else one process. On CPUs
+    cpu=True is what makes torchrun's processes join one gloo group (NOTES.md)."""
+    from accelerate import Accelerator
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda" and device.index is not None:
+        raise RunError(f"--device {args.device} names one GPU, but {os.environ['WORLD_SIZE']} processes were "
+                       "started: pass --device cuda (each process takes its own) or start one process")
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+
+
+def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -> dict:
+    """The labelled subset of the train beton (--fraction or --subset), then fastmveb.eval.finetune.finetune.
+
+    Several processes: the subset is drawn the same way on every rank (seeded, or the listed files); --batch is
+    the global batch, split evenly over the processes; val is sharded and gathered (every sample once)."""
     from dataset_prep.writer import files_path
-    from fastmveb.data import labels, set_epoch, train_loader
+    from fastmveb.data import eval_loader, labels, set_epoch, train_loader
     from fastmveb.eval import finetune as ft
     if args.fraction is None and not args.subset:
         raise RunError("finetune needs --fraction F (e.g. 0.01 or 0.1) or --subset FILE")
@@ -249,14 +266,30 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args) -> dict:
     base_lr = args.lr if args.lr is not None else ft.BASE_LR
     if epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {epochs}")
-    batch = min(args.batch, len(idx))
-    _, val = _eval_loaders(cfg, bs, workers, device)
-    train = train_loader(beton, batch, workers, device, decode="once", decode_size=cfg.data.decode_size,
-                         seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True, indices=idx)
+    world = accelerator.num_processes if accelerator is not None else 1
+    if args.batch % world:
+        raise RunError(f"--batch {args.batch} does not split evenly over {world} processes; pass a multiple of {world}")
+    batch = min(args.batch, len(idx) // world * world)                # the global batch
+    if batch == 0:
+        raise RunError(f"the subset has {len(idx)} images, fewer than the {world} processes; raise --fraction")
+    distributed = world > 1
+    try:
+        val = eval_loader(cfg.data.val_beton, bs, workers, device, size=cfg.eval.size,
+                          crop_ratio=cfg.eval.crop_ratio, distributed=distributed)
+    except ValueError as e:
+        raise RunError(str(e).splitlines()[0]) from None
+    train = train_loader(beton, batch // world, workers, device, decode="once", decode_size=cfg.data.decode_size,
+                         seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True, indices=idx,
+                         distributed=distributed)
+    # One global order for any number of processes (DistributedSampler's draw; rank r reads positions r, r + world,
+    # ...): optimizer step k consumes the same samples on 1 process as on N.
+    train.shuffle = "torch"
     torch.manual_seed(args.seed)
+    main_process = accelerator is None or accelerator.is_main_process
     r = ft.finetune(backbone, train, val, device, cfg.views.mean, cfg.views.std, int(y.max()) + 1, epochs,
                     base_lr=base_lr, crop_size=cfg.eval.size, amp_dtype=amp, seed=args.seed, val_every=args.val_every,
-                    log=lambda s: print(s, flush=True), set_epoch=lambda e: set_epoch(train, e))
+                    log=(lambda s: print(s, flush=True)) if main_process else None,
+                    set_epoch=lambda e: set_epoch(train, e), accelerator=accelerator)
     return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr)
 
 
@@ -272,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input raises a UserError (``cli`` prints it as one line and exits 2)."""
     args = _parser().parse_args(argv)
     rec = run(args)
+    if rec.get("processes", 1) > 1 and torch.distributed.get_rank() != 0:
+        return 0                                                      # rank 0 reports and records, once
     if rec["kind"] == "knn":
         what = f"kNN (k={rec['k']}, T={rec['T']})"
     elif rec["kind"] == "finetune":
+        procs = f" over {rec['processes']} processes" if rec["processes"] > 1 else ""
         what = (f"finetune on {rec['n_labelled']:,} labelled images ({100 * rec['fraction']:.3g}% of train"
-                f"{', ' + rec['subset'] if rec['subset'] else ''}; {rec['epochs']} epochs, batch {rec['batch']})")
+                f"{', ' + rec['subset'] if rec['subset'] else ''}; {rec['epochs']} epochs, batch {rec['batch']}"
+                f"{procs}; val {rec['n_val']:,} images)")
     elif rec["mode"] == "full":
         what = f"linear full (released protocol, batch {rec['batch_size']}, {rec['epochs']} epochs)"
     else:

@@ -3,7 +3,7 @@
     idx = balanced_subset(labels, 0.01, seed=0)         # class-stratified, seeded: each class keeps 1% of its images
     idx = subset_from_list(files, names)                # or a published list of file names (SimCLR's 1% / 10%)
     r = finetune(backbone, train_loader, val_loader, device, mean, std, num_classes, epochs=60)
-    r["top1"], r["top5"]
+    r["top1"], r["top5"], r["n_val"]                    # over the whole val set, once per sample, on every rank
 
 The protocol of the SSL literature, as SimCLR states it (Chen et al. 2020, "A Simple Framework for Contrastive
 Learning of Visual Representations", appendix B.5) and BYOL (Grill et al. 2020, appendix C.2) reports on the same
@@ -16,7 +16,8 @@ subsets:
 - 60 epochs on the 1% subset, 30 on the 10% subset (SimCLR: batch 4096).
 What differs here: the lr decays by a per-step cosine to 0 (a choice, so that the last epochs of a short run do not
 end on a noisy step); the batch is --batch (default 256, the lr follows the same rule); BYOL tuned its
-hyperparameters on held-out training data, here they are fixed defaults; one process (the subsets are small).
+hyperparameters on held-out training data, here they are fixed defaults. BatchNorm uses each process's own batch
+(no cross-process sync) when several processes share the work (torchrun --nproc_per_node N -m fastmveb.eval finetune).
 Crops are cut on the device from the decode-once loader's whole images (fastmveb.eval.linear.rrc_flip), as the
 full linear protocol does.
 """
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmveb.eval.features import _autocast, extract_features, normalize_uint8
-from fastmveb.eval.linear import _evaluate, rrc_flip
+from fastmveb.eval.features import _autocast, eval_mode, extract_features, normalize_uint8
+from fastmveb.eval.linear import rrc_flip
 
 BASE_LR = 0.05          # SimCLR B.5: lr = 0.05 * batch / 256
 EPOCHS = {0.01: 60, 0.1: 30}
@@ -88,55 +89,68 @@ def subset_from_list(files: list[str], names: list[str], source: str = "the subs
 def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, num_classes: int, epochs: int,
              base_lr: float = BASE_LR, momentum: float = 0.9, weight_decay: float = 0.0, crop_size: int = 224,
              crop_scale=(0.08, 1.0), amp_dtype=None, seed: int = 0, val_every: int = 0, log=None,
-             set_epoch=None) -> dict:
+             set_epoch=None, accelerator=None) -> dict:
     """Fine-tune ``backbone`` (in place) and a new Linear head on ``train_loader``'s labelled subset (uint8
     whole-image batches, (x, extent, y) or (x, y)); validate on ``val_loader``'s centre crops after the last
-    epoch (and every ``val_every`` epochs). -> top1, top5 (final), history, head, batch, steps."""
+    epoch (and every ``val_every`` epochs). -> top1, top5 (final), n_val, history, head, batch, steps.
+
+    Several processes (``accelerator`` from a torchrun / accelerate launch start): both loaders are made with
+    distributed=True and the same seed, so every rank reads its share of one seeded order of the subset; the
+    batch is the global batch (per-rank batch x processes, the lr follows it); DDP averages the gradients; with
+    the loader's torch-generated order (``shuffle = "torch"``, fastmveb.data) step k consumes the same samples
+    whatever the number of processes; val counts every sample once. BatchNorm normalises each rank's own batch
+    (no sync), as DDP fine-tuning usually does.
+    """
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(train_loader)
+    rank, world = _rank_world()
+    b = train_loader.batch_size
+    # A step takes b samples on each of the world ranks; the distributed sampler pads the order with up to
+    # world - 1 repeats, which can complete one more batch on every rank: read it, do not train on it.
+    steps_per_epoch = len(train_loader.indices) // (b * world)
     if steps_per_epoch == 0:
         raise ValueError("the fine-tuning batch exceeds the labelled subset; lower the batch")
-    total = epochs * steps_per_epoch
-    head, opt, lr, batch, step, history = None, None, None, None, 0, []
+    total, batch = epochs * steps_per_epoch, b * world
+    lr = base_lr * batch / 256
+    g = torch.Generator().manual_seed(seed + rank * 1_000_003)          # each rank its own crops; rank 0 = 1 process
     backbone.to(device)
+    with torch.no_grad(), eval_mode(backbone):                          # the head's width
+        width = backbone(torch.zeros(1, 3, crop_size, crop_size, device=device)).flatten(1).shape[1]
+    head = nn.Linear(width, num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(seed))   # the same on every rank
+        head.bias.zero_()
+    net = _Classifier(backbone, head.to(device), device, amp_dtype)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    model = accelerator.prepare_model(net, device_placement=False) if accelerator is not None else net
+    backward = accelerator.backward if accelerator is not None else (lambda loss: loss.backward())
+    step, history = 0, []
     was_training = backbone.training
     try:
         for ep in range(epochs):
             if set_epoch is not None:
                 set_epoch(ep)
-            backbone.train()
-            tot, nb = 0.0, 0
-            for out in train_loader:
+            model.train()
+            tot, nb = torch.zeros((), dtype=torch.float64), 0
+            for i, out in enumerate(train_loader):
+                if i >= steps_per_epoch:
+                    continue
                 x, y, extent = out[0], out[-1], (out[1] if len(out) == 3 else None)
                 y = y.reshape(-1).to(device, dtype=torch.long, copy=True)
                 with torch.no_grad():
                     crops = normalize_uint8(rrc_flip(x.to(device), crop_size, crop_scale, generator=g, extent=extent),
                                             mean, std)
-                with _autocast(device, amp_dtype):
-                    h = backbone(crops).flatten(1)
-                if head is None:      # the head's width and the lr (batch rule) from the first batch
-                    head = nn.Linear(h.shape[1], num_classes)
-                    with torch.no_grad():
-                        head.weight.normal_(0, 0.01, generator=g)
-                        head.bias.zero_()
-                    head.to(device)
-                    batch = x.shape[0]
-                    lr = base_lr * batch / 256
-                    opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=lr,
-                                          momentum=momentum, nesterov=True, weight_decay=weight_decay)
                 for pg in opt.param_groups:
                     pg["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-                loss = F.cross_entropy(head(h.float()), y)
+                loss = F.cross_entropy(model(crops), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                backward(loss)
                 opt.step()
-                tot, nb, step = tot + float(loss.detach()), nb + 1, step + 1
-            row = {"epoch": ep + 1, "loss": tot / max(nb, 1)}
+                tot, nb, step = tot + loss.detach().double().cpu(), nb + 1, step + 1
+            row = {"epoch": ep + 1, "loss": float(_mean_over_ranks(tot, device)) / max(nb, 1)}
             if ep + 1 == epochs or (val_every and (ep + 1) % val_every == 0):
-                feats, val_y = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
-                with torch.no_grad():
-                    row["top1"], row["top5"] = _evaluate(head, feats, val_y, device)
+                _broadcast_buffers(backbone)        # BN running stats: rank 0's, as DDP's next forward would make them
+                row["top1"], row["top5"], row["n_val"] = evaluate(backbone, head, val_loader, device, mean, std,
+                                                                  amp_dtype)
             history.append(row)
             if log is not None:
                 acc = f" val top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}" if "top1" in row else ""
@@ -144,5 +158,81 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
     finally:
         backbone.train(was_training)
     head_sd = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
-    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "history": history, "head": head_sd,
-            "batch": batch, "steps": step, "epochs": epochs}
+    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "n_val": history[-1]["n_val"],
+            "history": history, "head": head_sd, "batch": batch, "steps": step, "epochs": epochs, "processes": world}
+
+
+class _Classifier(nn.Module):
+    """backbone -> flatten -> head, the backbone under autocast: one module for DDP to wrap."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, device: torch.device, amp_dtype):
+        super().__init__()
+        self.backbone, self.head, self.device, self.amp_dtype = backbone, head, device, amp_dtype
+
+    def forward(self, x):
+        with _autocast(self.device, self.amp_dtype):
+            h = self.backbone(x).flatten(1)
+        return self.head(h.float())
+
+
+@torch.no_grad()
+def evaluate(backbone: nn.Module, head: nn.Module, val_loader, device, mean, std, amp_dtype=None):
+    """(top-1, top-5, n) of backbone + head on ``val_loader``'s centre crops, over every val sample exactly once.
+
+    A distributed loader gives rank r samples r, r + world, ... padded with repeats to equal shards: each rank
+    scores its shard, and the per-sample hits are gathered with the sample indices, repeats counted once.
+    """
+    from fastmveb.data import epoch_indices
+    feats, y = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
+    scores = torch.cat([head(feats[i:i + 8192].to(device)).float().cpu() for i in range(0, feats.shape[0], 8192)])
+    kmax = min(5, scores.shape[1])
+    hit = scores.topk(kmax, dim=1).indices.eq(y[:, None])
+    hits = torch.stack([hit[:, 0], hit.any(dim=1)], dim=1)                # [n, 2]: top-1, top-5 hit
+    rank, world = _rank_world()
+    if world > 1:
+        idx = torch.as_tensor(epoch_indices(val_loader, 0)[: y.shape[0]], dtype=torch.int64)
+        idx, hits = _gather_equal(idx, device), _gather_equal(hits, device)
+        _, first = np.unique(idx.numpy(), return_index=True)           # the first copy of each sample
+        hits = hits[torch.from_numpy(first)]
+    n = hits.shape[0]
+    top1, top5 = (100.0 * hits.sum(dim=0).double() / max(n, 1)).tolist()
+    return top1, top5, n
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(device) -> torch.device:
+    """gloo moves CPU tensors, NCCL device ones."""
+    import torch.distributed as dist
+    return torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_equal(t: torch.Tensor, device) -> torch.Tensor:
+    """Rows of ``t`` from every rank in rank order (the same row count on every rank: padded shards); CPU."""
+    import torch.distributed as dist
+    t = t.to(_comm_device(device))
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out).cpu()
+
+
+def _mean_over_ranks(t: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+    if _rank_world()[1] == 1:
+        return t
+    t = t.to(_comm_device(device))
+    dist.all_reduce(t)
+    return t.cpu() / dist.get_world_size()
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    import torch.distributed as dist
+    if _rank_world()[1] == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, 0)
