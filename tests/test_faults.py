@@ -459,7 +459,7 @@ class _Evil:
 # Case 12: export silently overwrote an existing .pth and its .safetensors sibling.
 def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
     import torch
-    from fastmveb.export import main
+    from fastmveb.export import cli as main
     from test_export import make_run
     run, *_ = make_run(tmp_path, "resnet10", own_target=False)
     out = tmp_path / "bb.pth"
@@ -486,7 +486,7 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
 def test_export_bad_outputs_and_bad_heads_are_one_line(tmp_path, capsys):
     import pickle
 
-    from fastmveb.export import main
+    from fastmveb.export import cli as main
     from test_export import make_run
     run, *_ = make_run(tmp_path, "resnet10", own_target=False)
     (tmp_path / "adir.pth").mkdir()
