@@ -15,6 +15,7 @@ BETON_ARGS ?=
 BENCH     ?= all
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 PYVER     ?= 3.12
 
 .PHONY: setup beton demo test test-all bench gpu-check wheelhouse clean
@@ -43,11 +44,13 @@ data/synthetic/train.beton: dataset_prep/synthetic.py | setup
 demo: setup data/synthetic/train.beton
 	$(BIN)/python fastmveb/train.py --rc rcs/tiny.yaml
 
+# TEST_WORKERS: pytest-xdist processes (2 = CI's cores; 0 = all in this process). Each worker and what it starts
+# uses one thread (tests/conftest.py); whole modules go to one worker, so a module's trained run is made once.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 bench: setup data/synthetic/train.beton
 	$(BIN)/python -m fastmveb.bench $(BENCH) $(BENCH_ARGS)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real synthetic dataset written once per test session."""
+"""Shared fixtures: a small real synthetic dataset written once per test session (once per pytest-xdist worker)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # `make test` runs two pytest-xdist workers on two cores: each worker, and every process it starts, gets one
+    # thread; two workers of two threads each would contend for the cores and finish later than one.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+# The longest modules first. `make test` hands whole modules to two pytest-xdist workers (--dist loadscope, so a
+# module's shared trained run is built once) in collection order; a long module handed out last would leave the
+# other worker idle at the end. Measured with --durations (issue 21): each of these takes 2-6 minutes on one core.
+LONGEST_FIRST = ["test_learning.py", "test_train.py", "test_elastic.py", "test_resolution.py", "test_gpu_check.py",
+                 "test_faults.py", "test_bench.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))          # stable: each module keeps its order
 
 
 @pytest.fixture(scope="session")

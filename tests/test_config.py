@@ -1,13 +1,12 @@
 """Config: YAML + overrides, round trip, unknown keys and wrong types named with their source."""
-import subprocess
 import typing
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fastmveb.config import Config, ConfigError, dump_config, from_dict, load_config
+from test_plan import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,8 +90,7 @@ def test_invalid_choices_and_missing_file(tmp_path):
 def test_train_cli_reports_config_error_in_one_line(tmp_path):
     rc = tmp_path / "bad.yaml"
     rc.write_text("model:\n  depth: 50\n")
-    r = subprocess.run([sys.executable, str(ROOT / "fastmveb/train.py"), "--rc", str(rc)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = train_cli("--rc", rc)
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert err == [f"error: {rc}: unknown key 'model.depth' (valid: arch, zero_init_residual, proj_hidden, "

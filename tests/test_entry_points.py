@@ -71,3 +71,17 @@ def test_training_entry_points_print_the_same_plan(tmp_path):
     # A bad override is one line through the console script too.
     r = _run([str(BIN / "fastmveb-train"), *DRY, "train.log_every=0"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "train.log_every" in r.stderr
+
+
+def test_make_test_takes_its_workers_from_test_workers():
+    """`make test TEST_WORKERS=N` runs the suite on N pytest-xdist workers (CI: the default, 2); 0 runs it in one
+    process. The command make prints is run as printed, on one small file."""
+    import shlex
+    dry = subprocess.run(["make", "-n", "test", "TEST_WORKERS=0", "PYTEST_ARGS=tests/test_loss.py -p no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    cmd = dry.stdout.strip().splitlines()[-1]
+    assert cmd.endswith('-m "not slow and not gpu" -n 0 --dist loadscope tests/test_loss.py -p no:cacheprovider'), cmd
+    r = _run(shlex.split(cmd))
+    assert r.returncode == 0 and " passed" in r.stdout and "workers" not in r.stdout, r.stdout[-2000:]
+    assert "-n 2 --dist loadscope" in subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True,
+                                                     text=True, timeout=60).stdout

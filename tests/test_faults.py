@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastmveb.config import Config, ConfigError, load_config
+from test_plan import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,9 +72,7 @@ def test_every_number_in_the_config_has_a_range():
 
 
 def test_train_cli_range_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "fastmveb/train.py"), "--rc", str(ROOT / "rcs/tiny.yaml"),
-                        "train.log_every=0", f"train.run_dir={tmp_path}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = train_cli("--rc", ROOT / "rcs/tiny.yaml", "train.log_every=0", f"train.run_dir={tmp_path}")
     line = one_line_error(r)
     assert "train.log_every must be in [1, inf]" in line
     assert not any(tmp_path.iterdir())
@@ -269,10 +268,8 @@ def test_train_and_eval_refuse_a_corrupted_or_foreign_beton(small_betons, tmp_pa
         f.seek(bad.stat().st_size // 2 - 2**19)
         f.write(os.urandom(2**20))
     for beton, what in ((bad, "is corrupted"), (ROOT / "README.md", "is not an FFCV beton")):
-        r = subprocess.run([sys.executable, str(ROOT / "fastmveb/train.py"), "--rc", str(ROOT / "rcs/tiny.yaml"),
-                            f"data.train_beton={beton}", f"data.val_beton={small_betons / 'val.beton'}",
-                            f"train.run_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+        r = train_cli("--rc", ROOT / "rcs/tiny.yaml", f"data.train_beton={beton}",
+                      f"data.val_beton={small_betons / 'val.beton'}", f"train.run_dir={tmp_path / 'runs'}")
         line = one_line_error(r)
         assert what in line and str(beton) in line and "FORCE=1" in line
         assert not (tmp_path / "runs").exists()

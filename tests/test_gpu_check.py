@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastmveb.bench.gpu_check import BOXES, STAGES, junit_counts, largest_batch
+from test_plan import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,16 +89,14 @@ def test_dry_run_prices_the_plan_from_the_check_summary(cpu_check):
     s = json.loads((out / "summary.json").read_text())
     row = s["stages"]["run"]["result"]["throughput_row"]
     assert row["batch"] == 16                             # the training start's batch (run_overrides)
-    proc = subprocess.run([sys.executable, "fastmveb/train.py", "--rc", "rcs/tiny.yaml", "--dry-run",
-                           "data.global_batch_size=16", "--throughput-from", str(out / "summary.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = train_cli("--rc", ROOT / "rcs/tiny.yaml", "--dry-run", "data.global_batch_size=16",
+                     "--throughput-from", out / "summary.json")
     assert proc.returncode == 0, proc.stderr
     cost = next(line for line in proc.stdout.splitlines() if line.startswith("cost"))
     assert f"{row['samples_per_s']:,.0f} samples/s" in cost and "unmeasured" not in cost, cost
     # Another per-device batch is a near match only: not priced.
-    proc = subprocess.run([sys.executable, "fastmveb/train.py", "--rc", "rcs/tiny.yaml", "--dry-run",
-                           "data.global_batch_size=32", "--throughput-from", str(out / "summary.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = train_cli("--rc", ROOT / "rcs/tiny.yaml", "--dry-run", "data.global_batch_size=32",
+                     "--throughput-from", out / "summary.json")
     assert proc.returncode == 0, proc.stderr
     cost = next(line for line in proc.stdout.splitlines() if line.startswith("cost"))
     assert "unmeasured" in cost, cost

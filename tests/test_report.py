@@ -80,7 +80,7 @@ def test_report_cli_missing_run_dir(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
-def test_embedding_page_of_a_real_run(small_betons, tmp_path):
+def test_embedding_page_of_a_real_run(small_betons, tmp_path, capsys):
     """--embedding on a trained run: PCA page of trained vs random-init features, with the same kNN top-1 as the
     run's own end-of-training check (same checkpoint, same initial weights, same eval loaders)."""
     from test_train import TRAIN, tiny_overrides
@@ -90,21 +90,20 @@ def test_embedding_page_of_a_real_run(small_betons, tmp_path):
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "emb"
-    r = subprocess.run([sys.executable, "-m", "fastmveb.report", "--run", str(run), "--embedding"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert cli(["--run", str(run), "--embedding"]) == 0                 # the command's own entry, in this process
+    out = capsys.readouterr().out
     assert (run / "report.png").is_file()
     w, h = _png_size(run / "embedding.png")
     assert w > 500 and h > 250
     fin = [row for row in read_jsonl(run / "metrics.jsonl")[0] if "final_knn_top1" in row][-1]
-    assert f"trained {fin['final_knn_top1']:.2f}%, random init {fin['random_knn_top1']:.2f}%" in r.stdout
+    assert f"trained {fin['final_knn_top1']:.2f}%, random init {fin['random_knn_top1']:.2f}%" in out
     # An explicit path; a run without checkpoints (or a missing folder for the PNG) is one error line.
     assert cli(["--run", str(run), "--embedding", str(tmp_path / "e.png")]) == 0 and (tmp_path / "e.png").is_file()
     bare = tmp_path / "bare"
     write_metrics(bare)
-    r = subprocess.run([sys.executable, "-m", "fastmveb.report", "--run", str(bare), "--embedding"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint") and "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert cli(["--run", str(bare), "--embedding"]) == 2
+    assert capsys.readouterr().err.startswith("error: no checkpoint")
 
 
 def test_pca_2d_matches_the_covariance_eigenvectors():
