@@ -77,11 +77,12 @@ def test_make_test_takes_its_workers_from_test_workers():
     """`make test TEST_WORKERS=N` runs the suite on N pytest-xdist workers (CI: the default, 2); 0 runs it in one
     process. The command make prints is run as printed, on one small file."""
     import shlex
-    dry = subprocess.run(["make", "-n", "test", "TEST_WORKERS=0", "PYTEST_ARGS=tests/test_loss.py -p no:cacheprovider"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    cmd = dry.stdout.strip().splitlines()[-1]
+    def make_n(*args) -> str:                     # the pytest line `make -n` prints (also when run under make)
+        out = subprocess.run(["make", "--no-print-directory", "-n", "test", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60).stdout
+        return next(ln for ln in out.splitlines() if " -m pytest " in ln)
+    cmd = make_n("TEST_WORKERS=0", "PYTEST_ARGS=tests/test_loss.py -p no:cacheprovider")
     assert cmd.endswith('-m "not slow and not gpu" -n 0 --dist loadscope tests/test_loss.py -p no:cacheprovider'), cmd
     r = _run(shlex.split(cmd))
     assert r.returncode == 0 and " passed" in r.stdout and "workers" not in r.stdout, r.stdout[-2000:]
-    assert "-n 2 --dist loadscope" in subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True,
-                                                     text=True, timeout=60).stdout
+    assert "-n 2 --dist loadscope" in make_n()
