@@ -358,12 +358,18 @@ def test_online_probe_folded_head_matches_eval_forward():
     torch.testing.assert_close(h @ hs["weight"].T + hs["bias"], probe.fc(probe.bn(h)))
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+def _cli(module, *args):
+    """`python -m fastmveb.eval ARGS` through its own cli() in this process: the exit status and output, without a
+    10 s interpreter start (the test below keeps the real command line)."""
+    from fastmveb.eval.__main__ import cli
+    from test_plan import in_process
+    assert module == "fastmveb.eval"
+    return in_process(cli, *args)
 
 
 def test_cli_missing_run_dir_is_one_line_error(tmp_path):
-    r = _cli("fastmveb.eval", "knn", "--run", str(tmp_path / "nope"))
+    r = subprocess.run([sys.executable, "-m", "fastmveb.eval", "knn", "--run", str(tmp_path / "nope")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines[0].startswith("error:") and "not found" in lines[0] and "Traceback" not in r.stderr

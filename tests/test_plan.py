@@ -22,6 +22,11 @@ def train_cli(*argv, env_extra=None) -> subprocess.CompletedProcess:
     before an accelerator or data exist, each case then costs milliseconds instead of a 10 s interpreter start.
     test_real_run_with_a_non_dividing_batch_stops_with_one_line keeps the real command line (exit status, stderr)."""
     from fastmveb.train import cli
+    return in_process(cli, *argv, env_extra=env_extra)
+
+
+def in_process(cli, *argv, env_extra=None) -> subprocess.CompletedProcess:
+    """A command's cli(argv) in this process, as a CompletedProcess (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with mock.patch.dict(os.environ, env_extra or {}), redirect_stdout(out), redirect_stderr(err):
         rc = cli([str(a) for a in argv])

@@ -3,8 +3,6 @@ the proportional local / decode sizes, the recipes, the config checks, the loade
 real beton, and a tiny training run whose sizes change at the scheduled epochs and that resumes exactly
 mid-ramp (plus offline evaluation at a chosen test size)."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from fastmveb.resolution import Resolution, ramp_size, resolution_at, schedule, 
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train import TRAIN, losses, run, tiny_overrides  # noqa: E402
+from test_train import losses, run, tiny_overrides  # noqa: E402
 
 
 def ramp_cfg(**kw):
@@ -145,11 +143,10 @@ def test_ramp_run_changes_sizes_on_schedule_and_resumes_exactly_mid_ramp(small_b
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
     # Offline evaluation at a fixed test size, whatever the training sizes were; the size is reported.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    from fastmveb.eval.__main__ import cli
+    from test_plan import in_process
     for extra, size in (([], 32), (["--size", "40"], 40)):
-        r = subprocess.run([sys.executable, "-m", "fastmveb.eval", "knn", "--run", str(tmp_path / "full"),
-                            "--num-workers", "1", "--k", "5", *extra], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+        r = in_process(cli, "knn", "--run", tmp_path / "full", "--num-workers", "1", "--k", "5", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f") at {size} px: top-1" in r.stdout
         assert json.loads((tmp_path / "full" / "eval.jsonl").read_text().splitlines()[-1])["size"] == size
