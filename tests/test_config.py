@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fastmveb.config import Config, ConfigError, dump_config, from_dict, load_config
-from test_plan import train_cli
+from commands import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,7 @@ from fastmveb.eval.features import RunError, extract_features, normalize_uint8
 from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
 from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip,
                                   train_linear_on_features)
+from commands import eval_cli
 from fastmveb.eval.online import OnlineLinearProbe, folded_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +307,7 @@ def _run_dir(root: Path, betons: Path) -> Path:
 def test_cli_linear_full_reports_final_and_best_and_fast_says_quick_estimate(small_betons, tmp_path):
     import json
     run = _run_dir(tmp_path, small_betons)
-    r = _cli("fastmveb.eval", "linear", "--run", str(run), "--mode", "full", "--epochs", "2", "--val-every", "1",
+    r = eval_cli("linear", "--run", str(run), "--mode", "full", "--epochs", "2", "--val-every", "1",
              "--linear-batch-size", "32", "--micro-batch", "16", "--device", "cpu", "--num-workers", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "linear full (released protocol, batch 32, 2 epochs)" in r.stdout and "final top-1" in r.stdout
@@ -314,10 +315,10 @@ def test_cli_linear_full_reports_final_and_best_and_fast_says_quick_estimate(sma
     rec = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert rec["mode"] == "full" and rec["batch_size"] == 32 and rec["micro_batch"] == 16
     assert rec["best_top1"] >= rec["top1"] and rec["best_epoch"] in (1, 2) and rec["val_epochs"] == [1, 2]
-    r = _cli("fastmveb.eval", "linear", "--run", str(run), "--mode", "full", "--epochs", "1", "--device", "cpu",
+    r = eval_cli("linear", "--run", str(run), "--mode", "full", "--epochs", "1", "--device", "cpu",
              "--num-workers", "1")                                                 # batch 4096 > 160 images
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: the linear batch 4096 exceeds")
-    r = _cli("fastmveb.eval", "linear", "--run", str(run), "--mode", "fast", "--epochs", "2", "--device", "cpu",
+    r = eval_cli("linear", "--run", str(run), "--mode", "fast", "--epochs", "2", "--device", "cpu",
              "--num-workers", "1", "--no-log")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "linear fast (quick estimate on cached centre-crop features, 2 epochs)" in r.stdout
@@ -356,15 +357,6 @@ def test_online_probe_folded_head_matches_eval_forward():
     h = torch.randn(4, 6)
     hs = folded_head(probe.state_dict())
     torch.testing.assert_close(h @ hs["weight"].T + hs["bias"], probe.fc(probe.bn(h)))
-
-
-def _cli(module, *args):
-    """`python -m fastmveb.eval ARGS` through its own cli() in this process: the exit status and output, without a
-    10 s interpreter start (the test below keeps the real command line)."""
-    from fastmveb.eval.__main__ import cli
-    from test_plan import in_process
-    assert module == "fastmveb.eval"
-    return in_process(cli, *args)
 
 
 def test_cli_missing_run_dir_is_one_line_error(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastmveb.config import Config, ConfigError, load_config
-from test_plan import train_cli
+from commands import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

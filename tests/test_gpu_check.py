@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastmveb.bench.gpu_check import BOXES, STAGES, junit_counts, largest_batch
-from test_plan import train_cli
+from commands import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,36 +1,18 @@
 """The run plan (fastmveb/plan.py) and `train.py --dry-run`: global batch semantics, steps, lr, memory, cost."""
-import io
 import json
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
+from commands import train_cli
 from fastmveb.config import ConfigError, load_config
 from fastmveb.plan import IMAGENET_TRAIN, gpu_hours, make_plan, split_batch, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "fastmveb" / "train.py")
-
-
-def train_cli(*argv, env_extra=None) -> subprocess.CompletedProcess:
-    """`train.py ARGV` through the command's own cli() in this process: for argument and plan checks, which end
-    before an accelerator or data exist, each case then costs milliseconds instead of a 10 s interpreter start.
-    test_real_run_with_a_non_dividing_batch_stops_with_one_line keeps the real command line (exit status, stderr)."""
-    from fastmveb.train import cli
-    return in_process(cli, *argv, env_extra=env_extra)
-
-
-def in_process(cli, *argv, env_extra=None) -> subprocess.CompletedProcess:
-    """A command's cli(argv) in this process, as a CompletedProcess (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with mock.patch.dict(os.environ, env_extra or {}), redirect_stdout(out), redirect_stderr(err):
-        rc = cli([str(a) for a in argv])
-    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
 
 
 def dry_run(*args, env_extra=None) -> subprocess.CompletedProcess:

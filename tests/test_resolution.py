@@ -143,10 +143,9 @@ def test_ramp_run_changes_sizes_on_schedule_and_resumes_exactly_mid_ramp(small_b
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
     # Offline evaluation at a fixed test size, whatever the training sizes were; the size is reported.
-    from fastmveb.eval.__main__ import cli
-    from test_plan import in_process
+    from commands import eval_cli
     for extra, size in (([], 32), (["--size", "40"], 40)):
-        r = in_process(cli, "knn", "--run", tmp_path / "full", "--num-workers", "1", "--k", "5", *extra)
+        r = eval_cli("knn", "--run", tmp_path / "full", "--num-workers", "1", "--k", "5", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f") at {size} px: top-1" in r.stdout
         assert json.loads((tmp_path / "full" / "eval.jsonl").read_text().splitlines()[-1])["size"] == size
