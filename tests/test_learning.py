@@ -20,7 +20,7 @@ def final_rows(betons, tmp_path, runs: dict[str, float]) -> dict[str, dict]:
     procs, logs = {}, {}
     for name, lam in runs.items():
         logs[name] = open(tmp_path / f"{name}.stderr", "w")              # a file, not a pipe that could fill up
-        args = tiny_overrides(betons, tmp_path, name, **{"loss.lam": lam, "optim.base_lr": 20, "optim.epochs": 8,
+        args = tiny_overrides(betons, tmp_path, name, **{"loss.lam": lam, "optim.base_lr": 20, "optim.epochs": 6,
                                                          "train.log_every": 10, "train.deterministic": "false",
                                                          "train.ckpt_every_epochs": 0})
         procs[name] = subprocess.Popen([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
@@ -41,7 +41,8 @@ def test_entropy_term_prevents_collapse(small_betons, tmp_path):
     mveb, align_only = rows["mveb"], rows["align_only"]
     print("mveb", {k: mveb[k] for k in ("erank", "uniformity", "align")},
           "lambda=0", {k: align_only[k] for k in ("erank", "uniformity", "align")})
-    # Measured at 80 steps: uniformity -0.33 with the entropy term, -0.002 without (0 = every embedding equal).
+    # Measured at 60 steps, train.seed 0, 1, 2: uniformity -0.371, -0.372, -0.372 with the entropy term and -0.015,
+    # -0.012, -0.014 without (0 = every embedding equal).
     assert align_only["uniformity"] > -0.2, "alignment alone should be close to collapse"
     assert mveb["uniformity"] < align_only["uniformity"] - 0.2, "the entropy term should keep embeddings spread"
 
