@@ -18,6 +18,7 @@ from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
 from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip,
                                   train_linear_on_features)
 from commands import eval_cli
+from unittest import mock
 from fastmveb.eval.online import OnlineLinearProbe, folded_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +319,10 @@ def test_cli_linear_full_reports_final_and_best_and_fast_says_quick_estimate(sma
     r = eval_cli("linear", "--run", str(run), "--mode", "full", "--epochs", "1", "--device", "cpu",
              "--num-workers", "1")                                                 # batch 4096 > 160 images
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: the linear batch 4096 exceeds")
+    r = eval_cli("linear", "--run", str(run), "--mode", "full", "--max-train", "10", "--max-val", "5", "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --max-train and --max-val: only knn and linear --mode fast take an image limit; linear --mode full "
+        "trains and validates on every image"], r.stderr
     r = eval_cli("linear", "--run", str(run), "--mode", "fast", "--epochs", "2", "--device", "cpu",
              "--num-workers", "1", "--no-log")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -477,8 +482,14 @@ def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, 
     assert [(r["kind"], r["n_labelled"], r["batch"], r["epochs"]) for r in rows] == [("finetune", 12, 8, 2)]
     assert rows[0]["base_lr"] == 0.1 and 0 <= rows[0]["top1"] <= 100
     # --fraction / --random-init: the subset and the baseline (run end to end by the slow test in test_learning.py)
-    for args, message in ((["--fraction", "1.5"], "--fraction must be in (0, 1]"), ([], "--fraction F")):
-        assert cli(["finetune", "--run", str(run), "--random-init", *args]) == 2
+    # An image limit it would ignore, and a global batch that torchrun's WORLD_SIZE does not divide (refused before
+    # any process group is made, so one process with the variable set stands in for each of torchrun's).
+    for args, env, message in ((["--fraction", "1.5"], {}, "--fraction must be in (0, 1]"), ([], {}, "--fraction F"),
+                               (["--fraction", "0.1", "--max-train", "10"], {}, "--max-train: only knn and linear"),
+                               (["--fraction", "0.1", "--batch", "15"], {"WORLD_SIZE": "2"},
+                                "--batch 15 does not split evenly over 2 processes; pass a multiple of 2")):
+        with mock.patch.dict(os.environ, env):
+            assert cli(["finetune", "--run", str(run), "--random-init", "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
 

@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="autocast for the backbone forward (auto: bf16 on CUDA when the run trained in bf16)")
     common.add_argument("--size", type=int, help="test resolution: centre-crop side in px (default: the run's eval.size; "
                         "a run trained at low resolution may test best a little above its training size)")
-    common.add_argument("--max-train", type=int, help="use only the first N training images")
-    common.add_argument("--max-val", type=int, help="use only the first N val images")
+    common.add_argument("--max-train", type=int, help="use only the first N training images (knn, linear --mode fast)")
+    common.add_argument("--max-val", type=int, help="use only the first N val images (knn, linear --mode fast)")
     common.add_argument("--no-log", action="store_true", help="do not append to run_dir/eval.jsonl")
     common.add_argument("--seed", type=int, default=0, help="random init (--random-init), probe init and data order")
     common.add_argument("--train-beton", metavar="A", help="labelled beton for the kNN bank / probe training "
@@ -204,6 +204,7 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
     """MVEB protocol: shuffled whole-image squares from the train loader, RRC + flip cut on the device."""
     from fastmveb.data import set_epoch, train_loader
     from fastmveb.eval import linear
+    _no_image_limits(args, "linear --mode full trains and validates on every image")
     _, val = _eval_loaders(cfg, bs, workers, device)
     micro = args.micro_batch if args.micro_batch is not None else cfg.eval.linear_micro_batch
     if args.val_every < 1 or micro < 0:
@@ -221,13 +222,24 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
                               log=log, set_epoch=lambda e: set_epoch(train, e))
 
 
+def _no_image_limits(args, instead: str) -> None:
+    """--max-train/--max-val bound the cached feature passes (knn, linear --mode fast); a command that streams the
+    betons through training would otherwise ignore them silently and report a figure over other images."""
+    given = [f for f, v in (("--max-train", args.max_train), ("--max-val", args.max_val)) if v is not None]
+    if given:
+        raise RunError(f"{' and '.join(given)}: only knn and linear --mode fast take an image limit; {instead}")
+
+
 def _finetune_accelerator(args, device):
     """Accelerate over the processes torchrun (or accelerate launch) started, else one process. On CPUs
     cpu=True is what makes torchrun's processes join one gloo group (NOTES.md)."""
     from accelerate import Accelerator
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda" and device.index is not None:
-        raise RunError(f"--device {args.device} names one GPU, but {os.environ['WORLD_SIZE']} processes were "
+    world = int(os.environ.get("WORLD_SIZE", "1"))                   # checked before any process group exists
+    if world > 1 and device.type == "cuda" and device.index is not None:
+        raise RunError(f"--device {args.device} names one GPU, but {world} processes were "
                        "started: pass --device cuda (each process takes its own) or start one process")
+    if args.batch % world:
+        raise RunError(f"--batch {args.batch} does not split evenly over {world} processes; pass a multiple of {world}")
     return Accelerator(cpu=device.type == "cpu", mixed_precision="no")
 
 
@@ -239,6 +251,8 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     from dataset_prep.writer import files_path
     from fastmveb.data import eval_loader, labels, set_epoch, train_loader
     from fastmveb.eval import finetune as ft
+    _no_image_limits(args, "finetune validates on every val image and trains on the subset --fraction or --subset "
+                           "chooses")
     if args.fraction is None and not args.subset:
         raise RunError("finetune needs --fraction F (e.g. 0.01 or 0.1) or --subset FILE")
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -267,8 +281,6 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     if epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {epochs}")
     world = accelerator.num_processes if accelerator is not None else 1
-    if args.batch % world:
-        raise RunError(f"--batch {args.batch} does not split evenly over {world} processes; pass a multiple of {world}")
     batch = min(args.batch, len(idx) // world * world)                # the global batch
     if batch == 0:
         raise RunError(f"the subset has {len(idx)} images, fewer than the {world} processes; raise --fraction")
