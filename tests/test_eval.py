@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,7 +19,6 @@ from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
 from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip,
                                   train_linear_on_features)
 from commands import eval_cli
-from unittest import mock
 from fastmveb.eval.online import OnlineLinearProbe, folded_head
 
 ROOT = Path(__file__).resolve().parents[1]
