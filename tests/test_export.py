@@ -156,6 +156,32 @@ def test_export_force_on_a_full_disk_keeps_the_old_pair(tmp_path, capsys, monkey
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old     # nothing else there: no temporaries
 
 
+def test_export_a_failed_second_rename_puts_the_first_file_back(tmp_path, capsys, monkeypatch):
+    """Both files written, the .pth renamed into place, then the .safetensors rename fails: the old .pth returns,
+    so the pair on disk is still the old one and no temporary or backup file is left."""
+    import errno
+    import os
+    run, *_ = make_run(tmp_path, "resnet10", step=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli(["--run", str(run), "--out", str(out / "bb.pth")]) == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.save({"weight": torch.randn(10, 512), "bias": torch.randn(10), "ckpt": "step_00000003.pt",
+                "which": "online", "mode": "fast", "top1": 50.0}, run / "linear_head.pt")   # a different fc
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("bb.safetensors") and str(src).endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    capsys.readouterr()
+    assert cli(["--run", str(run), "--out", str(out / "bb.pth"), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Input/output error" in err[0] and "previous pair is unchanged" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+
 def test_export_folds_online_probe_into_fc(tmp_path):
     run, online, _, state = make_run(tmp_path, "resnet10", probe=True)
     r = export_backbone(tmp_path / "p.pth", run=run)
