@@ -34,6 +34,9 @@ def _write_options(p: argparse.ArgumentParser):
                    help="raw bytes above which --write-mode smart stores JPEG (default 3*256*256)")
     p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
+    p.add_argument("--allow-label-mismatch", action="store_true",
+                   help="write train and val even when val holds labels train has no image of (one warning line "
+                        "names them; without it, one error line before anything is written)")
 
 
 _IMAGES_EPILOG = (f"Images: 16/32-bit grey is scaled to 8 bits, alpha is dropped (as torchvision's loader does), "
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             write = dict(max_side=max_side, jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
                          compress_probability=args.compress_probability, smart_threshold=args.smart_threshold,
                          shuffle=args.shuffle, seed=args.seed, num_workers=args.num_workers, force=args.force,
-                         progress=not args.quiet)
+                         progress=not args.quiet, allow_label_mismatch=args.allow_label_mismatch)
             if args.cmd == "folder":
                 from .writer import convert_folder
                 convert_folder(args.out, data=args.data, list_file=args.list_file, val_fraction=args.val_fraction,

@@ -3,11 +3,14 @@
     python -m dataset_prep verify data/synthetic/train.beton [...]     # full SHA-256 + FFCV structure
 
 Writing (dataset_prep.writer) stores ``NAME.beton.sha256.json`` next to ``NAME.beton``: size, SHA-256,
-modification time and sample count of the finished file. Every loader calls ``check_beton`` on open:
+modification time, sample count and label set (``labels``: images per label) of the finished file. Every
+loader calls ``check_beton`` on open:
 
 - always (microseconds): the FFCV header (format version, field count, page size), the allocation table's
   position and size against the file size, and the size recorded in the sidecar. This catches truncated
   files, files that are not betons at all, and betons cut or padded since they were written;
+- always (milliseconds: the label column only, see label_counts): the labels the sidecar records (or its
+  "labelled": false) against the beton's label field, so a record that is not this beton's is refused;
 - when the file's modification time differs from the one recorded (it was rewritten in place, or copied
   without keeping times): the full SHA-256, once per process. A match is accepted with a note; `verify`
   then records the new time so later opens skip the hash again.
@@ -54,13 +57,16 @@ def make_sidecar(beton: str | Path, labelled: bool = True) -> dict:
     """The integrity record of a finished beton (hash it before renaming it into place).
 
     ``labelled`` False: the beton's label field holds -1 for every sample (dataset_prep folder / --list without
-    labels). Readers take that from the label field itself (fastmveb.data.num_classes, which also works for
-    betons without a record); the record says it for people and ``verify``.
+    labels). ``labels``: images per label, read from the finished file's label field ({} without labels).
+    Readers take labels from the label field itself (``label_counts``, which also works for betons with an
+    older record or none) and refuse a record that contradicts it.
     """
     header = _header(Path(beton))
     st = os.stat(beton)
+    counts = _read_label_counts(Path(beton))
     return {"format": "fastmveb-beton-integrity/1", "size": st.st_size, "sha256": sha256_file(beton),
-            "mtime_ns": st.st_mtime_ns, "num_samples": int(header["num_samples"]), "labelled": bool(labelled)}
+            "mtime_ns": st.st_mtime_ns, "num_samples": int(header["num_samples"]), "labelled": bool(labelled),
+            "labels": {str(k): v for k, v in counts.items()}}
 
 
 def write_sidecar(record: dict, path: str | Path) -> None:
@@ -130,6 +136,7 @@ def check_beton(beton: str | Path) -> None:
     """The cheap check every loader runs on open (see the module doc); raises BetonError."""
     st = os.stat(beton)
     _check_cached(str(beton), st.st_size, st.st_mtime_ns)
+    _label_counts_cached(str(beton), st.st_size, st.st_mtime_ns)   # the record's labels are the beton's
 
 
 def verify(beton: str | Path) -> str:
@@ -177,5 +184,87 @@ def verify(beton: str | Path) -> str:
             if missing:
                 raise BetonError(f"{beton}: {missing} sample(s) of field {name} have no matching allocation; {FIX}")
     how = "SHA-256 matches its record" if rec is not None else f"no {SIDECAR_SUFFIX} record: structure only"
-    unlabelled = ", no labels" if rec is not None and rec.get("labelled") is False else ""
-    return f"{beton}: ok ({n:,} samples{unlabelled}, {st.st_size / 2**20:,.1f} MiB; {how})"
+    counts = label_counts(beton)                      # BetonError when the record says other labels
+    labels = f", {len(counts)} labels" if counts else ", no labels"
+    return f"{beton}: ok ({n:,} samples{labels}, {st.st_size / 2**20:,.1f} MiB; {how})"
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def _read_label_counts(beton: Path) -> dict[int, int]:
+    """{label: images} from the beton's 'label' field; {} when every label is -1 (unlabeled) or there is no such
+    field. Reads the header, the field descriptors and the label column of the metadata table through a memory
+    map; ffcv's Reader would also read the whole allocation table. Measured on a 1.28 M-sample beton (ImageNet's
+    train size) from the page cache: 5 ms, against 18 ms through ffcv's Reader."""
+    from ffcv.types import FieldDescType, HeaderType, get_handlers, get_metadata_type
+    header = _header(beton)
+    n, n_fields = int(header["num_samples"]), int(header["num_fields"])
+    descs = np.fromfile(beton, dtype=FieldDescType, count=n_fields, offset=HeaderType.itemsize)
+    names = [bytes(d["name"]).split(b"\0", 1)[0].decode() for d in descs]
+    if "label" not in names:
+        return {}
+    try:
+        meta_type = get_metadata_type(get_handlers(descs))
+    except (TypeError, ValueError, AttributeError):
+        raise BetonError(f"{beton} has fields this reader does not know ({', '.join(names)}); {FIX}") from None
+    meta = np.memmap(beton, dtype=meta_type, mode="r", offset=HeaderType.itemsize + descs.nbytes, shape=(n,))
+    y = np.asarray(meta[f"f{names.index('label')}"]).reshape(-1).astype(np.int64)
+    del meta
+    if y.min() < 0:
+        if y.max() >= 0:
+            raise BetonError(f"{beton} mixes unlabeled samples (-1) with labelled ones; {FIX}")
+        return {}
+    counts = np.bincount(y)
+    return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}
+
+
+@functools.lru_cache(maxsize=64)
+def _label_counts_cached(beton: str, size: int, mtime_ns: int) -> dict[int, int]:
+    path = Path(beton)
+    counts = _read_label_counts(path)
+    rec = _read_sidecar(path)
+    if rec is not None:
+        # The record was written from the same label field: a record that says otherwise is not this beton's
+        # (copied from another, or edited), and would mislead everyone who reads it.
+        said, flag, what = rec.get("labels"), rec.get("labelled"), None
+        try:
+            said = {int(k): int(v) for k, v in said.items()} if isinstance(said, dict) else None
+        except (TypeError, ValueError):
+            raise BetonError(f"{sidecar_path(path)} (the integrity record of {beton}) is unreadable; {FIX}") from None
+        if said is not None and said != counts:
+            what = f"labels {format_labels(said)}" if said else "no labels"
+        elif isinstance(flag, bool) and flag != bool(counts):
+            what = f'"labelled": {str(flag).lower()}'
+        if what:
+            raise BetonError(f"{beton} holds labels {format_labels(counts) if counts else 'none'} but its record "
+                             f"{sidecar_path(path).name} says {what}: the record is not this beton's; {FIX}")
+    return counts
+
+
+def label_counts(beton: str | Path) -> dict[int, int]:
+    """{label: images} of a beton ({} for an unlabeled one), checked against its integrity record when the record
+    holds labels (BetonError when they differ). Once per process and file version."""
+    st = os.stat(beton)
+    return dict(_label_counts_cached(str(beton), st.st_size, st.st_mtime_ns))
+
+
+def format_labels(labels, limit: int = 10, names: list[str] | None = None) -> str:
+    """'0, 3, 7' (sorted; the first ``limit`` and a count of the rest); with ``names`` (label -> class name):
+    "0 'cat', 3 'dog'"."""
+    labels = sorted(labels)
+    head = ", ".join(f"{x} '{names[x]}'" if names else str(x) for x in labels[:limit])
+    return head + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def label_gap(train: str | Path, val: str | Path) -> str | None:
+    """None when every val label is also a train label; else the line part that names them: which labels, how
+    many val images carry them, and the two files. For evaluations that compare predictions learnt from
+    ``train`` (a kNN bank, a probe) with ``val``'s labels: a val class train lacks is never predicted right."""
+    tr, va = label_counts(train), label_counts(val)
+    if not tr or not va:
+        return None                                     # unlabeled: the callers' own check says so
+    missing = sorted(set(va) - set(tr))
+    if not missing:
+        return None
+    images = sum(va[c] for c in missing)
+    return (f"{len(missing)} of the {len(va)} labels of {val} ({format_labels(missing)}; {images:,} of its "
+            f"{sum(va.values()):,} images) are not in {train} (labels {format_labels(tr)})")

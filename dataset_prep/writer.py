@@ -4,7 +4,9 @@
 
 DATA holds train/ and val/ in the ImageNet layout (DATA/train/<class>/<image>). Train's sorted class folder
 names define the labels 0..K-1; val is written with the same mapping (a val class unknown to train is an error;
-val may lack some classes). The betons land in OUT/train.beton and OUT/val.beton.
+val may lack some classes). The betons land in OUT/train.beton and OUT/val.beton. A val label that train
+ends up without (every train image of a class unreadable; a --val-fraction split that put a rare label in val
+only) stops the run before writing, naming the labels, unless --allow-label-mismatch (then one warning line).
 
 What can go wrong, and what happens:
 - a file without an image extension (README, .DS_Store, ...): skipped, counted and listed;
@@ -25,7 +27,7 @@ What can go wrong, and what happens:
 - the beton is written under a temporary name in OUT and renamed when complete, so a crash or Ctrl-C never
   leaves a partial train.beton behind; a writer process that dies (disk full) stops the write with one line
   and the temporary file is removed (ffcv 1.0.2 itself would wait forever);
-- next to each beton, NAME.beton.sha256.json records its size and SHA-256 (dataset_prep.integrity): the
+- next to each beton, NAME.beton.sha256.json records its size, SHA-256 and labels (dataset_prep.integrity): the
   loaders check it on every open, and `python -m dataset_prep verify PATH` checks everything;
   NAME.beton.files.txt names each sample's source file, in sample order (subset lists select by file name).
 Skipped files are printed (first 20) and written in full to OUT/skipped-<split>.txt.
@@ -563,12 +565,35 @@ def _check_options(out: Path, names, max_side: int | None, jpeg_quality: int, fo
     check_writable(out)
 
 
+def label_mismatch(splits: list[Split], out: Path, class_names: list[str] | None = None) -> str | None:
+    """None unless val holds labels train has no image of (all of a class's train images unreadable, or a seeded
+    --val-fraction split that put a rare label in val only); else the line part naming them. Evaluations and the
+    kNN checks compare val with what train taught: such a pair would count classes nothing was trained on."""
+    from .integrity import format_labels
+    by = {s.name: s for s in splits}
+    if "train" not in by or "val" not in by:
+        return None
+    train = {y for _, y in by["train"].samples}
+    val: dict[int, int] = {}
+    for _, y in by["val"].samples:
+        val[y] = val.get(y, 0) + 1
+    missing = sorted(set(val) - train - {NO_LABEL})
+    if not missing:
+        return None
+    why = (f"; train's files of them may be among those skipped ({out / 'skipped-train.txt'})"
+           if by["train"].skipped else "")
+    return (f"val has {sum(val[y] for y in missing):,} image(s) of {len(missing)} label(s) that train has no image of "
+            f"({format_labels(missing, names=class_names)}{why})")
+
+
 def write_splits(splits: list[Split], out: Path, *, max_side: int | None, num_workers: int | None = None,
-                 progress: bool = True, source: str = "", **write_kw) -> list[dict]:
+                 progress: bool = True, source: str = "", class_names: list[str] | None = None,
+                 allow_label_mismatch: bool = False, **write_kw) -> list[dict]:
     """Check every split (decode each file once), then write OUT/<split>.beton for each.
 
     Every split is checked before the first beton is written: a problem in val (no readable image, an image too
-    large to store) stops the run in one line before hours of writing train, not after.
+    large to store, labels train has no image of) stops the run in one line before hours of writing train, not
+    after. ``allow_label_mismatch``: write such a pair anyway, with one warning line naming the labels.
     """
     num_workers = max(1, min(num_workers or os.cpu_count() or 1, os.cpu_count() or 1))
     for split in splits:
@@ -585,6 +610,14 @@ def write_splits(splits: list[Split], out: Path, *, max_side: int | None, num_wo
         if not split.samples:
             raise PrepError(f"{source or split.name}: {split.name} has no readable images"
                             + (f" (skipped files: {out / f'skipped-{split.name}.txt'})" if split.skipped else ""))
+    mismatch = label_mismatch(splits, out, class_names)
+    if mismatch and not allow_label_mismatch:
+        raise PrepError(f"{mismatch}: evaluations would measure classes nothing was trained on; make train hold "
+                        "images of them (or leave them out of val), or pass --allow-label-mismatch to write the pair "
+                        "anyway (evaluations then refuse it without their own --allow-label-mismatch)")
+    if mismatch:
+        print(f"warning: --allow-label-mismatch: {mismatch}; evaluations refuse this pair without their own "
+              "--allow-label-mismatch", file=sys.stderr, flush=True)
     summaries = []
     for split in splits:
         s = write_beton(split.samples, out / f"{split.name}.beton", max_side=max_side, num_workers=num_workers,
@@ -599,7 +632,8 @@ def convert_imagefolder(data: str | Path, out: str | Path, *, splits=("train", "
                         max_side: int | None = DEFAULT_MAX_SIDE, jpeg_quality: int = 90, write_mode: str = "jpg",
                         compress_probability: float = 0.5, smart_threshold: int = DEFAULT_SMART_THRESHOLD,
                         shuffle: bool = True, seed: int = 0, num_workers: int | None = None, force: bool = False,
-                        progress: bool = True, classes: list[str] | None = None, subset: bool = False) -> list[dict]:
+                        progress: bool = True, classes: list[str] | None = None, subset: bool = False,
+                        allow_label_mismatch: bool = False) -> list[dict]:
     """DATA/{train,val}/<class>/* -> OUT/{train,val}.beton; returns one summary dict per split.
 
     ``classes``: the class folders to write, in label order (default: train's sorted class folders).
@@ -613,7 +647,8 @@ def convert_imagefolder(data: str | Path, out: str | Path, *, splits=("train", "
     classes = classes or list_classes(data / "train")
     scanned = [scan_split(data / name, classes, name, subset=subset) for name in splits]
     return write_splits(scanned, out, max_side=max_side, num_workers=num_workers, progress=progress,
-                        source=str(data), jpeg_quality=jpeg_quality, write_mode=write_mode,
+                        source=str(data), class_names=classes, allow_label_mismatch=allow_label_mismatch,
+                        jpeg_quality=jpeg_quality, write_mode=write_mode,
                         compress_probability=compress_probability, smart_threshold=smart_threshold,
                         shuffle=shuffle, seed=seed, force=force)
 
@@ -708,7 +743,8 @@ def convert_folder(out: str | Path, *, data: str | Path | None = None, list_file
                    val_fraction: float = 0.0, max_side: int | None = DEFAULT_MAX_SIDE, jpeg_quality: int = 90,
                    write_mode: str = "jpg", compress_probability: float = 0.5,
                    smart_threshold: int = DEFAULT_SMART_THRESHOLD, shuffle: bool = True, seed: int = 0,
-                   num_workers: int | None = None, force: bool = False, progress: bool = True) -> list[dict]:
+                   num_workers: int | None = None, force: bool = False, progress: bool = True,
+                   allow_label_mismatch: bool = False) -> list[dict]:
     """Images without an ImageFolder layout -> OUT/train.beton (and OUT/val.beton with ``val_fraction``).
 
     ``data``: every image under the folder at any depth, unlabeled. ``list_file``: the files it lists, with
@@ -722,6 +758,7 @@ def convert_folder(out: str | Path, *, data: str | Path | None = None, list_file
     split = scan_folder(Path(data)) if data is not None else read_list(Path(list_file))
     splits = split_off_val(split, val_fraction, seed) if val_fraction else [split]
     return write_splits(splits, out, max_side=max_side, num_workers=num_workers, progress=progress,
-                        source=str(data or list_file), jpeg_quality=jpeg_quality, write_mode=write_mode,
+                        source=str(data or list_file), allow_label_mismatch=allow_label_mismatch,
+                        jpeg_quality=jpeg_quality, write_mode=write_mode,
                         compress_probability=compress_probability, smart_threshold=smart_threshold,
                         shuffle=shuffle, seed=seed, force=force)

@@ -425,6 +425,24 @@ def validate(cfg: Config) -> None:
                               "the ramp's epochs inside the run (or views.res_start_size=0 to turn it off)")
 
 
+def check_value(key: str, value, name: str | None = None):
+    """``value`` for the leaf key ``key`` ("section.name") checked by that key's own rules (type, choices, range
+    from the field's metadata): what load_config refuses is refused for a value that arrives another way, such as
+    an eval command-line flag. -> the value as the config holds it; ConfigError naming ``name`` (default: the key)
+    and the rule."""
+    tp = next(t for k, _, t in fields_of() if k == key)
+    name = name or key
+    value = _coerce(value, tp, key, name)
+    of = f" ({key})" if name != key else ""
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{name} must be one of {', '.join(CHOICES[key])}{of}; got {value!r}")
+    rng = RANGES.get(key)
+    for v in (value if isinstance(value, tuple) else (value,)) if rng is not None else ():
+        if not rng.contains(v):
+            raise ConfigError(f"{name} must be in {rng}{of}, got {v!r}")
+    return value
+
+
 def to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
 

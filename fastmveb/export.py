@@ -6,9 +6,10 @@
 
 Writes rn50.pth (torch.save of a plain state_dict; loads with torch.load(weights_only=True)) and
 rn50.safetensors (the same tensors; metadata: arch, step, epoch, git revision, which, fc source, and the
-run's resolved config as a JSON string). Both are written to a temp file and renamed, so an interrupted
-export never leaves a half-written file under the final name; an existing rn50.pth or rn50.safetensors is
-replaced only with --force. Then, for example:
+run's resolved config as a JSON string). Both are written to temp files first and then renamed, so an
+interrupted or failed export (a full disk) never leaves a half-written file under the final name nor a new
+.pth beside an old .safetensors: both files are replaced, or neither. An existing rn50.pth or rn50.safetensors
+is replaced only with --force. Then, for example:
 
     model = torchvision.models.resnet50()
     model.load_state_dict(torch.load("rn50.pth", weights_only=True))       # strict: every key matches
@@ -18,7 +19,7 @@ replaced only with --force. Then, for example:
 
 The fc layer: pretraining has no classifier, yet torchvision's ResNet has one. ``--fc auto`` uses, in this
 order, the linear probe that ``python -m fastmveb.eval linear`` saved for the same checkpoint
-(run_dir/linear_head.pt), the online linear probe stored in the checkpoint (its BatchNorm folded into the
+(run_dir/linear_head.pt: the best complete probe; the printed line gives its mode and top-1), the online linear probe stored in the checkpoint (its BatchNorm folded into the
 weights), and otherwise a zero-initialised fc with torchvision's default 1000 classes (all logits 0: it
 predicts nothing until replaced). ``--fc zero`` always takes the last. The metadata says which one it got.
 The backbone is the online encoder by default; ``--which target`` exports the EMA target instead.
@@ -53,12 +54,11 @@ from torch import nn
 from torchvision.models.resnet import ResNet
 
 from fastmveb.errors import RunError, run_cli
-from fastmveb.eval.features import arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
+from fastmveb.eval.features import HEAD_FILE, arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
 from fastmveb.eval.online import folded_head
 from fastmveb.model import torchvision_resnet
 
 DEFAULT_CLASSES = 1000          # torchvision's ImageNet head size
-HEAD_FILE = "linear_head.pt"    # written by `python -m fastmveb.eval linear`
 FORMATS = ("torchvision", "timm", "detectron2")
 
 
@@ -77,7 +77,10 @@ def find_head(run_dir: Path | None, ck: dict, ckpt_path: Path, which: str, feat_
         # A head trained on another checkpoint would be a wrong classifier, not merely a worse one.
         if (saved.get("ckpt") == ckpt_path.name and saved.get("which") == which
                 and tuple(saved["weight"].shape[1:]) == (feat_dim,)):
-            return {"weight": saved["weight"], "bias": saved["bias"]}, f"linear probe ({saved.get('mode', '?')}, {HEAD_FILE})"
+            top1 = saved.get("top1")
+            score = f", top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else ""
+            return ({"weight": saved["weight"], "bias": saved["bias"]},
+                    f"linear probe ({saved.get('mode', '?')}{score}, {HEAD_FILE})")
     if which == "online":
         for key in ("probe", "online_probe"):
             head = folded_head(ck.get(key))
@@ -176,18 +179,36 @@ def detectron2_state(sd: dict[str, torch.Tensor]) -> dict:
     return model
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+def _atomic(*writes: tuple[Path, object]) -> None:
+    """Write every (path, write(tmp)) to a temporary file first, then rename them all into place: an export is a
+    pair of files of one model, so a failed write (a full disk) leaves the previous pair whole, never a new .pth
+    beside an old .safetensors. A rename that fails after the first (rare: same folder) puts the replaced file
+    back. The temporaries are removed on any failure."""
+    tmps = [path.parent / f".{path.name}.{os.getpid()}.tmp" for path, _ in writes]
+    backups: list[tuple[Path, Path]] = []
     try:
-        write(tmp)
-        # safetensors creates its file 0600; give both outputs the permissions a plain open would.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        for (path, write), tmp in zip(writes, tmps):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)   # safetensors creates its file 0600; give the permissions open() would
+        for (path, _), tmp in zip(writes, tmps):
+            if len(writes) > 1 and path.exists():
+                backup = path.parent / f".{path.name}.{os.getpid()}.old"
+                try:
+                    os.link(path, backup)   # a second name, so the old file survives a later failed rename
+                    backups.append((path, backup))
+                except OSError:             # no hard links on this file system: no way back for this rename
+                    pass
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for path, backup in backups:
+            if backup.exists():
+                os.replace(backup, path)
         raise
+    finally:
+        for f in tmps + [b for _, b in backups]:
+            f.unlink(missing_ok=True)
 
 
 def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | Path | None = None,
@@ -233,7 +254,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         blob = {"model": detectron2_state(sd), "matching_heuristics": True,
                 "__author__": f"fastmveb {arch} {which} encoder, step {ck.get('step')}, {path.name}"}
         try:
-            _atomic(out, lambda p: p.write_bytes(pickle.dumps(blob, protocol=4)))
+            _atomic((out, lambda p: p.write_bytes(pickle.dumps(blob, protocol=4))))
         except OSError as e:
             raise RunError(f"cannot write '{out}': {e.strerror or e}; choose another --out") from None
         return dict(result, pth=out, fc="dropped (detectron2 has no classifier)")
@@ -255,12 +276,14 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         # The checkpoint's own copy is the config that produced these weights, byte for byte.
         "config": json.dumps(ck["config"] if isinstance(ck.get("config"), dict) else to_dict(cfg)),
     }
+    from safetensors import SafetensorError
     try:
-        _atomic(out, lambda p: torch.save(sd, p))
-        _atomic(st_path, lambda p: save_file(sd, str(p), metadata=meta))
-    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise RunError(f"cannot write '{out}' / '{st_path.name}': {why}; choose another --out") from None
+        _atomic((out, lambda p: torch.save(sd, p)), (st_path, lambda p: save_file(sd, str(p), metadata=meta)))
+    except (OSError, RuntimeError, SafetensorError) as e:   # torch.save reports a full disk as a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        kept = " (the previous pair is unchanged)" if out.exists() or st_path.exists() else ""
+        raise RunError(f"cannot write '{out}' / '{st_path.name}': {why}{kept}; free space or choose another "
+                       "--out") from None
     return dict(result, pth=out, safetensors=st_path)
 
 

@@ -40,7 +40,7 @@ from fastmveb.data import eval_loader, num_classes, set_epoch, train_loader_from
 from fastmveb.elastic import PREEMPT_SIGNALS, PREEMPTED_EXIT, Preemption, lost_peer
 from fastmveb.entropy import parse_group
 from fastmveb.errors import UserError, run_cli
-from fastmveb.eval.knn import distributed_knn
+from fastmveb.eval.knn import check_monitor_labels, distributed_knn
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import LogWindow, MetricsLogger, collapse_warning
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
@@ -342,6 +342,7 @@ def check_data(cfg: Config) -> None:
             raise UserError(f"dataset '{path}' not found; run 'make beton' (synthetic) or set data.train_beton/"
                             f"data.val_beton to betons written by 'make beton DATA=... OUT=...'")
         check_beton(path)                                             # BetonError: one line
+    check_monitor_labels(cfg)                                         # val's labels among train's for the kNN
 
 
 def _start_run_dir(run_dir: Path, cfg: Config, plan, git: str, device, use_compile: bool, latest, pos, notes) -> None:

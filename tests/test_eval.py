@@ -538,3 +538,143 @@ def test_finetune_on_two_processes_counts_every_val_sample_once(small_betons, tm
     for rec in (one, two):                                              # percentages of 39 samples
         for k in ("top1", "top5"):
             assert abs(rec[k] * 39 / 100 - round(rec[k] * 39 / 100)) < 1e-9, rec
+
+
+# ---------------------------------------------------------------------------------------------- label sets
+@pytest.fixture(scope="module")
+def mismatched_betons(small_betons, tmp_path_factory) -> Path:
+    """train.beton with labels 0, 1 (8 images each) beside val.beton with 0, 1, 2 (4 each): what dataset_prep
+    wrote with exit 0 when every train image of a class was unreadable (now: only with --allow-label-mismatch)."""
+    from dataset_prep.writer import write_beton
+    out = tmp_path_factory.mktemp("mismatched")
+    for name, classes, n in (("train", (0, 1), 8), ("val", (0, 1, 2), 4)):
+        folders = sorted((small_betons / "jpeg" / name).iterdir())
+        write_beton([(str(f), c) for c in classes for f in sorted(folders[c].iterdir())[:n]], out / f"{name}.beton",
+                    max_side=64, num_workers=1, progress=False)
+    return out
+
+
+def test_eval_and_training_refuse_a_val_label_the_train_beton_lacks(small_betons, mismatched_betons, tmp_path):
+    """Before: knn/linear/finetune reported figures over a class the bank or head never saw (top-5 100% with a
+    3-class bank), and training ran to its end-of-run kNN. Now one line naming the labels, exit 2, before any
+    work; --allow-label-mismatch (transfer) measures and names them in one warning line."""
+    from commands import train_cli
+    m = mismatched_betons
+    run = _run_dir(tmp_path, m)
+    gap = (f"1 of the 3 labels of {m / 'val.beton'} (2; 4 of its 12 images) are not in {m / 'train.beton'} "
+           "(labels 0, 1)")
+    for cmd in (["knn"], ["linear"], ["finetune", "--fraction", "0.5"]):
+        r = eval_cli(*cmd, "--run", run, "--num-workers", "1", "--device", "cpu")
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: {gap}: nothing trained on the train side predicts them, so the figures would count classes "
+            "never seen; use a train/val pair written together, or pass --allow-label-mismatch (transfer) to "
+            "measure anyway"], r.stderr
+    r = eval_cli("knn", "--run", run, "--train-beton", m / "train.beton", "--val-beton", small_betons / "val.beton",
+                 "--num-workers", "1")                                   # transfer: the same rule
+    assert r.returncode == 2 and "(2, 3; 20 of its 40 images) are not in" in r.stderr
+    r = eval_cli("knn", "--run", run, "--k", "3", "--num-workers", "1", "--device", "cpu", "--allow-label-mismatch")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("warning: --allow-label-mismatch")] == [
+        f"warning: --allow-label-mismatch: {gap}; their images count in the figures"]
+    r = train_cli("--rc", ROOT / "rcs/tiny.yaml", f"data.train_beton={m / 'train.beton'}",
+                  f"data.val_beton={m / 'val.beton'}", "data.global_batch_size=8",
+                  f"train.run_dir={tmp_path / 'runs'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {gap}: the kNN checks would count classes the bank never holds; write train and val together "
+        "(dataset_prep), or train without them: eval.knn_at_end=false eval.knn_every_epochs=0"], r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_refuses_a_record_that_is_not_its_betons(small_betons, tmp_path):
+    """A sidecar saying "labelled": false beside a labelled beton was used anyway; now the record is checked
+    against the beton's label field on open."""
+    import json
+    import shutil
+    from dataset_prep.integrity import sidecar_path
+    copy = tmp_path / "val.beton"
+    shutil.copy2(small_betons / "val.beton", copy)
+    rec = json.loads(sidecar_path(small_betons / "val.beton").read_text())
+    rec.pop("labels", None)                                             # as an older record, edited
+    sidecar_path(copy).write_text(json.dumps(dict(rec, labelled=False)))
+    run = _run_dir(tmp_path, small_betons)
+    r = eval_cli("knn", "--run", run, "--val-beton", copy, "--num-workers", "1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {copy} holds labels 0, 1, 2, 3 but its record val.beton.sha256.json says \"labelled\": false: the "
+        "record is not this beton's; rewrite it with 'make beton FORCE=1' (or dataset_prep ... --force)"], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- flags = config rules
+# (command, flag, key, a value just outside the key's rule): every eval flag that sets a config key
+BAD_FLAG_VALUES = [("knn", "--size", "eval.size", 7), ("knn", "--batch-size", "data.eval_batch_size", 0),
+                   ("knn", "--num-workers", "data.num_workers", 0), ("knn", "--k", "eval.knn_k", 0),
+                   ("knn", "--t", "eval.knn_t", 0.0), ("linear", "--epochs", "eval.linear_epochs", 0),
+                   ("linear", "--lr", "eval.linear_base_lr", 0.0),
+                   ("linear", "--micro-batch", "eval.linear_micro_batch", -1),
+                   ("linear", "--linear-batch-size", "eval.linear_batch_size", 0)]
+
+
+def test_the_flag_list_covers_every_flag_that_sets_a_config_key():
+    """BAD_FLAG_VALUES is derived here from the eval command's own table and the keys' rules (choices: argparse
+    takes them from the key, fastmveb.config.CHOICES)."""
+    from fastmveb.config import RANGES, fields_of
+    from fastmveb.eval.__main__ import FLAG_KEYS, LINEAR_FLAG_KEYS
+    types = {k: t for k, _, t in fields_of()}
+    flags = [("knn", a, k) for a, k in FLAG_KEYS.items()] + [("linear", a, k) for a, k in LINEAR_FLAG_KEYS.items()]
+    derived = [(cmd, "--" + attr.replace("_", "-"), key,
+                types[key](RANGES[key].lo if RANGES[key].lo_open else RANGES[key].lo - 1))
+               for cmd, attr, key in flags + [("linear", "linear_batch_size", "eval.linear_batch_size")]
+               if key in RANGES]
+    assert sorted(derived) == sorted(BAD_FLAG_VALUES)
+
+
+@pytest.mark.parametrize("cmd, flag, key, value", BAD_FLAG_VALUES)
+def test_eval_flags_obey_the_config_rules(cmd, flag, key, value, tmp_path):
+    """`--k -3` was a traceback; `--k 0`, `--t 0`, `--size 2` ran and printed a figure the config refuses. Each
+    flag that sets a config key is checked by that key's own rule: one line, exit 2, before anything is read."""
+    from fastmveb.config import RANGES
+    r = eval_cli(cmd, "--run", tmp_path / "nope", flag, value)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {flag} must be in {RANGES[key]} ({key}), got {value!r}"], r.stderr
+
+
+def test_eval_knn_minus_k_is_one_line(tmp_path):
+    r = eval_cli("knn", "--run", tmp_path, "--k", "-3")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --k must be in [1, inf] (eval.knn_k), got -3"]
+
+
+# ---------------------------------------------------------------------------------------------- the saved head
+def test_a_quick_probe_never_replaces_the_saved_head(small_betons, tmp_path):
+    """Before: `eval linear` (a complete probe), then `--epochs 0 --max-train 64 --max-val 64 --no-log` overwrote
+    linear_head.pt, and export shipped that untrained fc. A reduced or unlogged probe saves nothing; a complete
+    one replaces the head of the same checkpoint only with a top-1 at least as high (or --replace-head), and the
+    head carries its top-1 and settings, which export prints."""
+    from commands import in_process
+    from fastmveb.export import cli as export_cli
+    run = _run_dir(tmp_path, small_betons)
+    head = run / "linear_head.pt"
+    common = ["--run", run, "--num-workers", "1", "--device", "cpu"]
+    r = eval_cli("linear", *common, "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = torch.load(head, weights_only=True)
+    assert f"head: saved {head} (top-1 {saved['top1']:.2f}%): export's fc" in r.stdout
+    assert {k: saved[k] for k in ("ckpt", "which", "mode", "epochs", "size", "n_val")} == {
+        "ckpt": "step_00000001.pt", "which": "online", "mode": "fast", "epochs": 2, "size": 32, "n_val": 40}
+    before = head.read_bytes()
+    for extra, why in ((["--max-train", "64", "--max-val", "16"], "a reduced probe (--max-train and --max-val) never "
+                        "replaces a complete one"), (["--no-log"], "--no-log writes nothing to the run directory")):
+        r = eval_cli("linear", *common, "--epochs", "1", *extra)
+        assert r.returncode == 0 and f"head: not saved ({why}); linear_head.pt is unchanged" in r.stdout, r.stdout
+        assert head.read_bytes() == before
+    r = eval_cli("linear", *common, "--epochs", "1", "--no-log", "--replace-head")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --replace-head: this probe's head is not saved (--no-log writes nothing to the run directory)"]
+    torch.save(dict(saved, top1=100.0), head)                           # a better saved head: kept
+    before = head.read_bytes()
+    r = eval_cli("linear", *common, "--epochs", "1")
+    assert r.returncode == 0 and f"head: kept {head} (fast probe, top-1 100.00%, higher than this probe's" in r.stdout
+    assert head.read_bytes() == before
+    r = in_process(export_cli, "--run", run, "--out", tmp_path / "bb.pth")
+    assert r.returncode == 0 and "fc: linear probe (fast, top-1 100.00%, linear_head.pt)" in r.stdout
+    r = eval_cli("linear", *common, "--epochs", "1", "--replace-head")
+    assert r.returncode == 0 and "head: saved" in r.stdout and "replacing one with top-1 100.00%" in r.stdout
+    assert torch.load(head, weights_only=True)["top1"] < 100.0

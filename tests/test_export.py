@@ -122,6 +122,66 @@ def test_export_uses_matching_linear_head_only(tmp_path):
     assert sd["fc.weight"].shape == (1000, 512)
 
 
+def test_export_names_the_heads_top1(tmp_path, capsys):
+    """The printed fc line says which saved head is shipped and its top-1 (what eval linear recorded beside it)."""
+    run, *_ = make_run(tmp_path, "resnet10", step=3)
+    torch.save({"weight": torch.randn(10, 512), "bias": torch.randn(10), "ckpt": "step_00000003.pt",
+                "which": "online", "mode": "fast", "top1": 26.2}, run / "linear_head.pt")
+    assert cli(["--run", str(run), "--out", str(tmp_path / "a.pth")]) == 0
+    assert "fc: linear probe (fast, top-1 26.20%, linear_head.pt)" in capsys.readouterr().out
+
+
+def test_export_force_on_a_full_disk_keeps_the_old_pair(tmp_path, capsys, monkeypatch):
+    """--force over an existing export whose second file (.safetensors) fails to write (ENOSPC): one error line,
+    exit 2, the old .pth and .safetensors byte for byte, and no temporary file left. Before, the new .pth landed
+    beside the old .safetensors (two different models) with a traceback."""
+    import errno
+    import safetensors.torch
+    run, *_ = make_run(tmp_path, "resnet10", step=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli(["--run", str(run), "--out", str(out / "bb.pth")]) == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(old) == ["bb.pth", "bb.safetensors"]
+    capsys.readouterr()
+    torch.save({"weight": torch.randn(10, 512), "bias": torch.randn(10), "ckpt": "step_00000003.pt",
+                "which": "online", "mode": "fast", "top1": 50.0}, run / "linear_head.pt")   # a different fc
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert cli(["--run", str(run), "--out", str(out / "bb.pth"), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write") and "No space left on device" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old     # nothing else there: no temporaries
+
+
+def test_export_a_failed_second_rename_puts_the_first_file_back(tmp_path, capsys, monkeypatch):
+    """Both files written, the .pth renamed into place, then the .safetensors rename fails: the old .pth returns,
+    so the pair on disk is still the old one and no temporary or backup file is left."""
+    import errno
+    import os
+    run, *_ = make_run(tmp_path, "resnet10", step=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli(["--run", str(run), "--out", str(out / "bb.pth")]) == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.save({"weight": torch.randn(10, 512), "bias": torch.randn(10), "ckpt": "step_00000003.pt",
+                "which": "online", "mode": "fast", "top1": 50.0}, run / "linear_head.pt")   # a different fc
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("bb.safetensors") and str(src).endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    capsys.readouterr()
+    assert cli(["--run", str(run), "--out", str(out / "bb.pth"), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Input/output error" in err[0] and "previous pair is unchanged" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+
 def test_export_folds_online_probe_into_fc(tmp_path):
     run, online, _, state = make_run(tmp_path, "resnet10", probe=True)
     r = export_backbone(tmp_path / "p.pth", run=run)

@@ -11,10 +11,15 @@ Reads the betons (unless --train-beton / --val-beton name other labelled ones: t
 eval crop and normalisation from the run's config.yaml, loads the backbone of the newest readable
 checkpoint (a newer unreadable one is skipped with one warning line, as training's resume skips it; or --ckpt;
 the online encoder unless --which target), prints top-1 / top-5 and appends one JSON
-line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) to
-run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc.
+line to run_dir/eval.jsonl. `linear` also saves its classifier (on raw backbone features) with its top-1 and
+settings to run_dir/linear_head.pt, which `python -m fastmveb.export` then uses as the torchvision fc: only a
+complete probe (every image, logged) is saved, and it replaces the saved head of the same checkpoint only with
+a top-1 at least as high (--replace-head: replace it anyway); a line says which head is kept.
 Defaults come from the config's eval section (knn_k, knn_t, linear_epochs, linear_base_lr,
-linear_batch_size, linear_full_batch_size, linear_micro_batch, linear_mode). `--mode full` is the released
+linear_batch_size, linear_full_batch_size, linear_micro_batch, linear_mode); a flag that sets one of those (or
+data.eval_batch_size, data.num_workers) must pass that key's own rule, as in a config. Train and val must share
+their labels: a val label the train beton lacks (a kNN bank or probe never predicts it) is refused in one line
+unless --allow-label-mismatch (transfer), which names those labels. `--mode full` is the released
 protocol (batch 4096, LARC, 90 epochs; fastmveb/eval/linear.py) and reports the final top-1/5 and the best of
 the validations every 10 epochs; `--mode fast` is a quick estimate on cached features. `--random-init` evaluates the same architecture untrained: the baseline
 that says how much pretraining bought. `finetune` trains the whole backbone and a linear head on a labelled
@@ -33,8 +38,9 @@ from pathlib import Path
 
 import torch
 
+from fastmveb.config import CHOICES
 from fastmveb.errors import RunError, run_cli
-from fastmveb.eval.features import load_run_backbone
+from fastmveb.eval.features import HEAD_FILE, load_run_backbone
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,17 +60,21 @@ def _parser() -> argparse.ArgumentParser:
                         "a run trained at low resolution may test best a little above its training size)")
     common.add_argument("--max-train", type=int, help="use only the first N training images (knn, linear --mode fast)")
     common.add_argument("--max-val", type=int, help="use only the first N val images (knn, linear --mode fast)")
-    common.add_argument("--no-log", action="store_true", help="do not append to run_dir/eval.jsonl")
+    common.add_argument("--no-log", action="store_true", help="write nothing to the run directory (no eval.jsonl "
+                        "line, no linear_head.pt)")
     common.add_argument("--seed", type=int, default=0, help="random init (--random-init), probe init and data order")
     common.add_argument("--train-beton", metavar="A", help="labelled beton for the kNN bank / probe training "
                         "(transfer evaluation; default: the run's data.train_beton)")
     common.add_argument("--val-beton", metavar="B", help="labelled beton to measure on (default: the run's "
                         "data.val_beton)")
+    common.add_argument("--allow-label-mismatch", action="store_true",
+                        help="measure even when val holds labels the train beton lacks (transfer); the labels are "
+                        "named and their images count in the figures, though nothing trained on train predicts them")
     k = sub.add_parser("knn", parents=[common], help="weighted kNN (bank: train set, queries: val set)")
     k.add_argument("--k", type=int, help="neighbours (default: eval.knn_k)")
     k.add_argument("--t", type=float, help="temperature (default: eval.knn_t)")
     lin = sub.add_parser("linear", parents=[common], help="linear probe on the frozen backbone")
-    lin.add_argument("--mode", choices=["fast", "full"], help="fast: cached features; full: MVEB protocol (default: eval.linear_mode)")
+    lin.add_argument("--mode", choices=CHOICES["eval.linear_mode"], help="fast: cached features; full: MVEB protocol (default: eval.linear_mode)")
     lin.add_argument("--epochs", type=int, help="default: eval.linear_epochs")
     lin.add_argument("--lr", type=float, help="base lr, scaled by batch/256 (default: eval.linear_base_lr)")
     lin.add_argument("--linear-batch-size", type=int, help="classifier batch size (default: eval.linear_batch_size "
@@ -74,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                      "0 = whole batch)")
     lin.add_argument("--val-every", type=int, default=10, help="full mode: validate every N epochs (and after the last)")
     lin.add_argument("--trust-coef", type=float, default=0.001, help="LARS trust coefficient in full mode (0 = plain SGD)")
+    lin.add_argument("--replace-head", action="store_true", help=f"save this probe's head to run_dir/{HEAD_FILE} even "
+                     "when the saved one (same checkpoint) has a higher top-1")
     ft = sub.add_parser("finetune", parents=[common], help="semi-supervised: backbone + linear head fine-tuned on a "
                         "labelled subset (SimCLR/BYOL protocol, fastmveb/eval/finetune.py)")
     ft.add_argument("--fraction", type=float, help="labelled fraction of the train beton, class-balanced and seeded "
@@ -87,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _check_betons(cfg, given: bool) -> None:
-    """Both betons exist, pass the integrity check and carry labels; RunError naming the fix otherwise."""
-    from dataset_prep.integrity import BetonError, check_beton
+def _check_betons(cfg, given: bool, allow_mismatch: bool = False) -> None:
+    """Both betons exist, pass the integrity check and carry labels, and val's labels are train's (or
+    ``allow_mismatch``: one warning line names the others); RunError naming the fix otherwise."""
+    from dataset_prep.integrity import BetonError, check_beton, label_gap
     from fastmveb.data import num_classes
     where = "given" if given else "from the run's config.yaml"
     for path in (cfg.data.train_beton, cfg.data.val_beton):
@@ -105,6 +118,51 @@ def _check_betons(cfg, given: bool) -> None:
         if not labelled:
             raise RunError(f"'{path}' has no labels (written by dataset_prep folder without them): evaluation "
                            "needs labelled betons; pass --train-beton A --val-beton B with labelled ones")
+    try:
+        gap = label_gap(cfg.data.train_beton, cfg.data.val_beton)
+    except BetonError as e:
+        raise RunError(str(e)) from None
+    if gap and not allow_mismatch:
+        raise RunError(f"{gap}: nothing trained on the train side predicts them, so the figures would count "
+                       "classes never seen; use a train/val pair written together, or pass --allow-label-mismatch "
+                       "(transfer) to measure anyway")
+    if gap:
+        print(f"warning: --allow-label-mismatch: {gap}; their images count in the figures", file=sys.stderr,
+              flush=True)
+
+
+def _num_classes(cfg) -> int:
+    """The classifier size that covers both betons' labels (val may lack train's last classes, or, under
+    --allow-label-mismatch, hold others)."""
+    from dataset_prep.integrity import label_counts
+    return max(set(label_counts(cfg.data.train_beton)) | set(label_counts(cfg.data.val_beton))) + 1
+
+
+# Each flag that sets a config key, checked by that key's own rule (fastmveb.config.check_value), so a value a
+# config refuses is refused here too, in one line. linear's --linear-batch-size sets the key of its --mode.
+FLAG_KEYS = {"size": "eval.size", "batch_size": "data.eval_batch_size", "num_workers": "data.num_workers",
+             "k": "eval.knn_k", "t": "eval.knn_t"}                   # (--k, --t: knn's)
+# linear's; finetune's --epochs and --lr have defaults of their own (fastmveb/eval/finetune.py), not these keys
+LINEAR_FLAG_KEYS = {"epochs": "eval.linear_epochs", "lr": "eval.linear_base_lr", "mode": "eval.linear_mode",
+                    "micro_batch": "eval.linear_micro_batch"}
+
+
+def _config_flags(args, cfg=None) -> None:
+    """Check every given flag that sets a config key by the key's rule (ConfigError: one line, exit 2); with
+    ``cfg``, also set the keys, so the run reads every setting from one place."""
+    from fastmveb.config import check_value
+    keys = dict(FLAG_KEYS, **(LINEAR_FLAG_KEYS if args.cmd == "linear" else {}))
+    if args.cmd == "linear":
+        mode = args.mode or (cfg.eval.linear_mode if cfg is not None else "fast")
+        keys["linear_batch_size"] = "eval.linear_batch_size" if mode == "fast" else "eval.linear_full_batch_size"
+    for attr, key in keys.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        value = check_value(key, value, "--" + attr.replace("_", "-"))
+        if cfg is not None:
+            section, _, name = key.partition(".")
+            setattr(getattr(cfg, section), name, value)
 
 
 def _eval_loaders(cfg, batch_size, workers, device):
@@ -118,8 +176,12 @@ def _eval_loaders(cfg, batch_size, workers, device):
 
 
 def run(args) -> dict:
+    _config_flags(args)                                               # bad values: one line before any loading
     if not Path(args.run).is_dir():
         raise RunError(f"run directory '{args.run}' not found")
+    unsaved = _head_not_saved(args)
+    if getattr(args, "replace_head", False) and unsaved:
+        raise RunError(f"--replace-head: this probe's head is not saved ({unsaved})")
     if args.random_init:
         from fastmveb.model import build_backbone
         run_dir, path = Path(args.run), None
@@ -138,11 +200,8 @@ def run(args) -> dict:
         cfg.data.train_beton = args.train_beton
     if args.val_beton:
         cfg.data.val_beton = args.val_beton
-    _check_betons(cfg, given=bool(args.train_beton or args.val_beton))
-    if args.size is not None:
-        if args.size < 1:
-            raise RunError(f"--size must be >= 1, got {args.size}")
-        cfg.eval.size = args.size
+    _check_betons(cfg, given=bool(args.train_beton or args.val_beton), allow_mismatch=args.allow_label_mismatch)
+    _config_flags(args, cfg)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
@@ -155,8 +214,8 @@ def run(args) -> dict:
     backbone.to(device)
     if device.type == "cuda" and cfg.model.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    workers = max(1, min(args.num_workers or cfg.data.num_workers, os.cpu_count() or 1))
-    bs = args.batch_size or cfg.data.eval_batch_size
+    workers = max(1, min(cfg.data.num_workers, os.cpu_count() or 1))
+    bs = cfg.data.eval_batch_size
     mean, std = cfg.views.mean, cfg.views.std
     record = {"kind": args.cmd, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "ckpt": path.name if path is not None else "random-init", "step": ck.get("step"), "epoch": ck.get("epoch"),
@@ -165,8 +224,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     if args.cmd == "knn":
         from fastmveb.eval.knn import knn_eval
-        k = args.k if args.k is not None else cfg.eval.knn_k
-        T = args.t if args.t is not None else cfg.eval.knn_t
+        k, T = cfg.eval.knn_k, cfg.eval.knn_t
         train, val = _eval_loaders(cfg, bs, workers, device)
         r = knn_eval(backbone, train, val, device, mean, std, k=k, T=T, max_train=args.max_train,
                      max_val=args.max_val, amp_dtype=amp)
@@ -177,10 +235,8 @@ def run(args) -> dict:
                                           "processes", "top1", "top5", "n_val")})
     else:
         from fastmveb.eval import linear
-        mode = args.mode or cfg.eval.linear_mode
-        epochs = args.epochs if args.epochs is not None else cfg.eval.linear_epochs
-        base_lr = args.lr if args.lr is not None else cfg.eval.linear_base_lr
-        lbs = args.linear_batch_size or (cfg.eval.linear_batch_size if mode == "fast" else cfg.eval.linear_full_batch_size)
+        mode, epochs, base_lr = cfg.eval.linear_mode, cfg.eval.linear_epochs, cfg.eval.linear_base_lr
+        lbs = cfg.eval.linear_batch_size if mode == "fast" else cfg.eval.linear_full_batch_size
         log = lambda s: print(s, flush=True)  # noqa: E731
         if mode == "fast":
             train, val = _eval_loaders(cfg, bs, workers, device)
@@ -194,8 +250,13 @@ def run(args) -> dict:
             record.update({k: r[k] for k in ("best_top1", "best_top5", "best_epoch", "val_epochs", "micro_batch")})
         if "train_top1" in r:  # next to val top-1 it tells under-fitting from over-fitting
             record["train_top1"] = r["train_top1"]
-        if path is not None and not (args.train_beton or args.val_beton):   # export's fc: the run's own classes only
-            _save_head(run_dir, r["head"], path.name, args.which, mode, r["top1"])
+        if unsaved:
+            print(f"head: not saved ({unsaved}); {HEAD_FILE} is unchanged", flush=True)
+        else:
+            record["head"] = _save_head(run_dir, r["head"], dict(
+                ckpt=path.name, which=args.which, mode=mode, top1=r["top1"], top5=r["top5"], epochs=epochs,
+                base_lr=base_lr, batch_size=lbs, size=cfg.eval.size, seed=args.seed, n_val=int(r.get("n_val", 0)),
+                val_beton=str(cfg.data.val_beton), time=record["time"]), replace=args.replace_head)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
 
@@ -206,9 +267,9 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
     from fastmveb.eval import linear
     _no_image_limits(args, "linear --mode full trains and validates on every image")
     _, val = _eval_loaders(cfg, bs, workers, device)
-    micro = args.micro_batch if args.micro_batch is not None else cfg.eval.linear_micro_batch
-    if args.val_every < 1 or micro < 0:
-        raise RunError(f"--val-every must be >= 1 and --micro-batch >= 0; got {args.val_every} and {micro}")
+    micro = cfg.eval.linear_micro_batch
+    if args.val_every < 1:
+        raise RunError(f"--val-every must be >= 1, got {args.val_every}")
     # The pretraining's decode-once batches: when they carry each image's (H, W) beside a whole-image canvas,
     # linear_full draws every RandomResizedCrop on the true extent (rrc_flip), as the released protocol does.
     train = train_loader(cfg.data.train_beton, lbs, workers, device, decode="once", decode_size=cfg.data.decode_size,
@@ -218,6 +279,7 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
                        "pass a smaller --linear-batch-size")
     return linear.linear_full(backbone, train, val, device, cfg.views.mean, cfg.views.std, epochs=epochs,
                               base_lr=base_lr, trust_coef=args.trust_coef, crop_size=cfg.eval.size,
+                              num_classes=_num_classes(cfg),
                               amp_dtype=amp, seed=args.seed, micro_batch=micro or None, val_every=args.val_every,
                               log=log, set_epoch=lambda e: set_epoch(train, e))
 
@@ -278,8 +340,8 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     fraction = len(idx) / len(y)                                      # as selected (a --subset list's own share)
     epochs = args.epochs if args.epochs is not None else ft.default_epochs(args.fraction or fraction)
     base_lr = args.lr if args.lr is not None else ft.BASE_LR
-    if epochs < 1:
-        raise RunError(f"--epochs must be >= 1, got {epochs}")
+    if epochs < 1 or base_lr <= 0:
+        raise RunError(f"--epochs must be >= 1 and --lr > 0; got {epochs} and {base_lr}")
     world = accelerator.num_processes if accelerator is not None else 1
     batch = min(args.batch, len(idx) // world * world)                # the global batch
     if batch == 0:
@@ -298,19 +360,59 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     train.shuffle = "torch"
     torch.manual_seed(args.seed)
     main_process = accelerator is None or accelerator.is_main_process
-    r = ft.finetune(backbone, train, val, device, cfg.views.mean, cfg.views.std, int(y.max()) + 1, epochs,
+    r = ft.finetune(backbone, train, val, device, cfg.views.mean, cfg.views.std, _num_classes(cfg), epochs,
                     base_lr=base_lr, crop_size=cfg.eval.size, amp_dtype=amp, seed=args.seed, val_every=args.val_every,
                     log=(lambda s: print(s, flush=True)) if main_process else None,
                     set_epoch=lambda e: set_epoch(train, e), accelerator=accelerator)
     return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr)
 
 
-def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str, top1: float) -> None:
-    path = run_dir / "linear_head.pt"
-    tmp = run_dir / f".linear_head.pt.{os.getpid()}.tmp"
-    torch.save({"weight": head["weight"], "bias": head["bias"], "ckpt": ckpt_name, "which": which,
-                "mode": mode, "top1": top1}, tmp)
-    os.replace(tmp, path)
+def _head_not_saved(args) -> str | None:
+    """Why this command saves no head to run_dir/linear_head.pt (None: it may). Export ships that head as the
+    fc, so only a complete probe of the run's own checkpoint on its own betons may replace it."""
+    if args.cmd != "linear":
+        return "only linear saves a head"
+    if args.random_init:
+        return "--random-init"
+    if args.train_beton or args.val_beton:
+        return "transfer to other betons: export's fc is for the run's own classes"
+    reduced = [f for f, v in (("--max-train", args.max_train), ("--max-val", args.max_val)) if v is not None]
+    if reduced:
+        return f"a reduced probe ({' and '.join(reduced)}) never replaces a complete one"
+    if args.no_log:
+        return "--no-log writes nothing to the run directory"
+    return None
+
+
+def _save_head(run_dir: Path, head: dict, info: dict, replace: bool = False) -> str:
+    """Save the probe's head with its top-1 and settings, unless the saved head of the same checkpoint and encoder
+    scored higher (``replace``: save anyway). Prints one line saying which head export now uses; -> "saved" or
+    "kept"."""
+    path = run_dir / HEAD_FILE
+    old = None
+    if path.is_file():
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 -- an unreadable head is replaced
+            old = None
+    same = (isinstance(old, dict) and old.get("ckpt") == info["ckpt"] and old.get("which") == info["which"]
+            and isinstance(old.get("top1"), (int, float)))
+    if same and old["top1"] > info["top1"] and not replace:
+        print(f"head: kept {path} ({old.get('mode', '?')} probe, top-1 {old['top1']:.2f}%, higher than this "
+              f"probe's {info['top1']:.2f}%; --replace-head saves this one instead)", flush=True)
+        return "kept"
+    tmp = run_dir / f".{HEAD_FILE}.{os.getpid()}.tmp"
+    try:
+        torch.save({"weight": head["weight"], "bias": head["bias"], **info}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                              # torch.save reports a full disk as RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise RunError(f"cannot save {path}: {why}; the previous head is unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    was = f", replacing one with top-1 {old['top1']:.2f}%" if same else ""
+    print(f"head: saved {path} (top-1 {info['top1']:.2f}%{was}): export's fc", flush=True)
+    return "saved"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,10 @@ from torch import nn
 from fastmveb.collectives import all_gather_rows
 from fastmveb.errors import RunError
 
+# run_dir/HEAD_FILE: the linear probe head `python -m fastmveb.eval linear` keeps (its top-1 and settings beside the
+# weights); `python -m fastmveb.export` uses it as the torchvision fc
+HEAD_FILE = "linear_head.pt"
+
 
 def normalize_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
     """NCHW in 0-255 (uint8, or float crops) -> float32, (x/255 - mean) / std; never modifies x."""

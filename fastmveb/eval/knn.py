@@ -105,6 +105,22 @@ def knn_eval(backbone, train_loader, val_loader, device, mean, std, k: int = 200
     return {"top1": top1, "top5": top5}
 
 
+def check_monitor_labels(cfg) -> None:
+    """Training's kNN checks (eval.knn_every_epochs, eval.knn_at_end) measure val against a bank of train: a val
+    label the train beton lacks is never predicted right, so the figures would mix in classes the bank cannot
+    hold. UserError (one line naming the labels) at start-up, before training spends any time; nothing when the
+    checks are off or a beton has no labels (train.switch_off_label_parts turns them off then)."""
+    if not (cfg.eval.knn_at_end or cfg.eval.knn_every_epochs):
+        return
+    from dataset_prep.integrity import label_gap
+    from fastmveb.errors import UserError
+    gap = label_gap(cfg.data.train_beton, cfg.data.val_beton)
+    if gap:
+        raise UserError(f"{gap}: the kNN checks would count classes the bank never holds; write train and val "
+                        "together (dataset_prep), or train without them: eval.knn_at_end=false "
+                        "eval.knn_every_epochs=0")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The kNN monitor on every process: no rank works alone while the others wait at a barrier.
 
