@@ -23,7 +23,6 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fastmveb.bench.report import write_check_summary
 from fastmveb.bench.runner import ROOT, Ctx, Stage, run_stages, share_compile_cache, stop_group
 from fastmveb.errors import UserError, run_cli
 
@@ -426,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(after a {args.install_s:.0f}-s install), results in {args.out}, scratch in {args.work}, compile cache "
           f"{os.environ['TORCHINDUCTOR_CACHE_DIR']}\n")
     ctx = Ctx("fastmveb.bench.gpu_check", args.work, args.out, args.device, args.short)
+    from fastmveb.bench.report import write_check_summary
     meta = {"short": args.short, "budget_s": args.budget_s, "install_s": args.install_s, "t_start": t_start,
             "cuda": args.device == "cuda", "reserve_s": SUMMARY_RESERVE_S}
     stages = run_stages(ctx, [st for st in STAGES if st.name in only], write, args.budget_s, SUMMARY_RESERVE_S,
