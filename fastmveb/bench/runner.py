@@ -154,8 +154,7 @@ def run_stages(ctx: Ctx, stages: list[Stage], write: Callable[[str], None], budg
                 entries[st.name] = {"status": "cut: the check's time budget was spent before this stage",
                                     "seconds": 0.0, "box_s": 0, "result": {}}
                 continue
-        write(f"\n==== {ctx.registry.rsplit('.', 1)[-1]} {st.name}" + (f" (time box {box:.0f} s)" if box else "")
-              + " ====\n")
+        write(f"\n==== {st.name}" + (f" (time box {box:.0f} s)" if box else "") + " ====\n")
         rc, seconds, tail = run_stage(dataclasses.replace(ctx, box_s=box), st.name, write)
         data = Result(ctx.work, st.name).read()
         entries[st.name] = {"status": status(data, rc, box, tail), "seconds": round(seconds, 1), "box_s": round(box),
