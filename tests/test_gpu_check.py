@@ -148,6 +148,9 @@ def test_force_replaces_a_previous_check_and_keeps_other_files(tmp_path):
     (out / "summary.json").write_text('{"old": true}')
     (out / "step-cuda-2026-01-01.json").write_text("{}")                  # the previous check's files go
     (out / "notes.txt").write_text("mine")                               # anything else stays
+    # The script's preflight (before the install) accepts --force but removes nothing: a failed install keeps them.
+    assert in_process(gpu_check.cli, "--out", out, "--force", "--preflight").returncode == 0
+    assert (out / "summary.json").read_text() == '{"old": true}'
     proc = subprocess.run([sys.executable, "-m", "fastmveb.bench.gpu_check", "--device", "cpu", "--short", "--only",
                            "env", "--force", "--budget-s", "100", "--install-s", "12.5", "--out", str(out), "--work",
                            str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300)

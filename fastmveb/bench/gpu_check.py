@@ -362,14 +362,15 @@ def _budget(text: str | None, install_s: float) -> float:
     return budget
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    """Refuse an OUT that holds anything unless --force; with it, a previous check's files are removed first."""
+def prepare_out(out: Path, force: bool, preflight: bool) -> None:
+    """Refuse an OUT that holds anything unless --force; with it, a previous check's files are removed (not by the
+    preflight: a failed install must leave them)."""
     old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if old and not force:
         what = "a check's summary.json" if "summary.json" in old else f"{len(old)} file(s)"
         raise UserError(f"--out {out} already holds {what}; pass --force to replace a previous check's results, "
                         "or choose an empty folder")
-    for name in old:
+    for name in old if not preflight else []:
         if name.startswith(("summary.", "gpu_check.log", "step-", "profile-", "train-", "entropy-")):
             (out / name).unlink()
 
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; name a folder")
-    prepare_out(out, args.force)
+    prepare_out(out, args.force, args.preflight)
     if args.preflight:
         return 0
     out.mkdir(parents=True, exist_ok=True)
