@@ -29,13 +29,14 @@ from fastmveb.errors import UserError, run_cli
 # One device call may run 600 s; the whole command (the wheelhouse install, 14-44 s measured, then the check) is
 # planned to end within CALL_S. The default budget is DEFAULT_BUDGET_S, or less when the install took longer.
 CALL_S, DEFAULT_BUDGET_S, SUMMARY_RESERVE_S = 540, 480, 10
-# Compile assumption behind the CUDA boxes (none measured here yet, no GPU was lent): a cold inductor compile of
-# one ResNet-50 training graph (forward + backward, one input shape, dynamic=False) takes ~60 s on a 16-core
-# host, a forward-only graph (the EMA target) ~25 s, the view maker ~30 s; a graph found in the shared FX-graph /
-# AOTAutograd cache loads in ~10 s (dynamo still traces). So multi-crop at 128 (online 224 + 96, target 224) is
-# ~145 s cold, two-view after it ~25 s (its graphs are cached), and train, run and profile pay ~25-40 s each,
-# not minutes. The flips and sweeps need new graphs: each runs compiled only if the step box still holds a cold
-# compile (the multi-crop row's first step), else eagerly, and says so. CUDA boxes + the reserve = the budget.
+# Compile assumption behind the CUDA boxes (none measured yet: no GPU was lent to this work). A cold inductor compile
+# of a ResNet-50 training graph (forward + backward, dynamic=False) is commonly a minute or more: ~60 s per input
+# size on a 16-core host, ~25 s for a forward-only graph (the EMA target), ~30 s for the view maker. So multi-crop at
+# 128 (one online graph over 224 and 96 px, the target at 224) is ~145 s cold; two-view after it ~45 s (a new online
+# graph, but the target's graph is in the shared FX-graph cache and most kernels in the kernel cache). train, run
+# and profile then load the same graphs from the cache (~10-20 s each, dynamo still traces) instead of compiling for
+# minutes. The flips and sweeps need new graphs: each runs compiled only if what is left of the step box holds a
+# cold compile (the multi-crop row's first step), else eagerly, and says so.
 MARGIN_S = 5                                # kept back inside a box for building a model, writing results
 
 
@@ -130,11 +131,14 @@ def stage_step(ctx, res) -> int:
         if compiled and mode == "eager":
             cfg = bench_config(st, device, n_local, (*extra, ("train", "compile", "false")))
             label += " (eager: its compile would not fit the box)"
+        oom = None
         try:
             row = {"recipe": recipe, "variant": label, **measure_step(cfg, device, warmup, iters, threads)}
         except torch.OutOfMemoryError as e:                 # a batch that does not fit: say so, go on
+            oom = str(e).splitlines()[0]
+        if oom:                                             # freed once the exception (and its frames) is gone
             free(device, True)
-            skipped.append({"recipe": recipe, "variant": label, "reason": f"out of memory: {str(e).splitlines()[0]}"})
+            skipped.append({"recipe": recipe, "variant": label, "reason": f"out of memory: {oom}"})
             return res.set(rows=rows, skipped_rows=skipped)
         if row["compile"] and "s" not in cold:
             cold["s"] = row["first_step_s"]
@@ -316,7 +320,7 @@ def stage_run(ctx, res) -> int:
 STAGES = [Stage(name, fn, box, keys, what) for name, fn, box, keys, what in (
     ("env", stage_env, (10, 30), ("device", "torch", "cuda", "python", "cpu_count", "memory_gib", "git", "packages",
                                   "gpu"), "GPU, driver, torch/CUDA, cores, memory, git revision, package versions"),
-    ("step", stage_step, (175, 150), ("rows", "skipped_rows", "file"),
+    ("step", stage_step, (200, 150), ("rows", "skipped_rows", "file"),
      "ResNet-50 2x224 + 6x96 (multi-crop), then 2x224, bf16, channels-last, compiled, at batch 128 (the first "
      "step, the compile, timed apart); then compile, channels-last and precision each flipped, the largest batch "
      "that fits and rcs/rn50_fast.yaml's sizes, compiled while the box holds a compile, else eagerly"),
@@ -325,15 +329,15 @@ STAGES = [Stage(name, fn, box, keys, what) for name, fn, box, keys, what in (
     ("train", stage_train, (95, 180), ("file", "rows"),
      "multi-crop end to end on that beton (FFCV decode -> views -> step) beside the compute-bound step and the "
      "released-style PIL pipeline"),
-    ("run", stage_run, (85, 150), ("returncode", "samples_per_s", "steps_logged", "first_step_s", "estimate_gib",
+    ("run", stage_run, (80, 150), ("returncode", "samples_per_s", "steps_logged", "first_step_s", "estimate_gib",
                                    "peak_mem_gb", "throughput_row"),
      "a `fastmveb/train.py --rc rcs/rn50.yaml` start on that beton (one device, sync_bn off) stopped at its box: "
      "samples/s after the first (compiling) step, peak memory beside the dry run's estimate"),
     ("entropy", stage_entropy, (20, 90), ("file", "rows"),
      "the vMF entropy estimator at N = 128 ... 8192 beside the released algorithm where it fits"),
-    ("profile", stage_profile, (35, 90), ("file", "wall_ms_per_step", "first_step_s", "phases", "launches_per_step",
+    ("profile", stage_profile, (25, 90), ("file", "wall_ms_per_step", "first_step_s", "phases", "launches_per_step",
                                           "top"), "multi-crop: time and kernel launches per phase, top kernels"),
-    ("tests", stage_tests, (30, 120), ("returncode", "passed", "failed", "skipped", "failures", "sync_debug_step"),
+    ("tests", stage_tests, (20, 120), ("returncode", "passed", "failed", "skipped", "failures", "sync_debug_step"),
      "the gpu-marked tests, the training step under torch.cuda.set_sync_debug_mode(\"error\") among them"))]
 NAMES = [st.name for st in STAGES]
 
