@@ -32,7 +32,8 @@ fi
 [ -n "$PY" ] && "$PY" -c pass 2>/dev/null || { echo "error: no usable python (pass --python PY)" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-# The arguments and OUT are checked (one line, exit 2) before anything is installed.
+# The arguments and OUT are checked (one line, exit 2) before anything is installed. install_s: from here to the
+# check's start (the import checks, and the wheelhouse install when one runs): not part of the check's budget.
 "$PY" -m fastmveb.bench.gpu_check --out "$OUT" "${PASS[@]}" --preflight
 
 t0=$(date +%s.%N)

@@ -4,9 +4,9 @@ STAGE is one of loader, views, entropy, step, train, profile, or all (every stag
 the results table), or ramp (the step at every size of progressive-resolution schedules; not part of all), or
 report (only rebuild the table). Each stage prints a markdown table and writes JSON +
 markdown under benchmarks/results/; ``report`` writes benchmarks/results/README.md from the JSON files.
-``all`` runs each stage in its own process (a stage's threads, compile caches and memory high-water marks
-do not leak into the next), passes every option on (each stage ignores the ones it does not know), goes on
-after a failing stage and exits non-zero if any failed. ``make bench`` runs ``all``; ``--short`` makes
+``all`` runs each stage in its own process (fastmveb/bench/runner.py, the GPU check's runner too: a stage's
+threads, compile caches and memory high-water marks do not leak into the next), passes every option on (each
+stage ignores the ones it does not know), goes on after a failing stage and exits non-zero if any failed. ``make bench`` runs ``all``; ``--short`` makes
 every stage CI-sized.
 """
 from __future__ import annotations
