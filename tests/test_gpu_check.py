@@ -165,8 +165,9 @@ def test_the_box_plan_fits_one_device_call():
     # measured (44 s) fits the 540-s call; a longer install shrinks the default budget instead of overrunning.
     assert sum(st.box[0] for st in STAGES) + SUMMARY_RESERVE_S <= DEFAULT_BUDGET_S
     assert DEFAULT_BUDGET_S + 44 <= CALL_S
-    assert gpu_check._budget(None, 20.0) == DEFAULT_BUDGET_S and gpu_check._budget(None, 100.0) == CALL_S - 100
-    assert gpu_check._budget("90", 100.0) == 90.0
+    assert gpu_check.budget(None, 20.0, False) == DEFAULT_BUDGET_S and gpu_check.budget(None, 100.0, False) == 440
+    assert gpu_check.budget("90", 100.0, False) == 90.0
+    assert gpu_check.budget(None, 20.0, True) == sum(st.box[1] for st in STAGES) + SUMMARY_RESERVE_S   # CPU dry run
     # The stages that carry the recipe's figures come first, so that a cut budget drops the least useful ones.
     assert NAMES[:5] == ["env", "step", "data", "train", "run"]
 

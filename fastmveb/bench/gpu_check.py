@@ -208,8 +208,11 @@ def stage_profile(ctx, res) -> None:
             top=[{k: r[k] for k in ("name", "ms_per_step", "share")} for r in rows if r["kind"] == "op"])
 
 
-def _photos(ctx) -> tuple[Path, Path]:
-    return Path(ctx.work) / "photos" / "train.beton", Path(ctx.work) / "photos" / "jpeg"
+def _photos(ctx, need: bool = True) -> tuple[Path, Path]:
+    beton, jpeg = Path(ctx.work) / "photos" / "train.beton", Path(ctx.work) / "photos" / "jpeg"
+    if need and not beton.is_file():
+        raise UserError("the photo beton is missing: the data stage did not finish")
+    return beton, jpeg
 
 
 def stage_data(ctx, res) -> None:
@@ -218,7 +221,7 @@ def stage_data(ctx, res) -> None:
     from fastmveb.bench.common import write_photos
     n = 96 if ctx.cpu_short else 5000          # rn50: one 4096-sample step per epoch; CPU: 6 steps of 16
     workers = max(1, len(os.sched_getaffinity(0)))
-    beton, jpeg = _photos(ctx)
+    beton, jpeg = _photos(ctx, need=False)
     t0 = time.perf_counter()
     paths = write_photos(jpeg / "c0", n, workers)
     gen_s = time.perf_counter() - t0
@@ -230,18 +233,11 @@ def stage_data(ctx, res) -> None:
     print(f"data: {n} photo-sized JPEGs in {gen_s:.1f} s, beton in {dt - gen_s:.1f} s ({beton})", flush=True)
 
 
-def _beton(ctx) -> Path:
-    beton = _photos(ctx)[0]
-    if not beton.is_file():
-        raise UserError("the photo beton is missing: the data stage did not finish")
-    return beton
-
-
 def stage_train(ctx, res) -> None:
     import torch
     from fastmveb.bench import train
     cuda = ctx.device == "cuda"
-    got = train.run(_settings(ctx, recipes="multi-crop"), torch.device(ctx.device), _beton(ctx), _photos(ctx)[1],
+    got = train.run(_settings(ctx, recipes="multi-crop"), torch.device(ctx.device), *_photos(ctx),
                     workers=max(1, len(os.sched_getaffinity(0))), warmup=5 if cuda else 1, steps=30 if cuda else 3,
                     out_dir=ctx.work)
     keys = ("recipe", "views", "arch", "batch", "workers", "fastmveb_samples_per_s", "first_step_s",
@@ -253,9 +249,8 @@ def stage_train(ctx, res) -> None:
 def stage_entropy(ctx, res) -> None:
     from fastmveb.bench import entropy
     got = entropy.run(ctx.device, [128] if ctx.cpu_short else entropy.NS, short=ctx.short, out_dir=ctx.work)
-    res.set(file=_copy(got["path"], ctx), rows=[{k: r.get(k) for k in ("N", "d", "method", "ms", "peak_mib",
-                                                                       "speedup", "rel_diff", "note")}
-                                                for r in got["rows"]])
+    keys = ("N", "d", "method", "ms", "peak_mib", "speedup", "rel_diff", "note")
+    res.set(file=_copy(got["path"], ctx), rows=[{k: r.get(k) for k in keys} for r in got["rows"]])
 
 
 def stage_run(ctx, res) -> int:
@@ -264,7 +259,7 @@ def stage_run(ctx, res) -> int:
     from fastmveb.bench.common import device_name, settings_of
     from fastmveb.config import load_config
     from fastmveb.plan import make_plan
-    beton, run_root = _beton(ctx), Path(ctx.work) / "runs"
+    beton, run_root = _photos(ctx)[0], Path(ctx.work) / "runs"
     overrides = [f"data.train_beton={beton}", f"data.val_beton={beton}", "model.sync_bn=false", "train.log_every=1",
                  "train.ckpt_every_steps=0", "train.ckpt_every_epochs=0", "eval.knn_every_epochs=0",
                  "eval.knn_at_end=false", "train.progress=false", "train.name=gpu-check",
@@ -354,16 +349,19 @@ def readme_block() -> str:
         f"\n\nBoxes + the {SUMMARY_RESERVE_S}-s summary reserve = the default {DEFAULT_BUDGET_S}-s budget.\n"
 
 
-def _budget(text: str | None, install_s: float) -> float:
-    if text is None:                            # the default: the whole call (install included) within CALL_S
-        return float(min(DEFAULT_BUDGET_S, CALL_S - install_s))
+def budget(text: str | None, install_s: float, cpu_short: bool) -> float:
+    """--budget-s, checked; its default keeps a GPU call (install included) within CALL_S, and gives a CPU dry run
+    (a rehearsal on a slow, maybe shared, CPU) its boxes."""
+    if text is None:
+        return float(sum(st.box[1] for st in STAGES) + SUMMARY_RESERVE_S if cpu_short else
+                     min(DEFAULT_BUDGET_S, CALL_S - install_s))
     try:
-        budget = float(text)
+        value = float(text)
     except ValueError:
-        budget = math.nan
-    if not math.isfinite(budget) or budget <= 0:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
         raise UserError(f"--budget-s must be a positive number of seconds (default {DEFAULT_BUDGET_S}), got {text!r}")
-    return budget
+    return value
 
 
 def prepare_out(out: Path, force: bool, preflight: bool) -> None:
@@ -386,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--short", action="store_true", help="tiny shapes (the CPU dry run of the check)")
     parser.add_argument("--budget-s", default=None, help=f"wall-clock budget of the check (default {DEFAULT_BUDGET_S}, "
-                        f"or {CALL_S} less --install-s if that is less); every stage also has its own box")
+                        f"or {CALL_S} less --install-s if less; CPU --short: its boxes); each stage has its own box")
     parser.add_argument("--install-s", type=float, default=0.0, help="seconds the wheelhouse install took before "
                         "(scripts/gpu_check.sh passes it; recorded in summary.json)")
     parser.add_argument("--force", action="store_true", help="replace the results of a previous check in --out")
@@ -401,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if replace_block(ROOT / "README.md", README_BEGIN, README_END, readme_block()) else 1
     if not args.out:
         raise UserError("--out DIR is required (where the results go)")
-    args.budget_s = _budget(args.budget_s, args.install_s)
+    budget(args.budget_s, args.install_s, False)                # checked before anything is installed
     only = [s.strip() for s in args.only.split(",")] if args.only else list(NAMES)
     bad = [s for s in only if s not in NAMES]
     if bad:
@@ -418,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.budget_s = budget(args.budget_s, args.install_s, args.short and args.device != "cuda")
     share_compile_cache(args.work)
     log = open(out / "gpu_check.log", "w", buffering=1)
 
