@@ -63,6 +63,9 @@ def test_cpu_dry_run_of_the_check_runs_every_stage(cpu_check):
     assert all(r["reason"].startswith("skipped: no CUDA") for r in step["skipped_rows"])
     train = s["stages"]["train"]["result"]["rows"][0]
     assert train["e2e_over_step"] > 0 and train["x_vs_released"] > 0 and train["first_step_s"] > 0
+    # The compute bound is the step stage's multi-crop row (same setting): not compiled and timed a second time.
+    mc = next(r for r in step["rows"] if r["recipe"] == "multi-crop")
+    assert train["step_from"] == "given" and train["step_samples_per_s"] == mc["samples_per_s"]
     assert s["stages"]["profile"]["result"]["first_step_s"] > 0
     run = s["stages"]["run"]["result"]
     assert run["returncode"] == 0 and run["steps_logged"] == 4 and run["samples_per_s"] > 0 and run["first_step_s"] > 0

@@ -6,8 +6,8 @@ report (only rebuild the table). Each stage prints a markdown table and writes J
 markdown under benchmarks/results/; ``report`` writes benchmarks/results/README.md from the JSON files.
 ``all`` runs each stage in its own process (fastmveb/bench/runner.py, the GPU check's runner too: a stage's
 threads, compile caches and memory high-water marks do not leak into the next), passes every option on (each
-stage ignores the ones it does not know), goes on after a failing stage and exits non-zero if any failed. ``make bench`` runs ``all``; ``--short`` makes
-every stage CI-sized.
+stage ignores the ones it does not know), goes on after a failing stage and exits non-zero if any failed.
+``make bench`` runs ``all``; ``--short`` makes every stage CI-sized.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
     environment, timing     device_name, environment, loadavg, sync, time_fn
     results                 markdown_table, write_results (JSON + markdown under benchmarks/results/)
     settings                add_settings_args (the run-config flags of step, train, profile), pick_device,
-                            default_rc, settings, bench_config, one_process, RECIPES / recipe_names, step_iters, settings_of,
+                            default_rc, settings, bench_config, one_process, RECIPES / recipe_names, step_iters,
+                            settings_of,
                             pin_threads / default_threads
     construction            make_accelerator, build (as fastmveb/train.py builds), random_views, identity_views
     memory                  reset_peak_memory, peak_memory, status_kib, free

@@ -23,7 +23,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fastmveb.bench.runner import ROOT, Ctx, Stage, run_stages, share_compile_cache, stop_group
+from fastmveb.bench.runner import ROOT, Ctx, Result, Stage, run_stages, share_compile_cache, stop_group
 from fastmveb.errors import UserError, run_cli
 
 # One device call may run 600 s; the whole command (the wheelhouse install, 14-44 s measured, then the check) is
@@ -237,12 +237,12 @@ def stage_train(ctx, res) -> None:
     import torch
     from fastmveb.bench import train
     cuda = ctx.device == "cuda"
+    step = {r["recipe"]: r for r in Result(ctx.work, "step").read()["result"].get("rows", [])
+            if r["variant"] == "training setting"}        # the step stage's rows: no second compile and timing
     got = train.run(_settings(ctx, recipes="multi-crop"), torch.device(ctx.device), *_photos(ctx),
                     workers=max(1, len(os.sched_getaffinity(0))), warmup=5 if cuda else 1, steps=30 if cuda else 3,
-                    out_dir=ctx.work)
-    keys = ("recipe", "views", "arch", "batch", "workers", "fastmveb_samples_per_s", "first_step_s",
-            "step_samples_per_s", "e2e_over_step", "data_wait_frac", "released_samples_per_s", "released_precision",
-            "x_vs_released")
+                    out_dir=ctx.work, step_rows=step)
+    keys = (*train.COLUMNS, "workers", "step_from")
     res.set(file=_copy(got["path"], ctx), rows=[{k: r.get(k) for k in keys} for r in got["rows"]])
 
 

@@ -244,11 +244,12 @@ def write_check_summary(out: Path, stages: dict, meta: dict, final: bool) -> str
     from fastmveb.bench.runner import atomic_json
     rows = check_throughput(stages)
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    files = [f for f in Path(cache).rglob("*") if f.is_file()] if cache and Path(cache).is_dir() else None
     summary = {"check": "fastmveb gpu-check", "device": stages.get("env", {}).get("result", {}).get("device"),
                **{k: meta[k] for k in ("short", "budget_s", "install_s")},
                "elapsed_s": round(time.monotonic() - meta["t_start"], 1), "complete": final,
-               "compile_cache": {"dir": cache, "mib": sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file())
-                                 / 2**20 if cache and Path(cache).is_dir() else None},
+               "compile_cache": {"dir": cache, "mib": sum(f.stat().st_size for f in files) / 2**20 if files is not None
+                                 else None},
                "stages": stages, "throughput": rows}
     if final:
         entry = {"status": "ok", "seconds": 0.0, "box_s": meta["reserve_s"], "result": {}}

@@ -80,7 +80,8 @@ def flips(cfg, device: torch.device) -> list[tuple[str, tuple]]:
     cl = cfg.model.channels_last
     return [("compile flipped", (("train", "compile", "false" if uses_compile(cfg, device) else "true"),)),
             ("channels-last flipped", (("model", "channels_last", not cl), ("views", "channels_last", not cl))),
-            ("precision flipped", (("train", "mixed_precision", "no" if cfg.train.mixed_precision == "bf16" else "bf16"),))]
+            ("precision flipped",
+             (("train", "mixed_precision", "no" if cfg.train.mixed_precision == "bf16" else "bf16"),))]
 
 
 # ------------------------------------------------------------------------------------------------- main
