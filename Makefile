@@ -55,8 +55,9 @@ test-all: setup
 bench: setup data/synthetic/train.beton
 	$(BIN)/python -m fastmveb.bench $(BENCH) $(BENCH_ARGS)
 
-# make gpu-check OUT=DIR: every speed figure in one time-boxed command (<= 8 min on one H100/H200; scripts/gpu_check.sh).
-# On an offline GPU host: make gpu-check OUT=DIR WHEELHOUSE=wheelhouse (installs into the host's torch env, no setup).
+# make gpu-check OUT=DIR: every speed figure in one time-boxed command (scripts/gpu_check.sh; OUT empty or --force).
+# On an offline GPU host: make gpu-check OUT=DIR WHEELHOUSE=wheelhouse (installs into the host's torch env, no setup;
+# install + check within 540 s). Without make: bash scripts/gpu_check.sh --out DIR --wheelhouse wheelhouse.
 # GPU_CHECK_ARGS e.g. --device cpu --short (the CPU dry run of the check).
 WHEELHOUSE ?=
 GPU_CHECK_ARGS ?=

@@ -25,6 +25,7 @@ reads files; it neither guesses nor scales a rate.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .config import ConfigError
@@ -53,8 +54,16 @@ def read_summary(path: str | Path) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("samples_per_s"), (int, float)):
             raise ConfigError(f"throughput file {path}: row {i} is not a measured row (no samples_per_s); {GPU_CHECK}")
+        if not measured_rate(row["samples_per_s"]):     # a cost divided by it would be infinite or nonsense
+            raise ConfigError(f"throughput file {path}: row {i} has samples_per_s {row['samples_per_s']!r}, not a "
+                              f"finite positive rate (a failed or edited measurement); {GPU_CHECK}")
     # a row that does not say where it came from came from this file
     return [{**row, "file": row.get("file") or path.name} for row in rows]
+
+
+def measured_rate(value) -> bool:
+    """A rate a cost can be priced from: a finite number above zero (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def committed(results_dir: str | Path) -> list[dict]:
@@ -69,7 +78,7 @@ def committed(results_dir: str | Path) -> list[dict]:
                               "`make bench BENCH=step` on the GPU host or remove it") from None
         device = payload.get("env", {}).get("device")
         for r in payload.get("rows", []):
-            if r.get("samples_per_s"):
+            if measured_rate(r.get("samples_per_s")):
                 rows.append({"device": device, "arch": r.get("arch"), "views": r.get("views"), "batch": r.get("batch"),
                              "precision": r.get("precision"), "compile": r.get("compile"),
                              "channels_last": r.get("channels_last"), "samples_per_s": float(r["samples_per_s"]),

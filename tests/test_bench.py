@@ -92,6 +92,7 @@ def test_train_short(small_betons, tmp_path):
     assert r["e2e_over_step"] == pytest.approx(r["fastmveb_samples_per_s"] / r["step_samples_per_s"])
     assert r["x_vs_released"] == pytest.approx(r["fastmveb_samples_per_s"] / r["released_samples_per_s"])
     assert r["released_precision"] == "no" and math.isfinite(r["fastmveb_loss"]) and math.isfinite(r["released_loss"])
+    assert positive(r["first_step_s"])                      # the first step (a compile where compiled), timed apart
 
 
 def test_profile_short_splits_the_step_by_phase(tmp_path):
@@ -105,6 +106,7 @@ def test_profile_short_splits_the_step_by_phase(tmp_path):
     ops = [r for r in rows if r["kind"] == "op"]
     views = f"2x{TINY.views.global_size} + 6x{TINY.views.local_size}"
     assert len(wall) == 1 and wall[0]["views"] == views and math.isfinite(wall[0]["loss"])
+    assert positive(wall[0]["first_step_s"])
     for name in ("views", "forward", "target", "loss", "backward", "optimizer", "ema"):
         assert positive(phases[name]["ms_per_step"]), name
     # Self times never overlap, so the phases (with the uncounted rest) add up to the wall clock.
@@ -276,3 +278,25 @@ def test_benchmarks_set_no_backend_flags_and_build_as_training_does():
     assert not setters, setters
     source = (bench_dir / "train.py").read_text()
     assert "train_loader_from_config(cfg," in source and 'ViewSwitch(cfg, b["training"].view_maker, loader)' in source
+
+
+def test_all_and_the_gpu_check_share_one_runner(tmp_path):
+    """`bench all` and the GPU check are registries of runner.Stage run by runner.run_stages; `all` passes every
+    option on and each stage ignores the ones it does not know (and only then)."""
+    from fastmveb.bench import __main__ as bench_main, gpu_check, runner
+    assert [s.name for s in bench_main.STAGES] == ["loader", "views", "entropy", "step", "train", "profile"]
+    assert all(isinstance(s, runner.Stage) for s in bench_main.STAGES + gpu_check.STAGES)
+    bench_main.run_stage("report", ["--out-dir", str(tmp_path), "--warmup", "3"], lenient=True)
+    assert (tmp_path / "README.md").is_file()
+    with pytest.raises(SystemExit):
+        bench_main.run_stage("report", ["--out-dir", str(tmp_path), "--warmup", "3"])
+
+
+def test_settings_are_the_flags_defaults_with_keywords_set():
+    """common.settings: how code (the GPU check) picks a benchmark setting without writing a command line."""
+    from fastmveb.bench.common import settings
+    args, _ = _args("step", "--short", "--batch-size", "8", "--recipes", "multi-crop")
+    s = settings(short=True, batch_size=8, recipes="multi-crop")
+    assert {k: getattr(s, k) for k in vars(s)} == {k: getattr(args, k) for k in vars(s)}
+    with pytest.raises(TypeError):
+        settings(batch=8)

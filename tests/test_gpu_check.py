@@ -7,22 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fastmveb.bench.gpu_check import BOXES, STAGES, junit_counts, largest_batch
-from commands import train_cli
+from fastmveb.bench import gpu_check
+from fastmveb.bench.gpu_check import (CALL_S, DEFAULT_BUDGET_S, NAMES, STAGES, SUMMARY_RESERVE_S, fit_mode,
+                                      junit_counts, largest_batch)
+from commands import in_process, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGE_KEYS = {
-    "env": {"device", "torch", "cuda", "python", "cores", "memory_gib", "git", "packages", "gpu"},
-    "tests": {"returncode", "passed", "failed", "skipped", "failures", "sync_debug_step"},
-    "step": {"rows", "skipped_rows", "file"},
-    "profile": {"file", "wall_ms_per_step", "phases", "launches_per_step", "top"},
-    "data": {"beton", "jpeg_root", "images", "workers", "generate_s", "write_s"},
-    "train": {"file", "rows"},
-    "entropy": {"file", "rows"},
-    "run": {"returncode", "samples_per_s", "steps_logged", "estimate_gib", "peak_mem_gb", "throughput_row"},
-    "summary": {"targets", "projections"},
-}
+STAGE_KEYS = {**{st.name: set(st.keys) for st in STAGES}, "summary": {"targets", "projections"}}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +28,7 @@ def cpu_check(tmp_path_factory):
 
 
 def test_cpu_dry_run_of_the_check_runs_every_stage(cpu_check):
-    proc, out, _ = cpu_check
+    proc, out, work = cpu_check
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
@@ -48,27 +40,35 @@ def test_cpu_dry_run_of_the_check_runs_every_stage(cpu_check):
         assert payload["benchmark"] == stage and payload["rows"] and payload["env"]["device"].startswith("cpu")
 
     s = json.loads((out / "summary.json").read_text())
-    assert s["complete"] and list(s["stages"]) == STAGES + ["summary"]
+    assert s["complete"] and list(s["stages"]) == NAMES + ["summary"]
+    assert s["budget_s"] == 1200 and s["install_s"] >= 0                # no wheelhouse here: the import checks
+    assert s["compile_cache"]["dir"] == str(work / "inductor-cache")    # one cache for every stage process
+    boxes = {st.name: st.box for st in STAGES}
     for name, keys in STAGE_KEYS.items():
         st = s["stages"][name]
         assert {"status", "seconds", "box_s", "result"} <= set(st), name
         assert keys <= set(st["result"]), (name, keys - set(st["result"]))
         # Nothing failed or was cut; what needs CUDA says so.
         assert st["status"] == "ok" or st["status"].startswith("skipped: no CUDA"), (name, st["status"])
-        if name in BOXES:
-            assert st["seconds"] <= BOXES[name][1] + 15
+        if name in boxes:
+            assert st["seconds"] <= boxes[name][1] + 15
     assert s["stages"]["tests"]["status"].startswith("skipped: no CUDA")
     assert s["stages"]["tests"]["result"]["sync_debug_step"] == "skipped"
     step = s["stages"]["step"]["result"]
-    assert {(r["recipe"], r["variant"]) for r in step["rows"]} == {
-        ("two-view", "training setting"), ("multi-crop", "training setting"),
-        ("two-view", "channels-last flipped"), ("two-view", "precision flipped")}
-    assert all(r["samples_per_s"] > 0 and r["loss"] == r["loss"] for r in step["rows"])
+    # Most valuable first: the recipe's multi-crop, then two-view, then the flips.
+    assert [(r["recipe"], r["variant"]) for r in step["rows"]] == [
+        ("multi-crop", "training setting"), ("two-view", "training setting"),
+        ("two-view", "channels-last flipped"), ("two-view", "precision flipped")]
+    assert all(r["samples_per_s"] > 0 and r["loss"] == r["loss"] and r["first_step_s"] > 0 for r in step["rows"])
     assert all(r["reason"].startswith("skipped: no CUDA") for r in step["skipped_rows"])
     train = s["stages"]["train"]["result"]["rows"][0]
-    assert train["e2e_over_step"] > 0 and train["x_vs_released"] > 0
+    assert train["e2e_over_step"] > 0 and train["x_vs_released"] > 0 and train["first_step_s"] > 0
+    # The compute bound is the step stage's multi-crop row (same setting): not compiled and timed a second time.
+    mc = next(r for r in step["rows"] if r["recipe"] == "multi-crop")
+    assert train["step_from"] == "given" and train["step_samples_per_s"] == mc["samples_per_s"]
+    assert s["stages"]["profile"]["result"]["first_step_s"] > 0
     run = s["stages"]["run"]["result"]
-    assert run["returncode"] == 0 and run["steps_logged"] == 4 and run["samples_per_s"] > 0
+    assert run["returncode"] == 0 and run["steps_logged"] == 4 and run["samples_per_s"] > 0 and run["first_step_s"] > 0
     assert run["peak_mem_gb"] is None                     # the CPU logs no CUDA peak: not compared
     # Targets are shown but not judged on a CPU; projections say "unmeasured" (no ResNet-50 CUDA row here).
     assert len(s["targets"]) == 5
@@ -79,7 +79,13 @@ def test_cpu_dry_run_of_the_check_runs_every_stage(cpu_check):
     sources = {r["source"] for r in s["throughput"]}
     assert sources == {"step", "train"}
     md = (out / "summary.md").read_text()
-    assert "## Stages" in md and "## Targets" in md and "## Projected cost" in md
+    assert "## Stages" in md and "## Targets" in md and "## Projected cost" in md and "## Entropy estimator" in md
+    # A second check into the same OUT is refused before it starts: the first one's results stay.
+    again = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--short", "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [again.stderr.strip()], again.stderr
+    assert "already holds a check's summary.json" in again.stderr and "--force" in again.stderr
+    assert json.loads((out / "summary.json").read_text()) == s
 
 
 def test_dry_run_prices_the_plan_from_the_check_summary(cpu_check):
@@ -103,28 +109,95 @@ def test_dry_run_prices_the_plan_from_the_check_summary(cpu_check):
 
 
 def test_a_stage_over_its_box_is_cut_and_the_summary_keeps_the_rest(tmp_path):
-    # A budget that leaves the step stage a few seconds: it is killed (or not started) and says so; env stays.
+    # A budget that leaves the step stage a few seconds (30 less the 10-s summary reserve, less env's time): it is
+    # killed (or not started) and says so; env stays.
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "fastmveb.bench.gpu_check", "--device", "cpu", "--short",
-                           "--only", "env,step", "--budget-s", "15", "--out", str(out), "--work", str(tmp_path / "w")],
+                           "--only", "env,step", "--budget-s", "30", "--out", str(out), "--work", str(tmp_path / "w")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["stages"]["env"]["status"] == "ok"
     assert s["stages"]["step"]["status"].startswith("cut:"), s["stages"]["step"]
-    assert s["stages"]["step"]["seconds"] <= 15
+    assert s["stages"]["step"]["seconds"] <= 20 + 10                    # what was left, + the kill's grace
     assert "cut:" in (out / "summary.md").read_text()
 
 
 def test_bad_arguments_are_one_line(tmp_path):
-    for cmd in (["bash", "scripts/gpu_check.sh"],
-                ["bash", "scripts/gpu_check.sh", "--out", str(tmp_path), "--bogus"],
-                ["bash", "scripts/gpu_check.sh", "--out", str(tmp_path), "--python", "/nonexistent/python"],
-                [sys.executable, "-m", "fastmveb.bench.gpu_check", "--out", str(tmp_path), "--only", "nope"]):
+    out = str(tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x")
+    for cmd, says in ((["bash", "scripts/gpu_check.sh"], "--out DIR is required"),
+                      (["bash", "scripts/gpu_check.sh", "--out", out, "--bogus"], "unknown argument"),
+                      (["bash", "scripts/gpu_check.sh", "--out", out, "--python", "/nonexistent/python"], "no usable"),
+                      (["bash", "scripts/gpu_check.sh", "--out", out, "--budget-s", "abc"], "--budget-s must be"),
+                      (["bash", "scripts/gpu_check.sh", "--out", out, "--budget-s"], "--budget-s needs a value"),
+                      (["bash", "scripts/gpu_check.sh", "--out", str(tmp_path / "full")], "already holds 1 file(s)"),
+                      ([sys.executable, "-m", "fastmveb.bench.gpu_check", "--out", out, "--only", "nope"],
+                       "unknown stage(s) nope")):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, cmd
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:"), (cmd, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (cmd, proc.stderr)
+    assert not (tmp_path / "out").exists()                              # refused before anything was written
+    for bad in ("abc", "0", "-5", "nan", "inf"):
+        r = in_process(gpu_check.cli, "--out", out, "--budget-s", bad)
+        assert r.returncode == 2 and r.stderr.startswith("error: --budget-s must be a positive number"), (bad, r.stderr)
+
+
+def test_force_replaces_a_previous_check_and_keeps_other_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"old": true}')
+    (out / "step-cuda-2026-01-01.json").write_text("{}")                  # the previous check's files go
+    (out / "notes.txt").write_text("mine")                               # anything else stays
+    # The script's preflight (before the install) accepts --force but removes nothing: a failed install keeps them.
+    assert in_process(gpu_check.cli, "--out", out, "--force", "--preflight").returncode == 0
+    assert (out / "summary.json").read_text() == '{"old": true}'
+    proc = subprocess.run([sys.executable, "-m", "fastmveb.bench.gpu_check", "--device", "cpu", "--short", "--only",
+                           "env", "--force", "--budget-s", "100", "--install-s", "12.5", "--out", str(out), "--work",
+                           str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stages"]["env"]["status"] == "ok" and (s["budget_s"], s["install_s"]) == (100, 12.5)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "notes.txt", "summary.json", "summary.md"]
+
+
+def test_the_box_plan_fits_one_device_call():
+    # Every CUDA box plus the summary reserve fits the default budget; the default budget plus the slowest install
+    # measured (44 s) fits the 540-s call; a longer install shrinks the default budget instead of overrunning.
+    assert sum(st.box[0] for st in STAGES) + SUMMARY_RESERVE_S <= DEFAULT_BUDGET_S
+    assert DEFAULT_BUDGET_S + 44 <= CALL_S
+    assert gpu_check.budget(None, 20.0, False) == DEFAULT_BUDGET_S and gpu_check.budget(None, 100.0, False) == 440
+    assert gpu_check.budget("90", 100.0, False) == 90.0
+    assert gpu_check.budget(None, 20.0, True) == sum(st.box[1] for st in STAGES) + SUMMARY_RESERVE_S   # CPU dry run
+    # The stages that carry the recipe's figures come first, so that a cut budget drops the least useful ones.
+    assert NAMES[:5] == ["env", "step", "data", "train", "run"]
+
+
+def test_readme_stage_table_is_generated_from_the_registry():
+    text = (ROOT / "README.md").read_text()
+    block = text.split(gpu_check.README_BEGIN, 1)[1].split(gpu_check.README_END, 1)[0]
+    assert block == "\n" + gpu_check.readme_block()
+    assert "bash scripts/gpu_check.sh --out gpu-check --wheelhouse wheelhouse" in text
+
+
+def test_fit_mode_runs_a_variant_eagerly_when_its_compile_would_not_fit():
+    assert fit_mode(True, left_s=100, compile_s=None, steps_s=5) == "compiled"     # no compile measured yet: try
+    assert fit_mode(True, left_s=100, compile_s=60, steps_s=5) == "compiled"
+    assert fit_mode(True, left_s=50, compile_s=60, steps_s=5) == "eager"
+    assert fit_mode(False, left_s=50, compile_s=60, steps_s=5) == "eager"
+    assert fit_mode(True, left_s=8, compile_s=60, steps_s=5) == ""                 # nothing fits: cut
+
+
+@pytest.mark.parametrize("rate", [0, -3.0, float("nan"), float("inf"), True])
+def test_a_summary_without_a_positive_finite_rate_is_refused_in_one_line(tmp_path, rate):
+    row = {"device": "NVIDIA H100 80GB HBM3", "arch": "resnet50", "views": "2x224 + 6x96", "batch": 128,
+           "precision": "bf16", "compile": True, "channels_last": True, "samples_per_s": rate, "source": "step"}
+    (tmp_path / "summary.json").write_text(json.dumps({"throughput": [row]}))
+    r = train_cli("--rc", ROOT / "rcs/rn50.yaml", "--dry-run", "--throughput-from", tmp_path / "summary.json")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "row 0" in r.stderr and "not a finite positive rate" in r.stderr
 
 
 def test_make_gpu_check_target_passes_its_arguments():

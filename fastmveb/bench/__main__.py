@@ -4,24 +4,22 @@ STAGE is one of loader, views, entropy, step, train, profile, or all (every stag
 the results table), or ramp (the step at every size of progressive-resolution schedules; not part of all), or
 report (only rebuild the table). Each stage prints a markdown table and writes JSON +
 markdown under benchmarks/results/; ``report`` writes benchmarks/results/README.md from the JSON files.
-``all`` runs each stage in its own process (a stage's threads, compile caches and memory high-water marks
-do not leak into the next), passes every option on (each stage ignores the ones it does not know), goes on
-after a failing stage and exits non-zero if any failed. ``make bench`` runs ``all``; ``--short`` makes
-every stage CI-sized.
+``all`` runs each stage in its own process (fastmveb/bench/runner.py, the GPU check's runner too: a stage's
+threads, compile caches and memory high-water marks do not leak into the next), passes every option on (each
+stage ignores the ones it does not know), goes on after a failing stage and exits non-zero if any failed.
+``make bench`` runs ``all``; ``--short`` makes every stage CI-sized.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
 import sys
-import time
+import tempfile
 
+from fastmveb.bench.runner import Ctx, Stage, run_stages
 from fastmveb.errors import UserError, print_error, run_cli
 
-STAGES = ["loader", "views", "entropy", "step", "train", "profile"]     # what `all` runs, in this order
-COMMANDS = STAGES + ["ramp", "all", "report"]
-_LENIENT = "--ignore-unknown-args"   # set by `all` for its per-stage processes
+COMMANDS = ["loader", "views", "entropy", "step", "train", "profile", "ramp", "all", "report"]
 
 
 def _parser(name: str, mod) -> argparse.ArgumentParser:
@@ -34,9 +32,8 @@ def _parser(name: str, mod) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(name: str, rest: list[str]):
-    lenient = _LENIENT in rest
-    rest = [a for a in rest if a != _LENIENT]
+def run_stage(name: str, rest: list[str], lenient: bool = False):
+    """One stage from its command line; ``lenient``: options it does not know are ignored (``all``)."""
     mod = importlib.import_module(f"fastmveb.bench.{name}")
     parser = _parser(name, mod)
     args, unknown = parser.parse_known_args(rest)
@@ -45,20 +42,25 @@ def run_stage(name: str, rest: list[str]):
     return mod.main(args)
 
 
+def _cli_stage(name: str) -> Stage:
+    def fn(ctx, res):
+        run_stage(name, ctx.argv, lenient=True)
+        res.set(done=True)
+    return Stage(name, fn, keys=("done",))
+
+
+STAGES = [_cli_stage(n) for n in ("loader", "views", "entropy", "step", "train", "profile")]   # `all`, in order
+
+
 def run_all(rest: list[str]) -> int:
-    failed = []
-    for name in STAGES:
-        print(f"\n==== fastmveb.bench {name} ====", flush=True)
-        t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, "-m", "fastmveb.bench", name, *rest, _LENIENT])
-        print(f"==== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f} s ====",
-              flush=True)
-        if rc != 0:
-            failed.append(name)
+    with tempfile.TemporaryDirectory(prefix="fastmveb-bench-") as work:
+        entries = run_stages(Ctx("fastmveb.bench.__main__", work, argv=rest), STAGES,
+                             lambda text: print(text, end="", flush=True))
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--out-dir", default=None)
     from fastmveb.bench import report
     print(f"wrote {report.build(out.parse_known_args(rest)[0].out_dir)}")
+    failed = [k for k, v in entries.items() if v["status"] != "ok"]
     if failed:                     # not bad input: the run could not finish (exit 1, each stage said why)
         print_error(f"stage(s) failed: {', '.join(failed)}")
         return 1

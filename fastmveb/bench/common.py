@@ -3,11 +3,13 @@
     environment, timing     device_name, environment, loadavg, sync, time_fn
     results                 markdown_table, write_results (JSON + markdown under benchmarks/results/)
     settings                add_settings_args (the run-config flags of step, train, profile), pick_device,
-                            default_rc, bench_config, one_process, RECIPES / recipe_names, step_iters, settings_of,
+                            default_rc, settings, bench_config, one_process, RECIPES / recipe_names, step_iters,
+                            settings_of,
                             pin_threads / default_threads
     construction            make_accelerator, build (as fastmveb/train.py builds), random_views, identity_views
     memory                  reset_peak_memory, peak_memory, status_kib, free
-    data                    ensure_data (the synthetic beton and its JPEG tree, generated when missing), photo
+    data                    ensure_data (the synthetic beton and its JPEG tree, generated when missing), photo,
+                            write_photos
 """
 from __future__ import annotations
 
@@ -39,18 +41,38 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def environment(device: torch.device | str) -> dict:
-    """What a reader needs to trust a number: device, versions, date, git revision."""
-    rev = git_revision()
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": rev,
-    }
+def environment(device: torch.device | str, detail: bool = False) -> dict:
+    """What a reader needs to trust a number: device, versions, date, git revision; ``detail``: also the host
+    (CUDA/cuDNN, GPU and driver, memory, usable cores, load, package versions), as the GPU check records it."""
+    info = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git": git_revision()}
+    if not detail:
+        return info
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(p):
+        try:
+            return version(p)
+        except PackageNotFoundError:
+            return None
+    info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+                else None, platform=platform.platform(), cores_usable=len(os.sched_getaffinity(0)), loadavg=loadavg(),
+                memory_gib=(status_kib("MemTotal", "/proc/meminfo") or 0) / 2**20 or None, gpu=None,
+                packages={p: ver(p) for p in ("torchvision", "ffcv", "kornia", "accelerate", "numpy", "numba", "triton",
+                                              "pytest")})
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": p.total_memory / 2**30,
+                       "multiprocessors": p.multi_processor_count, "count": torch.cuda.device_count()}
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+            info["gpu"]["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            info["gpu"]["nvidia_smi"] = f"unavailable: {e}"
+    return info
 
 
 def loadavg() -> list[float]:
@@ -134,6 +156,21 @@ def add_settings_args(parser) -> None:
                              "pin_threads; on CUDA: not pinned, FFCV sets them to its worker count)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="any other run-config override (repeatable)")
+
+
+def settings(**kw):
+    """The settings flags' defaults (add_settings_args) with ``kw`` set: how code picks a setting without
+    writing a command line (the GPU check). Same object as the parsed flags; an unknown name is a bug."""
+    import argparse
+    parser = argparse.ArgumentParser(add_help=False)
+    add_settings_args(parser)
+    s = parser.parse_args([])
+    s.short = False
+    for key, value in kw.items():
+        if not hasattr(s, key):
+            raise TypeError(f"no setting {key!r}")
+        setattr(s, key, value)
+    return s
 
 
 def pick_device(arg) -> torch.device:
@@ -275,13 +312,13 @@ def identity_views(v, extent=None):
 
 
 # ------------------------------------------------------------------------------------------------- memory
-def status_kib(field: str) -> int | None:
-    """A kiB field of /proc/self/status (VmRSS, VmHWM); None where there is none."""
+def status_kib(field: str, path: str = "/proc/self/status") -> int | None:
+    """A kiB field of /proc/self/status (VmRSS, VmHWM) or of /proc/meminfo (MemTotal); None where there is none."""
     try:
-        for line in open("/proc/self/status"):
+        for line in open(path):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
@@ -351,3 +388,20 @@ def photo(i: int, rng):
     img += 40 * np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period)[..., None]
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _write_photo(job: tuple[int, str]) -> None:
+    import numpy as np
+    from PIL import Image
+    i, path = job
+    Image.fromarray(photo(i, np.random.default_rng(i))).save(path, quality=90)
+
+
+def write_photos(folder: Path, n: int, workers: int) -> list[str]:
+    """N photo-sized JPEGs (``photo(i)``, quality 90) written into ``folder`` on ``workers`` processes; their paths."""
+    from multiprocessing import get_context
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, str(folder / f"{i:05d}.jpg")) for i in range(n)]
+    with get_context("spawn").Pool(workers) as pool:
+        pool.map(_write_photo, jobs, chunksize=16)
+    return [p for _, p in jobs]

@@ -117,13 +117,16 @@ def add_args(parser):
 
 
 def main(args) -> dict:
-    device = str(pick_device(args.device))
-    Ns = args.n or (NS_SHORT if args.short else NS)
-    budget = args.naive_budget_gib
+    return run(str(pick_device(args.device)), args.n or (NS_SHORT if args.short else NS), args.d, args.threads,
+               args.naive_budget_gib, args.short, args.out_dir)
+
+
+def run(device: str, Ns: list[int], d: int = 2048, threads: int = 0, budget: float | None = None,
+        short: bool = False, out_dir=None) -> dict:
+    """Both estimators at every N (the released one where its estimate fits ``budget`` GiB); writes the results."""
     if budget is None:
         budget = 8.0 if device == "cpu" else torch.cuda.get_device_properties(0).total_memory / 2**31
     released = _released()
-    d = args.d
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for N in Ns:
@@ -135,7 +138,7 @@ def main(args) -> dict:
                                  "note": f"skipped: estimate over {budget:g} GiB"})
                     continue
                 save = os.path.join(tmp, f"{method}-{N}.pt") if "released" in pts or method == "released" else None
-                r = _point(method, N, d, device, save, args.threads)
+                r = _point(method, N, d, device, save, threads)
                 pts[method] = r
                 row = {"N": N, "d": d, "method": method, **r, "est_mib": est / 2**20}
                 if method == "vmf" and "released" in pts:
@@ -147,11 +150,11 @@ def main(args) -> dict:
                 print(f"N={N:5d} {method:8s} {r['ms']:10.1f} ms  peak {r['peak_mib']:9.1f} MiB", flush=True)
     columns = ["N", "d", "method", "ms", "min_ms", "first_ms", "peak_mib", "est_mib", "speedup", "rel_diff", "note"]
     env = environment(device)
-    settings = {"Ns": Ns, "d": d, "naive_budget_gib": budget, "device": device, "short": bool(args.short),
-                "threads": args.threads or torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
+    settings = {"Ns": Ns, "d": d, "naive_budget_gib": budget, "device": device, "short": bool(short),
+                "threads": threads or torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
                 "vmf": "fastmveb.entropy.vmf_score (float64 inside, float32 in/out)",
                 "released": "fastmveb/bench/released/entropy.py (float32)"}
     print(markdown_table(rows, columns))
-    path = write_results("entropy", env, settings, rows, columns, out_dir=args.out_dir)
+    path = write_results("entropy", env, settings, rows, columns, out_dir=out_dir)
     print(f"wrote {path}")
-    return {"env": env, "settings": settings, "rows": rows}
+    return {"env": env, "settings": settings, "rows": rows, "path": str(path)}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table, photo,
-                                   pick_device, write_results)
+from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table,
+                                   pick_device, write_photos, write_results)
 
 
 def add_args(parser):
@@ -52,17 +52,12 @@ GLOBAL, LOCAL = (224, (0.4, 1.0)), (96, (0.05, 0.4))
 
 def ensure_photos(root: Path, n: int) -> dict[int, Path]:
     """N photo-sized JPEGs under root/jpeg and one beton per stored max side; reused when present."""
-    import numpy as np
-    from PIL import Image
     from dataset_prep.writer import write_beton
+    from fastmveb.data import available_cores
     jpeg = root / f"jpeg{n}"
     if not jpeg.is_dir():
-        tmp = root / f".jpeg{n}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        for i in range(n):
-            Image.fromarray(photo(i, rng)).save(tmp / f"{i:05d}.jpg", quality=90)
-        tmp.rename(jpeg)
+        write_photos(root / f".jpeg{n}.tmp", n, available_cores())
+        (root / f".jpeg{n}.tmp").rename(jpeg)
     samples = [(str(f), 0) for f in sorted(jpeg.glob("*.jpg"))]
     out = {}
     for m in PHOTO_MAX_SIDES:

@@ -148,7 +148,11 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
         return train_step(b["net_c"], b["target_c"], views_c, b["optimizer"], x, y, b["lr"], b["m"], cfg,
                           accelerator)
 
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    stats = step()[0]                     # compiles when compiled
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         stats = step()[0]
     sync(device)
     on_device = device.type == "cuda"
@@ -177,7 +181,7 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
     settings = settings_of(cfg, device)
     per = 1e-3 / steps                                                    # us over all steps -> ms per step
     rows = [{"recipe": name, "kind": "wall", "name": "profiled step (wall clock)", "ms_per_step": wall_us * per,
-             "share": 1.0, **settings, "loss": loss, "time_counted": "device" if on_device else "cpu"}]
+             "share": 1.0, **settings, "loss": loss, "first_step_s": first, "time_counted": "device" if on_device else "cpu"}]
     for ph in PHASES + sorted(set(phases) - set(PHASES)):
         if ph in phases:
             rows.append({"recipe": name, "kind": "phase", "name": ph, "ms_per_step": phases[ph] * per,
@@ -199,14 +203,19 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
 
 
 def main(args) -> dict:
-    device = pick_device(args.device)
+    return run(args, pick_device(args.device), args.warmup, args.steps, args.top, args.trace, args.out_dir)
+
+
+def run(args, device: torch.device, warmup: int | None = None, steps: int | None = None, top: int = 15,
+        trace: str | None = None, out_dir=None) -> dict:
+    """Profile each recipe of the settings ``args`` (common.settings), write the results; {rows, settings, path}."""
     cuda = device.type == "cuda"
-    warmup = args.warmup or ((3 if args.short else 5) if cuda else 1)
-    steps = args.steps or (5 if cuda else 2)
+    warmup = max(1, warmup or ((3 if args.short else 5) if cuda else 1))
+    steps = steps or (5 if cuda else 2)
     rows = []
     for name in recipe_names(args):
         cfg = bench_config(args, device, args.n_local if RECIPES[name] else 0)
-        got = profile_recipe(cfg, device, name, warmup, steps, args.top, default_threads(args, device), args.trace)
+        got = profile_recipe(cfg, device, name, warmup, steps, top, default_threads(args, device), trace)
         rows += got
         wall = got[0]["ms_per_step"]
         print(f"profile {name}: {wall:.1f} ms/step under the profiler; " + ", ".join(
@@ -218,6 +227,6 @@ def main(args) -> dict:
                 "inputs": "random uint8 batch at the decode size, already on the device; real ViewMaker",
                 "time_counted": "self CUDA time of each op's kernels" if cuda else "self CPU time of each op"}
     print(markdown_table(rows, COLUMNS))
-    path = write_results("profile", environment(device), settings, rows, COLUMNS, out_dir=args.out_dir)
+    path = write_results("profile", environment(device), settings, rows, COLUMNS, out_dir=out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "settings": settings, "path": str(path)}

@@ -179,3 +179,134 @@ def main(args) -> dict:
     path = build(getattr(args, "out_dir", None))
     print(f"wrote {path}")
     return {"path": str(path)}
+
+
+# ------------------------------------------------------------------------ the GPU check's summary (gpu_check.py)
+CHECK_TARGETS = {"two_view_samples_per_s": 2000.0, "multi_crop_samples_per_s": 1400.0, "e2e_over_step": 0.9,
+                 "x_vs_released": 4.0, "peak_memory_vs_estimate": 0.2}   # one H100/H200, ResNet-50, bf16
+
+
+def check_throughput(stages: dict) -> list[dict]:
+    """The measured rows in the format fastmveb/throughput.py reads (train.py --throughput-from)."""
+    device = stages.get("env", {}).get("result", {}).get("device")
+    step = stages.get("step", {}).get("result", {})
+    rows = [{"device": device, **{k: r[k] for k in ("arch", "views", "batch", "precision", "compile", "channels_last",
+                                                    "samples_per_s")},
+             "source": "step", "file": step.get("file", "summary.json (stage step)")} for r in step.get("rows", [])]
+    run = stages.get("run", {}).get("result", {}).get("throughput_row")
+    return rows + ([run] if run else [])
+
+
+def check_targets(stages: dict, cuda: bool) -> list[dict]:
+    step_rows = stages.get("step", {}).get("result", {}).get("rows", [])
+    judged = cuda and all(r.get("arch") == "resnet50" for r in step_rows)
+    ref = {r["recipe"]: r for r in step_rows if r["variant"] == "training setting"}
+    train = (stages.get("train", {}).get("result", {}).get("rows") or [{}])[0]
+    ratio = stages.get("run", {}).get("result", {}).get("peak_over_estimate")
+    t = CHECK_TARGETS
+    checks = [(f"two-view {ref.get('two-view', {}).get('views', '')} step, samples/s",
+               ref.get("two-view", {}).get("samples_per_s"), f">= {t['two_view_samples_per_s']:,.0f}",
+               lambda v: v >= t["two_view_samples_per_s"]),
+              (f"multi-crop {ref.get('multi-crop', {}).get('views', '')} step, samples/s",
+               ref.get("multi-crop", {}).get("samples_per_s"), f">= {t['multi_crop_samples_per_s']:,.0f}",
+               lambda v: v >= t["multi_crop_samples_per_s"]),
+              ("end to end / compute-bound step (multi-crop)", train.get("e2e_over_step"), f">= {t['e2e_over_step']}",
+               lambda v: v >= t["e2e_over_step"]),
+              ("end to end / released-style PIL pipeline", train.get("x_vs_released"), f">= {t['x_vs_released']}x",
+               lambda v: v >= t["x_vs_released"]),
+              ("training start: measured peak memory / dry-run estimate", ratio,
+               f"within {t['peak_memory_vs_estimate']:.0%}", lambda v: abs(v - 1) <= t["peak_memory_vs_estimate"])]
+    return [{"target": name, "value": v, "goal": goal,
+             "status": "not measured" if v is None else "met" if judged and ok(v) else "missed" if judged else
+             "not judged (the targets are for one H100/H200 with ResNet-50)"} for name, v, goal, ok in checks]
+
+
+def check_projections(rows: list[dict], device: str | None) -> list[dict]:
+    """GPU-hours of the two ImageNet recipes from the rows measured here (fastmveb.plan: exact matches only)."""
+    from fastmveb.config import load_config
+    from fastmveb.plan import IMAGENET_TRAIN, make_plan
+    out = []
+    for rc in ("rn50.yaml", "rn50_fast.yaml"):
+        cfg = load_config(str(RESULTS_DIR.parents[1] / "rcs" / rc))
+        for world in (1, 8):
+            plan = make_plan(cfg, world, IMAGENET_TRAIN, memory=False, throughput=rows, device=device)
+            hours = (plan.cost_detail[0] if plan.cost_detail else {}).get("gpu_hours")
+            out.append({"rc": f"rcs/{rc}", "gpus": world, "gpu_hours": hours,
+                        "wall_hours": hours / world if hours is not None else None, "cost": plan.cost})
+    return out
+
+
+def write_check_summary(out: Path, stages: dict, meta: dict, final: bool) -> str:
+    """OUT/summary.json and summary.md from the stages' entries (final: with targets and projections, as stage
+    "summary"); returns the markdown."""
+    import os
+    import time
+    from fastmveb.bench.runner import atomic_json
+    rows = check_throughput(stages)
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    files = [f for f in Path(cache).rglob("*") if f.is_file()] if cache and Path(cache).is_dir() else None
+    summary = {"check": "fastmveb gpu-check", "device": stages.get("env", {}).get("result", {}).get("device"),
+               **{k: meta[k] for k in ("short", "budget_s", "install_s")},
+               "elapsed_s": round(time.monotonic() - meta["t_start"], 1), "complete": final,
+               "compile_cache": {"dir": cache, "mib": sum(f.stat().st_size for f in files) / 2**20 if files is not None
+                                 else None},
+               "stages": stages, "throughput": rows}
+    if final:
+        entry = {"status": "ok", "seconds": 0.0, "box_s": meta["reserve_s"], "result": {}}
+        try:
+            summary["targets"] = check_targets(stages, meta["cuda"])
+            summary["projections"] = check_projections(rows, summary["device"])
+            entry["result"] = {"targets": len(summary["targets"]), "projections": len(summary["projections"])}
+        except Exception as e:                                  # the stages' results must still be written
+            entry["status"] = f"failed: {type(e).__name__}: {e}"
+        stages["summary"] = entry
+    atomic_json(out / "summary.json", summary)
+    md = check_markdown(summary)
+    (out / "summary.md").write_text(md)
+    return md
+
+
+def check_markdown(s: dict) -> str:
+    st = {k: v.get("result", {}) for k, v in s["stages"].items()}
+    env = st.get("env", {})
+    lines = [f"# fastmveb gpu-check: {s['device']}", "",
+             f"torch {env.get('torch')}, CUDA {env.get('cuda')}, {env.get('cpu_count')} cores, git {env.get('git')}, "
+             f"{env.get('date')}; {s['elapsed_s']:.0f} s of a {s['budget_s']:.0f}-s budget after a "
+             f"{s['install_s']:.0f}-s install" + (" (--short)" if s["short"] else ""), "", "## Stages", "",
+             markdown_table([{"stage": k, "status": v["status"], "seconds": v["seconds"], "box_s": v["box_s"]}
+                             for k, v in s["stages"].items()])]
+    if st.get("step", {}).get("rows"):
+        lines += ["", "## Step (compute bound, random views on the device; first_step_s: the compile)", "",
+                  markdown_table(st["step"]["rows"], ["recipe", "variant", "views", "arch", "batch", "precision",
+                                                      "compile", "channels_last", "samples_per_s", "step_ms",
+                                                      "first_step_s", "peak_mem_gb"])]
+        lines += [f"- {r['recipe']} {r['variant']}: {r['reason']}" for r in st["step"].get("skipped_rows", [])]
+    if st.get("train", {}).get("rows"):
+        lines += ["", "## End to end (FFCV -> views -> step) beside the step and the released-style pipeline", "",
+                  markdown_table(st["train"]["rows"])]
+    if st.get("entropy", {}).get("rows"):
+        lines += ["", "## Entropy estimator", "", markdown_table(st["entropy"]["rows"])]
+    run = st.get("run")
+    if run:
+        lines += ["", "## Training start (fastmveb/train.py)", "",
+                  f"{run.get('rc')}: {run.get('steps_logged')} steps logged (the first, {run.get('first_step_s')} s, "
+                  f"compiles), median {run.get('samples_per_s') or 0:,.1f} samples/s after it; peak "
+                  f"{run.get('peak_mem_gb')} GiB measured vs {run.get('estimate_gib') or 0:.1f} GiB estimated"]
+    if s.get("targets"):
+        lines += ["", "## Targets", "", markdown_table(s["targets"])]
+    if s.get("projections"):
+        lines += ["", "## Projected cost (ImageNet-1k)", "",
+                  markdown_table(s["projections"], ["rc", "gpus", "gpu_hours", "wall_hours"]), ""]
+        lines += [f"- {p['rc']} on {p['gpus']}: {p['cost']}" for p in s["projections"]]
+    if s.get("throughput"):
+        lines += ["", "## Measured throughput (train.py --dry-run --throughput-from summary.json)", "",
+                  markdown_table(s["throughput"], ["source", "arch", "views", "batch", "precision", "compile",
+                                                   "channels_last", "samples_per_s"])]
+    prof = st.get("profile", {})
+    if prof.get("phases"):
+        lines += ["", "## Where the multi-crop step goes (profile)", "",
+                  ", ".join(f"{k} {v:.0%}" for k, v in prof["phases"].items()), "",
+                  "launches per step: " + ", ".join(f"{k} {v:,.0f}" for k, v in prof["launches_per_step"].items())]
+    return "\n".join(lines) + "\n"
+
+

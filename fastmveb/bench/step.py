@@ -75,6 +75,15 @@ def measure_step(cfg, device: torch.device, warmup: int, iters: int, threads: in
     return row
 
 
+def flips(cfg, device: torch.device) -> list[tuple[str, tuple]]:
+    """(label, bench_config extra) of the sweep: compile, channels-last and precision, each flipped alone."""
+    cl = cfg.model.channels_last
+    return [("compile flipped", (("train", "compile", "false" if uses_compile(cfg, device) else "true"),)),
+            ("channels-last flipped", (("model", "channels_last", not cl), ("views", "channels_last", not cl))),
+            ("precision flipped",
+             (("train", "mixed_precision", "no" if cfg.train.mixed_precision == "bf16" else "bf16"),))]
+
+
 # ------------------------------------------------------------------------------------------------- main
 def add_args(parser) -> None:
     add_settings_args(parser)
@@ -93,16 +102,7 @@ def main(args) -> dict:
     for name in recipe_names(args):
         n_local = args.n_local if RECIPES[name] else 0
         cfg = bench_config(args, device, n_local)
-        variants = [("training setting", [])]
-        if args.sweep:
-            cl = cfg.model.channels_last
-            variants += [
-                ("compile flipped", [("train", "compile", "false" if uses_compile(cfg, device) else "true")]),
-                ("channels-last flipped", [("model", "channels_last", not cl), ("views", "channels_last", not cl)]),
-                ("precision flipped", [("train", "mixed_precision",
-                                        "no" if cfg.train.mixed_precision == "bf16" else "bf16")]),
-            ]
-        for label, extra in variants:
+        for label, extra in [("training setting", ())] + (flips(cfg, device) if args.sweep else []):
             vcfg = bench_config(args, device, n_local, extra)
             row = {"recipe": name, "variant": label,
                    **measure_step(vcfg, device, warmup, iters, default_threads(args, device))}

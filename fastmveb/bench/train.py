@@ -32,7 +32,7 @@ from fastmveb.bench.common import (DEFAULT_DATA, RECIPES, add_settings_args, ben
 from fastmveb.bench.step import measure_step
 from fastmveb.build import uses_compile
 
-COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "fastmveb_samples_per_s",
+COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "fastmveb_samples_per_s", "first_step_s",
            "step_samples_per_s", "e2e_over_step", "data_wait_frac", "released_samples_per_s",
            "released_precision", "released_data_wait_frac", "x_vs_released"]
 
@@ -76,8 +76,13 @@ class _Batches:
 
 
 def _timed_loop(next_batch, step, warmup: int, steps: int, device) -> dict:
-    """Run warmup untimed steps, then time ``steps`` steps (data wait included) with one sync at the end."""
-    for _ in range(warmup):
+    """Run warmup untimed steps (the first one, which compiles, timed alone), then time ``steps`` steps (data wait
+    included) with one sync at the end."""
+    t0 = time.perf_counter()
+    step(next_batch())
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         step(next_batch())
     sync(device)
     wait = 0.0
@@ -89,7 +94,7 @@ def _timed_loop(next_batch, step, warmup: int, steps: int, device) -> dict:
         step(batch)
     sync(device)
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "data_wait_frac": wait / dt}
+    return {"seconds": dt, "data_wait_frac": wait / dt, "first_step_s": first}
 
 
 def measure_fastmveb(cfg, device, warmup: int, steps: int, threads: int | None) -> dict:
@@ -175,14 +180,23 @@ def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str,
 
 
 def main(args) -> dict:
+    return run(args, pick_device(args.device), args.beton, args.jpeg_root, args.workers, args.warmup, args.steps,
+               None if args.no_released else args.baseline_precision, args.out_dir)
+
+
+def run(args, device: torch.device, beton, jpeg_root=None, workers: int | None = None, warmup: int | None = None,
+        steps: int | None = None, released: str | None = "auto", out_dir=None, step_rows: dict | None = None) -> dict:
+    """End to end beside the step and (``released``: its precision, None: not run) the released pipeline, for each
+    recipe of the settings ``args`` (common.settings); writes the results; {rows, settings, path}. ``step_rows``:
+    recipe -> a step row measured just before at the same setting (the GPU check's), used as the compute bound
+    instead of timing the step again."""
     from fastmveb.data import available_cores
-    device = pick_device(args.device)
-    beton = Path(args.beton)
-    jpeg_root = Path(args.jpeg_root) if args.jpeg_root else beton.parent / "jpeg" / "train"
+    beton = Path(beton)
+    jpeg_root = Path(jpeg_root) if jpeg_root else beton.parent / "jpeg" / "train"
     ensure_data(beton, jpeg_root)
     cuda = device.type == "cuda"
-    warmup = args.warmup or ((5 if cuda else 1) if args.short else (10 if cuda else 2))
-    steps = args.steps or ((20 if cuda else 4) if args.short else (50 if cuda else 12))
+    warmup = warmup or ((5 if cuda else 1) if args.short else (10 if cuda else 2))
+    steps = steps or ((20 if cuda else 4) if args.short else (50 if cuda else 12))
     s_warmup = step_iters(args, device)[0]
     threads = default_threads(args, device)
     load_before = loadavg()
@@ -190,21 +204,24 @@ def main(args) -> dict:
     for name in recipe_names(args):
         cfg = bench_config(args, device, args.n_local if RECIPES[name] else 0)
         cfg.data.train_beton = str(beton)
-        if args.workers:
-            cfg.data.num_workers = args.workers
+        if workers:
+            cfg.data.num_workers = workers
         cfg.data.num_workers = max(1, min(cfg.data.num_workers, available_cores()))   # as the loader caps it
         workers = cfg.data.num_workers
         fm = measure_fastmveb(cfg, device, warmup, steps, threads)
         print(f"train {name:10s} fastmveb e2e {fm['samples_per_s']:9.1f} samples/s "
               f"(data wait {100 * fm['data_wait_frac']:.0f}%)", flush=True)
-        st = measure_step(cfg, device, s_warmup, steps, threads)      # as many timed steps as end to end
+        known = (step_rows or {}).get(name)                 # only a row of exactly this setting stands in
+        st = known if known and all(known.get(k) == v for k, v in settings_of(cfg, device).items()) else \
+            measure_step(cfg, device, s_warmup, steps, threads)  # as many timed steps as end to end
         print(f"train {name:10s} step only    {st['samples_per_s']:9.1f} samples/s", flush=True)
         row = {"recipe": name, **settings_of(cfg, device), "workers": workers, "torch_threads": fm["torch_threads"],
-               "fastmveb_samples_per_s": fm["samples_per_s"], "step_samples_per_s": st["samples_per_s"],
+               "fastmveb_samples_per_s": fm["samples_per_s"], "first_step_s": fm["first_step_s"],
+               "step_samples_per_s": st["samples_per_s"], "step_from": "given" if st is known else "measured here",
                "e2e_over_step": fm["samples_per_s"] / st["samples_per_s"], "data_wait_frac": fm["data_wait_frac"],
                "step_peak_mem_gb": st["peak_mem_gb"], "fastmveb_loss": fm["loss"]}
-        if not args.no_released:
-            prec = baseline_precision(args.baseline_precision, cfg, device)
+        if released:
+            prec = baseline_precision(released, cfg, device)
             rel = measure_released(cfg, device, jpeg_root, workers, prec, warmup, steps, threads)
             print(f"train {name:10s} released     {rel['samples_per_s']:9.1f} samples/s ({prec})", flush=True)
             row.update(released_samples_per_s=rel["samples_per_s"], released_precision=prec,
@@ -223,6 +240,6 @@ def main(args) -> dict:
                 "loadavg_before": load_before, "loadavg_after": loadavg()}
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
     print(markdown_table(rows, columns))
-    path = write_results("train", environment(device), settings, rows, columns, out_dir=args.out_dir)
+    path = write_results("train", environment(device), settings, rows, columns, out_dir=out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "settings": settings, "path": str(path)}

@@ -27,38 +27,17 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision import datasets
 
 from fastmveb.bench.released.entropy import released_score
 from fastmveb.bench.released.lars import ReleasedLARS
-from fastmveb.bench.released.transforms import (GLOBAL1_P, GLOBAL2_P, GLOBAL_SCALE, LOCAL_P, LOCAL_SCALE,
-                                            _seed_worker, _view)
-
-
-class ReleasedViewsAt:
-    """The released per-sample views (released_transforms.ReleasedViews) at any global / local size, so the
-    baseline feeds the model the same view sizes as the fastmveb run it is compared with."""
-
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 6,
-                 global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE):
-        self.n_local = n_local
-        self.global1 = _view(global_size, tuple(global_scale), *GLOBAL1_P)
-        self.global2 = _view(global_size, tuple(global_scale), *GLOBAL2_P)
-        self.local = _view(local_size, tuple(local_scale), *LOCAL_P)
-
-    def __call__(self, img):
-        img = img.convert("RGB")
-        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+from fastmveb.bench.released.transforms import GLOBAL_SCALE, LOCAL_SCALE, ReleasedViews, released_imagefolder_loader
 
 
 def released_loader(root, global_size: int, local_size: int, n_local: int, batch_size: int, num_workers: int,
                     global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE) -> torch.utils.data.DataLoader:
-    """ImageFolder + PIL decode + released views in DataLoader worker processes; yields (views, labels)."""
-    ds = datasets.ImageFolder(str(root), transform=ReleasedViewsAt(global_size, local_size, n_local,
-                                                                   global_scale, local_scale))
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker, persistent_workers=num_workers > 0)
+    """ImageFolder + PIL decode + released views at these sizes in DataLoader worker processes; (views, labels)."""
+    return released_imagefolder_loader(root, n_local, batch_size, num_workers, persistent_workers=True,
+                                       views=ReleasedViews(n_local, global_size, local_size, global_scale, local_scale))
 
 
 def released_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam: float = 0.01, eta: float = 0.01,

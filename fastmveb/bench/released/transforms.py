@@ -66,15 +66,17 @@ def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: floa
 
 
 class ReleasedViews:
-    """Callable PIL image -> [global 1, global 2, local 1 .. local n_local] normalised float tensors."""
+    """Callable PIL image -> [global 1, global 2, local 1 .. local n_local] normalised float tensors, at any view
+    sizes (the end-to-end baseline feeds the model the sizes of the fastmveb run it is compared with)."""
 
-    def __init__(self, n_local: int = 6):
+    def __init__(self, n_local: int = 6, global_size: int = GLOBAL_SIZE, local_size: int = LOCAL_SIZE,
+                 global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE):
         if n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
         self.n_local = n_local
-        self.global1 = _view(GLOBAL_SIZE, GLOBAL_SCALE, *GLOBAL1_P)
-        self.global2 = _view(GLOBAL_SIZE, GLOBAL_SCALE, *GLOBAL2_P)
-        self.local = _view(LOCAL_SIZE, LOCAL_SCALE, *LOCAL_P)
+        self.global1 = _view(global_size, tuple(global_scale), *GLOBAL1_P)
+        self.global2 = _view(global_size, tuple(global_scale), *GLOBAL2_P)
+        self.local = _view(local_size, tuple(local_scale), *LOCAL_P)
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         img = img.convert("RGB")
@@ -92,14 +94,12 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def released_imagefolder_loader(root, n_local: int, batch_size: int, num_workers: int,
-                                shuffle: bool = True, drop_last: bool = True,
-                                persistent_workers: bool = False) -> torch.utils.data.DataLoader:
-    """torchvision ImageFolder + PIL decode + released views, batched by the default collate.
-
-    Yields (views, labels): views is a list of 2 + n_local float tensors (B, 3, S, S), labels int64 (B,).
-    """
-    ds = datasets.ImageFolder(str(root), transform=released_transform(n_local))
+def released_imagefolder_loader(root, n_local: int, batch_size: int, num_workers: int, shuffle: bool = True,
+                                drop_last: bool = True, persistent_workers: bool = False,
+                                views: ReleasedViews | None = None) -> torch.utils.data.DataLoader:
+    """torchvision ImageFolder + PIL decode + released views (``views``, default the recipe's sizes), batched by
+    the default collate. Yields (views, labels): a list of 2 + n_local float tensors (B, 3, S, S), int64 (B,)."""
+    ds = datasets.ImageFolder(str(root), transform=views or released_transform(n_local))
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
         pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker,
