@@ -464,9 +464,12 @@ class _StopBetweenBatches:
         self._loader, self._stop = loader, stop
 
     def __iter__(self):
-        for batch in self._loader:
+        batches = iter(self._loader)
+        for batch in batches:
             signum = self._stop()
             if signum:
+                # FFCV's reader thread would go on decoding the batches ahead, and the exit waits for them.
+                getattr(batches, "close", lambda: None)()
                 raise StopRequested(signum)
             yield batch
 
