@@ -295,8 +295,13 @@ def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, log
             if cfg.train.ckpt_every_epochs and epoch % cfg.train.ckpt_every_epochs == 0 and step < plan.last_step:
                 save(ckpt.Position(step, epoch, 0))
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
-                knn = run_knn(cfg, t.model.backbone, device, accelerator, max_train=cfg.eval.knn_max_train or None,
-                              max_val=cfg.eval.knn_max_val, feature_dtype=torch.bfloat16)   # bf16: within noise
+                try:                                                  # (minutes on ImageNet: a signal ends it)
+                    knn = run_knn(cfg, t.model.backbone, device, accelerator, max_train=cfg.eval.knn_max_train or None,
+                                  max_val=cfg.eval.knn_max_val, feature_dtype=torch.bfloat16,   # bf16: within noise
+                                  stop=functools.partial(preempt.agree, device, world))
+                except StopRequested as e:
+                    preempted = e.signum                              # the checkpoint: at the next epoch's start
+                    break
                 logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_size": cfg.eval.size})
                 if main_proc:
                     tqdm.write(f"epoch {epoch}: kNN top-1 {knn['top1']:.2f}% at {cfg.eval.size} px")

@@ -66,7 +66,7 @@ sys.path.insert(0, {root!r})
 import fastmveb.train as T
 real, calls = T.run_knn, []
 def run_knn(*a, **k):
-    if not calls and k.get("stop") is not None:
+    if not calls:
         calls.append(1)
         os.kill(os.getpid(), signal.{sig})
     return real(*a, **k)
@@ -96,6 +96,22 @@ def test_a_stop_signal_during_the_end_of_run_knn_skips_it(small_betons, tmp_path
         assert p.returncode == 0, err[-3000:]
         assert "kNN top-1 on" in out
         assert "final_knn_top1" in json.loads((tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_sigterm_during_the_knn_monitor_stops_at_the_epoch_boundary(small_betons, tmp_path):
+    # The kNN monitor between epochs (eval.knn_every_epochs; over the whole ImageNet train set in rcs/rn50.yaml) ignored
+    # SIGTERM too. Now it stops at the next batch, and the checkpoint is the start of the next epoch.
+    args = tiny_overrides(small_betons, tmp_path, "mon", **{"train.max_steps": 12, "eval.knn_every_epochs": 1,
+                                                             "data.eval_batch_size": 16})
+    p = _train(args, SIGNAL_AT_KNN.format(root=str(ROOT), sig="SIGTERM"))
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 75 and "Traceback" not in err, err[-3000:]
+    ckpt = tmp_path / "mon" / "checkpoints" / "step_00000010.pt"
+    assert err.strip() == (f"stopped by SIGTERM at step 10: checkpoint {ckpt} written; rerun the same command to resume "
+                           "(exit status 75)")
+    state = load_checkpoint(ckpt)
+    assert (state["step"], state["epoch"], state["samples_in_epoch"]) == (10, 1, 0)
+    assert not any("knn_top1" in json.loads(ln) for ln in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines())
 
 
 ENTRY_POINTS = ["fastmveb.train", "fastmveb.eval.__main__", "fastmveb.export", "fastmveb.report", "fastmveb.demo",
