@@ -208,8 +208,8 @@ def _newcomer_lines(p: dict) -> list[str]:
     """What a run of the same command elsewhere shows: the figures reported from other machines, and the band."""
     lines = []
     for r in p.get("reported", []):
-        lines += [f"Measured elsewhere: seed {r['seed']} gave {r['trained_top1']:.2f}% trained, {r['random_top1']:.2f}% "
-                  f"at random init ({r['machine']}, {r['date']}: {r['how']}).", ""]
+        lines += [f"Measured elsewhere: seed {r['seed']} gave {r['trained_top1']:.2f}% trained, "
+                  f"{r['random_top1']:.2f}% at random init ({r['machine']}, {r['date']}: {r['how']}).", ""]
     first = p["seeds"][0]["seed"]
     random = {r["random_top1"] for r in p["seeds"] + p.get("reported", []) if r["seed"] == first}
     machines = 1 + len({r["machine"] for r in p.get("reported", []) if r["seed"] == first})

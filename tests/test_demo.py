@@ -83,7 +83,8 @@ REPORTED = [{"seed": 0, "trained_top1": 40.0, "random_top1": 30.0, "steps": 4, "
 
 def test_a_new_run_keeps_figures_reported_for_its_recipe_only(tmp_path, capsys):
     old = tmp_path / "demo.json"
-    old.write_text(json.dumps(dict(PAYLOAD, reported=REPORTED, band_margin=2.5, fingerprint={"config": "a", "data": "b"})))
+    fingerprint = {"config": "a", "data": "b"}
+    old.write_text(json.dumps(dict(PAYLOAD, reported=REPORTED, band_margin=2.5, fingerprint=fingerprint)))
     assert demo._kept_from(old, {"config": "a", "data": "b"}) == {"reported": REPORTED, "band_margin": 2.5}
     assert demo._kept_from(old, {"config": "c", "data": "b"}) == {"band_margin": 2.5}    # another recipe: dropped
     assert "1 figure(s) reported from other machines" in capsys.readouterr().out
@@ -135,8 +136,9 @@ def test_run_trains_each_seed_and_writes_results_readme_and_picture(small_betons
                                                                           "train.deterministic": "false"})
             if not o.startswith(("train.run_dir=", "train.name="))]
     # Figures reported from another machine for this recipe: a new run keeps them (and the margin).
-    (tmp_path / "demo.json").write_text(json.dumps(dict(
-        PAYLOAD, reported=REPORTED, band_margin=2.5, fingerprint=demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", over)))))
+    fingerprint = demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", over))
+    (tmp_path / "demo.json").write_text(json.dumps(dict(PAYLOAD, reported=REPORTED, band_margin=2.5,
+                                                        fingerprint=fingerprint)))
     r = subprocess.run([sys.executable, "-m", "fastmveb.demo", "run", "--seeds", "0", "1", "--jobs", "2", "--no-generate",
                         "--rc", "rcs/tiny.yaml", "--run-dir", str(tmp_path / "runs"),
                         "--results", str(tmp_path / "demo.json"), "--readme", str(readme),

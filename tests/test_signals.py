@@ -87,7 +87,8 @@ def test_a_stop_signal_during_the_end_of_run_knn_skips_it(small_betons, tmp_path
     assert p.returncode == status and "Traceback" not in err, err[-3000:]
     ckpt = tmp_path / "knn" / "checkpoints" / "step_00000002.pt"
     assert err.strip() == (f"stopped by {sig} during the end-of-run learning check (kNN): check skipped; training is "
-                           f"finished and saved ({ckpt}); rerun the same command to run the check (exit status {status})")
+                           f"finished and saved ({ckpt}); rerun the same command to run the check "
+                           f"(exit status {status})")
     rows = [json.loads(ln) for ln in (tmp_path / "knn" / "metrics.jsonl").read_text().splitlines()]
     assert not any("final_knn_top1" in r for r in rows) and load_checkpoint(ckpt)["step"] == 2
     if sig == "SIGTERM":                                              # (the same path for both: once is enough)
@@ -107,8 +108,8 @@ def test_sigterm_during_the_knn_monitor_stops_at_the_epoch_boundary(small_betons
     _, err = p.communicate(timeout=600)
     assert p.returncode == 75 and "Traceback" not in err, err[-3000:]
     ckpt = tmp_path / "mon" / "checkpoints" / "step_00000010.pt"
-    assert err.strip() == (f"stopped by SIGTERM at step 10: checkpoint {ckpt} written; rerun the same command to resume "
-                           "(exit status 75)")
+    assert err.strip() == (f"stopped by SIGTERM at step 10: checkpoint {ckpt} written; rerun the same command to "
+                           "resume (exit status 75)")
     state = load_checkpoint(ckpt)
     assert (state["step"], state["epoch"], state["samples_in_epoch"]) == (10, 1, 0)
     assert not any("knn_top1" in json.loads(ln) for ln in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines())
