@@ -32,8 +32,8 @@ def stop_status(signum: int) -> int:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 / SIGINT -> a flag, nothing else: the step in flight finishes, and a signal that lands
-    during a checkpoint save cannot cut it (the save is atomic anyway: checkpoint.save_checkpoint). The ranks
+    """SIGTERM / SIGUSR1 / SIGINT -> a flag, nothing else: the step in flight finishes, and a first signal that
+    lands during a checkpoint save cannot cut it (the save is atomic anyway: checkpoint.save_checkpoint). The ranks
     agree on the flag at the logging interval only (``agree``: one all_reduce of one integer, next to that
     interval's host sync), so the step itself never syncs; the stop comes at most train.log_every steps after the
     signal. A Ctrl-C while a stop is already pending means "now" (as a second Ctrl-C does everywhere): it raises
