@@ -1,7 +1,7 @@
 """Processes that come and go: preemption signals, joining a restarted group, and a lost peer as one line.
 
-    preempt = Preemption()                       # SIGTERM / SIGUSR1 -> a flag
-    ... if preempt.agree(device, world): save, exit PREEMPTED_EXIT (75)
+    preempt = Preemption()                       # SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) -> a flag
+    ... if sig := preempt.agree(device, world): save, exit stop_status(sig) (75; Ctrl-C: 130)
     init_elastic_process_group(timeout_s)        # under torchrun: a per-attempt store prefix (before Accelerate)
     except Exception as e: line = lost_peer(e)   # a collective failed because another process died or hung
 
@@ -15,26 +15,46 @@ import signal
 
 import torch
 
+from fastmveb.errors import INTERRUPTED_EXIT, Interrupted
+
 
 # Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint: EX_TEMPFAIL (sysexits.h),
 # "try again later". Rerunning the same command resumes from that checkpoint exactly.
 PREEMPTED_EXIT = 75
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)    # what SLURM (--signal) and Kubernetes send before a kill
+# Ctrl-C stops a run the same way (checkpoint at the agreed step), with the shell's status for it (130).
+STOP_SIGNALS = (*PREEMPT_SIGNALS, signal.SIGINT)
+
+
+def stop_status(signum: int) -> int:
+    """The exit status of a run stopped by ``signum`` after writing its checkpoint."""
+    return INTERRUPTED_EXIT if signum == signal.SIGINT else PREEMPTED_EXIT
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 -> a flag, nothing else: the step in flight finishes, and a signal that lands during
-    a checkpoint save cannot cut it (the save is atomic anyway: checkpoint.save_checkpoint). The ranks agree
-    on the flag at the logging interval only (``agree``: one all_reduce of one integer, next to that interval's
-    host sync), so the step itself never syncs; the stop comes at most train.log_every steps after the signal."""
+    """SIGTERM / SIGUSR1 / SIGINT -> a flag, nothing else: the step in flight finishes, and a first signal that
+    lands during a checkpoint save cannot cut it (the save is atomic anyway: checkpoint.save_checkpoint). The ranks
+    agree on the flag at the logging interval only (``agree``: one all_reduce of one integer, next to that
+    interval's host sync), so the step itself never syncs; the stop comes at most train.log_every steps after the
+    signal. A Ctrl-C while a stop is already pending means "now" (as a second Ctrl-C does everywhere): it raises
+    Interrupted at once, without the checkpoint."""
 
     def __init__(self):
         self.signum = 0
-        for sig in PREEMPT_SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.signum:
+            raise Interrupted("stopped at once by a second Ctrl-C")
         self.signum = self.signum or signum
+
+    def ignore(self) -> None:
+        """Ignore further stop signals: once the stop is agreed and saved, a repeated one has nothing left to
+        protect. Ignored rather than handled because the interpreter's shutdown puts Python-handled signals back
+        to their default (death), not ignored ones."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     def agree(self, device, world: int) -> int:
         """The signal any rank received (0: none); every rank returns the same value."""

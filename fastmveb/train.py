@@ -37,9 +37,9 @@ from fastmveb.batchnorm import views
 from fastmveb.build import build_training, make_accelerator
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, num_classes, set_epoch, train_loader_from_config, unpack_train_batch
-from fastmveb.elastic import PREEMPT_SIGNALS, PREEMPTED_EXIT, Preemption, lost_peer
+from fastmveb.elastic import Preemption, lost_peer, stop_status
 from fastmveb.entropy import parse_group
-from fastmveb.errors import UserError, run_cli
+from fastmveb.errors import Interrupted, UserError, run_cli
 from fastmveb.eval.knn import check_monitor_labels, distributed_knn
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import LogWindow, MetricsLogger, collapse_warning
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         _start_run_dir(run_dir, cfg, plan, git, device, t.use_compile, latest, pos, notes)
     logger = MetricsLogger(run_dir, enabled=main_proc)
     logger.truncate_after(pos.step)
-    preempt = Preemption()                                            # SIGTERM / SIGUSR1 -> a flag
+    preempt = Preemption()                                            # SIGTERM / SIGUSR1 / SIGINT -> a flag
     save = functools.partial(ckpt.save_training, run_dir, t=t, shuffle=loader.shuffle, global_batch=plan.global_batch,
                              config=to_dict(cfg), git=git, keep_last=cfg.train.keep_last, accelerator=accelerator)
 
@@ -206,21 +206,29 @@ def main(argv: list[str] | None = None) -> int:
         pos, epoch_done, preempted = fit(cfg, plan, t, loader, views, pos, logger, accelerator, save, preempt)
         save(pos, epoch_done=epoch_done)
         preempted = preempted or preempt.agree(device, world)         # (a signal during the last steps or save)
-        if preempted:
-            # From here on a repeated signal has nothing left to protect; ignored rather than handled because
-            # the interpreter's shutdown puts Python-handled signals back to their default (death), not ignored ones.
-            for sig in PREEMPT_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
-            if main_proc:
-                print(f"stopped by {signal.Signals(preempted).name} at step {pos.step}: checkpoint "
-                      f"{ckpt.checkpoint_path(run_dir, pos.step)} written; rerun the same command to resume (exit "
-                      f"status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
-            return PREEMPTED_EXIT
+        where = f"at step {pos.step}: checkpoint {ckpt.checkpoint_path(run_dir, pos.step)} written; rerun the same " \
+                "command to resume"
 
         # ---- the learning check: kNN of the trained encoder next to the same encoder at initialisation -----
-        if cfg.eval.knn_at_end:
-            learning_check(cfg, t, accelerator, logger, pos.step,
-                           pos.epoch + pos.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch))
+        if cfg.eval.knn_at_end and not preempted:
+            # A stop signal ends it between two batches (the weights are saved): on ImageNet it takes minutes,
+            # longer than a launcher waits between its SIGTERM and its kill.
+            preempted = learning_check(cfg, t, accelerator, logger, pos.step,
+                                       pos.epoch + pos.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch),
+                                       stop=functools.partial(preempt.agree, device, world))
+            where = (f"during the end-of-run learning check (kNN): check skipped; training is finished and saved "
+                     f"({ckpt.checkpoint_path(run_dir, pos.step)}); rerun the same command to run the check")
+        if preempted:
+            preempt.ignore()                                          # nothing left to protect
+            if main_proc:
+                print(f"stopped by {signal.Signals(preempted).name} {where} (exit status {stop_status(preempted)})",
+                      file=sys.stderr, flush=True)
+            return stop_status(preempted)
+    except Interrupted:                                               # a Ctrl-C while a stop was pending
+        newest = ckpt.latest_checkpoint(run_dir)
+        raise Interrupted("stopped at once by a second Ctrl-C, no checkpoint written for this stop; rerun the same "
+                          + (f"command to resume from {newest}" if newest else "command to start again (no "
+                             "checkpoint yet)")) from None
     finally:
         logger.close()
     accelerator.end_training()
@@ -287,8 +295,13 @@ def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, log
             if cfg.train.ckpt_every_epochs and epoch % cfg.train.ckpt_every_epochs == 0 and step < plan.last_step:
                 save(ckpt.Position(step, epoch, 0))
             if cfg.eval.knn_every_epochs and epoch % cfg.eval.knn_every_epochs == 0:
-                knn = run_knn(cfg, t.model.backbone, device, accelerator, max_train=cfg.eval.knn_max_train or None,
-                              max_val=cfg.eval.knn_max_val, feature_dtype=torch.bfloat16)   # bf16: within noise
+                try:                                                  # (minutes on ImageNet: a signal ends it)
+                    knn = run_knn(cfg, t.model.backbone, device, accelerator, max_train=cfg.eval.knn_max_train or None,
+                                  max_val=cfg.eval.knn_max_val, feature_dtype=torch.bfloat16,   # bf16: within noise
+                                  stop=functools.partial(preempt.agree, device, world))
+                except StopRequested as e:
+                    preempted = e.signum                              # the checkpoint: at the next epoch's start
+                    break
                 logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_size": cfg.eval.size})
                 if main_proc:
                     tqdm.write(f"epoch {epoch}: kNN top-1 {knn['top1']:.2f}% at {cfg.eval.size} px")
@@ -360,19 +373,25 @@ def _start_run_dir(run_dir: Path, cfg: Config, plan, git: str, device, use_compi
             print(f"{'':<15}  {line}", flush=True)
 
 
-def learning_check(cfg: Config, t, accelerator, logger: MetricsLogger, step: int, epoch: float) -> None:
+def learning_check(cfg: Config, t, accelerator, logger: MetricsLogger, step: int, epoch: float, stop=None) -> int:
     """kNN top-1 of the trained backbone next to the same backbone at the run's initial weights (rebuilt from
-    train.seed): the end-of-run check that it learned something. Logged and printed by the main process."""
-    trained = run_knn(cfg, t.model.backbone, accelerator.device, accelerator)
-    set_seed(cfg.train.seed)                                          # rebuilds the run's exact initial weights
-    init = MVEBModel.from_config(cfg.model).to(accelerator.device, memory_format=t.memory_format)
-    random = run_knn(cfg, init.backbone, accelerator.device, accelerator)
+    train.seed): the end-of-run check that it learned something. Logged and printed by the main process.
+    ``stop`` (every rank the same answer: Preemption.agree) is asked before each batch; a signal ends the check
+    unlogged. -> that signal, 0 when the check ran."""
+    try:
+        trained = run_knn(cfg, t.model.backbone, accelerator.device, accelerator, stop=stop)
+        set_seed(cfg.train.seed)                                      # rebuilds the run's exact initial weights
+        init = MVEBModel.from_config(cfg.model).to(accelerator.device, memory_format=t.memory_format)
+        random = run_knn(cfg, init.backbone, accelerator.device, accelerator, stop=stop)
+    except StopRequested as e:
+        return e.signum
     logger.log(step, epoch, {"final_knn_top1": trained["top1"], "final_knn_top5": trained["top5"],
                              "random_knn_top1": random["top1"], "random_knn_top5": random["top5"],
                              "knn_size": cfg.eval.size})
     if accelerator.is_main_process:
         print(f"kNN top-1 on {cfg.data.val_beton} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, {cfg.eval.size} px): "
               f"trained {trained['top1']:.2f}%  |  same encoder at random init {random['top1']:.2f}%")
+    return 0
 
 
 def switch_off_label_parts(cfg: Config) -> str | None:
@@ -421,14 +440,50 @@ def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int) -> list
 
 
 def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,
-            max_val: int | None = None, feature_dtype=torch.float32):
+            max_val: int | None = None, feature_dtype=torch.float32, stop=None):
     """Weighted kNN (train bank, val queries), the work split over all processes (no rank waits alone at a
-    barrier); every rank gets the result of one process over the whole sets (distributed_knn)."""
+    barrier); every rank gets the result of one process over the whole sets (distributed_knn). ``stop``: asked
+    before each batch, on every rank alike (the loaders give every rank the same number of batches); a signal
+    it returns raises StopRequested."""
     kw = dict(size=cfg.eval.size, crop_ratio=cfg.eval.crop_ratio, distributed=accelerator.num_processes > 1)
     bank = eval_loader(cfg.data.train_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
     queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
+    if stop is not None:
+        bank, queries = _StopBetweenBatches(bank, stop), _StopBetweenBatches(queries, stop)
     return distributed_knn(backbone, bank, queries, device, cfg.views.mean, cfg.views.std, k=cfg.eval.knn_k,
                            T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
+
+
+class StopRequested(Exception):
+    """A stop signal the processes agreed on, raised between two batches of an evaluation."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopBetweenBatches:
+    """An eval loader that asks ``stop()`` before handing out each batch and raises StopRequested on a signal;
+    otherwise the loader itself (its length and order, which the distributed kNN reads)."""
+
+    def __init__(self, loader, stop):
+        self._loader, self._stop = loader, stop
+
+    def __iter__(self):
+        batches = iter(self._loader)
+        for batch in batches:
+            signum = self._stop()
+            if signum:
+                # FFCV's reader thread would go on decoding the batches ahead, and the exit waits for them.
+                getattr(batches, "close", lambda: None)()
+                raise StopRequested(signum)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
 
 
 def cli(argv: list[str] | None = None) -> int:

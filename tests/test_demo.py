@@ -38,6 +38,27 @@ def test_committed_demo_figures_are_current_and_meet_the_goal():
     assert payload["generate_s"] + payload["seeds"][0]["train_s"] <= 8 * 60, "make demo took over 8 minutes"
 
 
+def test_committed_demo_band_covers_every_recorded_machine():
+    """The README promises a band for the trained figure, not one machine's digits: it holds every figure recorded on
+    this machine and on others (seed 0 gave 68.00% here and 71.60% on a fresh clone elsewhere) with a margin of at
+    least the 2-point standard error of 500 val images, and the random-init figure it calls exact is the same on
+    every machine that ran that seed."""
+    payload = demo.read_results(demo.RESULTS)
+    reported = payload.get("reported", [])
+    assert reported, "docs/demo.json records one machine only: the band needs figures from more than one"
+    for r in reported:
+        assert {"seed", "trained_top1", "random_top1", "machine", "date", "how"} <= set(r), r
+        assert r["steps"] == payload["seeds"][0]["steps"], r                # the same recipe
+    lo, hi = demo.band(payload)
+    figures = [r["trained_top1"] for r in payload["seeds"] + reported]
+    assert lo + 2 <= min(figures) and max(figures) <= hi - 2, (lo, hi, figures)
+    assert lo >= 50, "the band must still show learning (chance 10%, random init about 20%)"
+    first = payload["seeds"][0]["seed"]
+    assert len({r["random_top1"] for r in payload["seeds"] + reported if r["seed"] == first}) == 1
+    block = demo.demo_block(payload)
+    assert f"within **{lo:.2f}-{hi:.2f}%**" in block and "71.60% trained" in block
+
+
 def test_fingerprint_follows_the_recipe_and_the_data(monkeypatch):
     from dataset_prep import synthetic
     from fastmveb.config import load_config
@@ -57,9 +78,31 @@ PAYLOAD = {"env": {"cpu": "x86_64, 2 cores", "torch": "2.x", "date": "2026-12-01
                      {"seed": 1, "trained_top1": 57.0, "random_top1": 22.6, "train_s": 330.0, "load": 2.0, "steps": 300}]}
 
 
+REPORTED = [{"seed": 0, "trained_top1": 40.0, "random_top1": 30.0, "steps": 4, "machine": "m", "date": "d", "how": "h"}]
+
+
+def test_a_new_run_keeps_figures_reported_for_its_recipe_only(tmp_path, capsys):
+    old = tmp_path / "demo.json"
+    fingerprint = {"config": "a", "data": "b"}
+    old.write_text(json.dumps(dict(PAYLOAD, reported=REPORTED, band_margin=2.5, fingerprint=fingerprint)))
+    assert demo._kept_from(old, {"config": "a", "data": "b"}) == {"reported": REPORTED, "band_margin": 2.5}
+    assert demo._kept_from(old, {"config": "c", "data": "b"}) == {"band_margin": 2.5}    # another recipe: dropped
+    assert "1 figure(s) reported from other machines" in capsys.readouterr().out
+    assert demo._kept_from(tmp_path / "none.json", {}) == {}
+
+
 def test_demo_block_figures_come_from_the_payload():
     b = demo.demo_block(PAYLOAD)
     assert "57.00-61.20%" in b and "20.40-22.60%" in b and "5.5 min" in b and "300 steps" in b
+    assert "within **54.00-64.20%**" in b and "20.40% exactly (recorded on one machine only)" in b   # margin 3
+    other = {"seed": 0, "trained_top1": 66.0, "random_top1": 20.4, "steps": 300, "machine": "arm64, 8 cores",
+             "date": "2026-12-02", "how": "make demo"}
+    b = demo.demo_block(dict(PAYLOAD, reported=[other], band_margin=2.5))
+    assert "seed 0 gave 66.00% trained, 20.40% at random init (arm64, 8 cores, 2026-12-02: make demo)" in b
+    assert "within **54.50-68.50%** (the recorded 57.00-66.00% widened by 2.5 points)" in b
+    assert "20.40% exactly (the same on the 2 machines recorded)" in b
+    b = demo.demo_block(dict(PAYLOAD, reported=[dict(other, random_top1=20.6)]))
+    assert "exactly" not in b                          # random init differed between machines: no such claim
     b = demo.demo_block(dict(PAYLOAD, jobs=2))     # seeds trained together: no single-run time is claimed
     assert "2 at a time" in b and "make demo" not in b and "57.00-61.20%" in b
 
@@ -86,11 +129,16 @@ def test_report_rewrites_only_the_block_and_errors_in_one_line(tmp_path, capsys)
 
 def test_run_trains_each_seed_and_writes_results_readme_and_picture(small_betons, tmp_path):
     """The real command on the test set: two seeds of a few steps, the embedding page of the first."""
+    from fastmveb.config import load_config
     readme = tmp_path / "README.md"
     readme.write_text(f"{demo.BEGIN}\n{demo.END}\n")
     over = [o for o in tiny_overrides(small_betons, tmp_path, "unused", **{"eval.knn_at_end": "true",
                                                                           "train.deterministic": "false"})
             if not o.startswith(("train.run_dir=", "train.name="))]
+    # Figures reported from another machine for this recipe: a new run keeps them (and the margin).
+    fingerprint = demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", over))
+    (tmp_path / "demo.json").write_text(json.dumps(dict(PAYLOAD, reported=REPORTED, band_margin=2.5,
+                                                        fingerprint=fingerprint)))
     r = subprocess.run([sys.executable, "-m", "fastmveb.demo", "run", "--seeds", "0", "1", "--jobs", "2", "--no-generate",
                         "--rc", "rcs/tiny.yaml", "--run-dir", str(tmp_path / "runs"),
                         "--results", str(tmp_path / "demo.json"), "--readme", str(readme),
@@ -107,6 +155,7 @@ def test_run_trains_each_seed_and_writes_results_readme_and_picture(small_betons
              for n in ("demo-seed0", "demo-seed1")]
     assert first[0] != first[1]
     assert demo.demo_block(p) in readme.read_text()
+    assert p["reported"] == REPORTED and p["band_margin"] == 2.5         # kept: the same recipe and dataset
     assert (tmp_path / "emb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "fastmveb.demo", "run", "--rc", str(tmp_path / "nope.yaml"),
                           "--readme", str(readme)], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -253,3 +253,22 @@ def test_torchrun_max_restarts_resumes_a_killed_group_on_the_same_trajectory(ind
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["resumed_from"] is not None                             # the second attempt resumed
     assert losses(tmp_path / "run") == two_process_reference
+
+
+def test_ctrl_c_to_torchrun_stops_both_ranks_at_one_step(indexed_beton, tmp_path):
+    # Ctrl-C reaches torchrun (its workers run in sessions of their own), which passes SIGINT to every worker: they
+    # used to die in KeyboardInterrupt tracebacks without a checkpoint. Now both agree on one step, rank 0 writes
+    # the checkpoint there (both ranks' RNG in it) and says so in one line, as for SIGTERM, with exit status 130.
+    # (torchrun itself then ends with its own SignalException traceback: the launcher's, not the workers'.)
+    from fastmveb.checkpoint import latest_checkpoint, load_checkpoint
+    p = _torchrun(indexed_beton, tmp_path, **TWO_PROC)
+    _wait_for_step(p, tmp_path / "run" / "metrics.jsonl", 2)
+    os.kill(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=600)
+    assert "KeyboardInterrupt" not in err, err[-3000:]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGINT at step")]
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert line.endswith("rerun the same command to resume (exit status 130)")
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == step == max(losses(tmp_path / "run")) < TWO_PROC["train.max_steps"]
+    assert len(state["rng"]) == 2
