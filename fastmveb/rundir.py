@@ -11,8 +11,10 @@ Resume: the checkpoint stores the resolved config it was trained with. A resume 
 changes the trajectory (batch, model, views, loss, optimiser, seed, training data, precision, compilation)
 would silently mix two runs: the lr jumps, the data position means another sample, and the run no longer
 repeats any uninterrupted run. Such a resume stops with one line naming the keys. Keys that only change
-what is logged, evaluated or saved (config fields marked harmless, config.HARMLESS) may change; every other key, including keys added later,
-counts as trajectory-changing. ``train.allow_config_change=true`` resumes anyway: the weights, optimiser
+what is logged, evaluated or saved (config fields marked harmless, config.HARMLESS) may change; every other key
+counts as trajectory-changing. A key added to fastmveb after the checkpoint was written is no change while it is at
+its default (a new option's default keeps the old behaviour, so an upgrade never strands a run); a key removed or
+renamed since is a change. ``train.allow_config_change=true`` resumes anyway: the weights, optimiser
 state, step and position (a count of samples, so the same sample under any batch) come from the checkpoint,
 the new values apply from there on, and the start-up output lists the changed keys and their effect on the schedule.
 """
@@ -22,7 +24,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .config import HARMLESS   # keys whose change cannot alter the weights (opt(..., harmless=True))
+from .config import HARMLESS, added_at_default, flatten   # HARMLESS: keys whose change cannot alter the weights
 from fastmveb.errors import UserError
 
 LOCK_FILE = ".lock"
@@ -92,22 +94,30 @@ def _open_run_dir(run_dir, cfg, main_proc, device):
     return lock, latest, state
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(trajectory-changing keys, harmless keys) whose values differ between two to_dict() configs."""
-    a, b = _flatten(old), _flatten(new)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    """(trajectory-changing keys, harmless keys) whose values differ between two to_dict() configs. A key the old
+    config lacks (added since it was written) at its default now is no change (config.added_at_default); one
+    the new config lacks (removed or renamed since) is a change."""
+    a, b = flatten(old), flatten(new)
+    changed = sorted(k for k in a.keys() | b.keys()
+                     if a.get(k, _ABSENT) != b.get(k, _ABSENT) and not added_at_default(k, b.get(k, _ABSENT), a))
     harmless = [k for k in changed if k in HARMLESS]
     return [k for k in changed if k not in HARMLESS], harmless
+
+
+class _Absent:
+    """A key one of two configs does not have (its version had no such key)."""
+    def __repr__(self):
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def describe_changes(old: dict, new: dict, keys: list[str]) -> list[str]:
+    """"key old -> new" of each key, <absent> where a config has no such key."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k} {a.get(k, _ABSENT)!r} -> {b.get(k, _ABSENT)!r}" for k in keys]
 
 
 def check_resume(old: dict | None, new: dict, checkpoint: str | Path, allow: bool = False) -> list[str]:
@@ -116,8 +126,7 @@ def check_resume(old: dict | None, new: dict, checkpoint: str | Path, allow: boo
         return []
     trajectory, harmless = config_changes(old, new)
     if trajectory and not allow:
-        a, b = _flatten(old), _flatten(new)
-        shown = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in trajectory[:4])
+        shown = ", ".join(describe_changes(old, new, trajectory[:4]))
         more = f" (+{len(trajectory) - 4} more)" if len(trajectory) > 4 else ""
         raise RunDirError(f"resuming {checkpoint} with a changed config: {shown}{more}; these change the training "
                           f"trajectory. Give the new config another train.name (a fresh run), or pass "

@@ -404,11 +404,10 @@ def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int) -> list
     """The start-up lines of a resume that changes the world size or (train.allow_config_change) the config:
     every changed key, the processes' batch split, the schedule (plan.resume_lines)."""
     from fastmveb.config import from_dict
-    from fastmveb.rundir import _flatten, config_changes
+    from fastmveb.rundir import config_changes, describe_changes
     old_tree = state.get("config") or {}
     trajectory = config_changes(old_tree, to_dict(cfg))[0] if old_tree else []   # (harmless keys: not news)
-    a, b = _flatten(old_tree), _flatten(to_dict(cfg))
-    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in trajectory]
+    changed = describe_changes(old_tree, to_dict(cfg), trajectory)
     old_world = len(state.get("rng") or [])
     try:
         old_plan = make_plan(from_dict(old_tree, "checkpoint"), old_world, plan.dataset_len, memory=False)

@@ -392,6 +392,32 @@ def test_resume_with_a_changed_trajectory_stops_in_one_line(small_betons, base_r
     assert _steps(run) == [1, 2, 3]
 
 
+def _train_here(betons, run_dir, name, **over) -> subprocess.CompletedProcess:
+    """_train in this process (a monkeypatched fastmveb applies), as a fresh process would run it."""
+    from accelerate.state import AcceleratorState
+    from test_train import tiny_overrides
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_cli("--rc", ROOT / "rcs/tiny.yaml", *tiny_overrides(
+        betons, run_dir, name, **{"train.max_steps": 2, "train.ckpt_every_steps": 1, "train.keep_last": 0, **over}))
+
+
+def test_a_newer_version_with_an_added_key_resumes_a_run_written_without_it(small_betons, base_run, tmp_path,
+                                                                            monkeypatch):
+    """Every existing run stopped at its next resume after an upgrade that added a key (`views.erase_p None -> 0.0;
+    these change the training trajectory`), though the key's default keeps the old behaviour."""
+    from fastmveb import config
+    from newer_config import NewerConfig
+    run = _copy_run(base_run, tmp_path)
+    monkeypatch.setattr(config, "Config", NewerConfig)
+    r = _train_here(small_betons, tmp_path, "run", **{"train.max_steps": 3})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume           step_00000002.pt: step 2" in r.stdout and "changed keys" not in r.stdout
+    assert _steps(run) == [1, 2, 3]
+    # set away from its default, it is a change (the checkpoint written by the newer version records it)
+    r = _train_here(small_betons, tmp_path, "run", **{"train.max_steps": 4, "views.erase_p": 0.5})
+    assert "views.erase_p 0.0 -> 0.5; these change the training trajectory" in one_line_error(r)
+
+
 # Cases 9 and 10: a cut last metrics line broke every resume; a corrupt newest checkpoint gave a traceback;
 # temp files of killed saves (55-61 MB each here) stayed forever. Harmless keys may change on resume.
 def test_resume_survives_cut_metrics_corrupt_checkpoint_and_temp_files(small_betons, base_run, tmp_path):
