@@ -10,16 +10,18 @@ holds the pid of the holder, for the message the second run prints.
 Resume: the checkpoint stores the resolved config it was trained with, and the identity of its data
 (dataset_prep.integrity.beton_identity: sample count, size, the integrity record's SHA-256, a digest of the
 beton's layout). A resume under a config that changes the trajectory (batch, model, views, loss, optimiser,
-seed, training data, precision, compilation) would silently mix two runs: the lr jumps, the data position means another sample, and the run no longer
-repeats any uninterrupted run. Such a resume stops with one line naming the keys. Keys that only change
-what is logged, evaluated or saved (config fields marked harmless, config.HARMLESS) may change; every other key
-counts as trajectory-changing. A key added to fastmveb after the checkpoint was written is no change while it is at
-its default (a new option's default keeps the old behaviour, so an upgrade never strands a run); a key removed or
-renamed since is a change. Other train data (a beton replaced at the same path) stop the resume the same way
-(check_data); the same data moved to another path are no change; other val data (the monitors' only) are a note.
-A checkpoint written before data identities were recorded resumes with a note saying so.
-``train.allow_config_change=true`` resumes anyway: the weights, optimiser state, step and position (a count of samples, so the same sample under any batch) come from the checkpoint,
-the new values apply from there on, and the start-up output lists the changed keys and their effect on the schedule.
+seed, training data, precision, compilation) would silently mix two runs: the lr jumps, the data position
+means another sample, and the run no longer repeats any uninterrupted run. Such a resume stops with one line
+naming the keys. Keys that only change what is logged, evaluated or saved (config fields marked harmless,
+config.HARMLESS) may change; every other key counts as trajectory-changing. A key added to fastmveb after the
+checkpoint was written is no change while it is at its default (a new option's default keeps the old
+behaviour, so an upgrade never strands a run); a key removed or renamed since is a change. Other train data
+(a beton replaced at the same path) stop the resume the same way (check_data); the same data moved to another
+path are no change; other val data (read by the monitors only) are a note. A checkpoint written before data
+identities were recorded resumes with a note saying so. ``train.allow_config_change=true`` resumes anyway: the
+weights, optimiser state, step and position (a count of samples, so the same sample under any batch) come from
+the checkpoint, the new values apply from there on, and the start-up output lists the changed keys and the
+data change and their effect on the schedule.
 """
 from __future__ import annotations
 

@@ -421,7 +421,8 @@ def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int, data: d
     trajectory = config_changes(old_tree, to_dict(cfg))[0] if old_tree else []   # (harmless keys: not news)
     changed = describe_changes(old_tree, to_dict(cfg), trajectory)
     train, data_notes = data_changes(state.get("data"), data)
-    data_notes = [f"train data changed: {train}"] * bool(train) + data_notes
+    if train:                                                         # (train.allow_config_change)
+        data_notes.insert(0, f"train data changed: {train}")
     old_world = len(state.get("rng") or [])
     old_len = ((state.get("data") or {}).get("train") or {}).get("num_samples", plan.dataset_len)
     try:
