@@ -3,7 +3,8 @@ and the helpers the trainer needs to find, prune and unwrap.
 
     state = {"model": unwrap(model).state_dict(), "target": target.state_dict(),
              "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "samples_in_epoch": s,
-             "shuffle": "torch", "rng": [capture_rng_state()], "config": to_dict(cfg), "git": rev}
+             "shuffle": "torch", "rng": [capture_rng_state()], "config": to_dict(cfg), "git": rev,
+             "data": {"train": beton_identity(train_beton), "val": ...}}   # integrity.beton_identity
     if save_checkpoint(checkpoint_path(run_dir, step), state):
         prune_checkpoints(run_dir, cfg.train.keep_last)
     ...
@@ -318,11 +319,13 @@ class Position:
 
 
 def save_training(run_dir: str | Path, pos: Position, t, *, shuffle: str, global_batch: int, config: dict,
-                  git: str, keep_last: int, accelerator, epoch_done: bool = False) -> None:
+                  git: str, keep_last: int, accelerator, epoch_done: bool = False, data: dict | None = None) -> None:
     """Every rank: its RNG states to the main process, which writes the checkpoint of ``pos`` (``t``: the
     build.Training) atomically and prunes old ones; then all ranks wait for the write, so none runs ahead of a
     checkpoint a restart would need. ``epoch_done``: the epoch's last batch is read, the position is the next
-    epoch's start. A non-finite model is not saved (save_checkpoint); a failed write raises CheckpointWriteError."""
+    epoch's start. ``data``: the identities of the betons the run reads (train.check_data), which a resume compares
+    (fastmveb.rundir.check_data). A non-finite model is not saved (save_checkpoint); a failed write raises
+    CheckpointWriteError."""
     from accelerate.utils import gather_object
     epoch, samples = (pos.epoch + 1, 0) if epoch_done else (pos.epoch, pos.samples_in_epoch)
     rngs = gather_object([capture_rng_state()])                       # one entry per rank
@@ -330,7 +333,7 @@ def save_training(run_dir: str | Path, pos: Position, t, *, shuffle: str, global
         # batch_in_epoch: for readers that know only the batch index (same global batch only)
         state = {"model": t.model.state_dict(), "target": t.target.state_dict(), "optimizer": t.optimizer.state_dict(),
                  "step": pos.step, "epoch": epoch, "samples_in_epoch": samples, "batch_in_epoch": samples // global_batch,
-                 "shuffle": shuffle, "rng": rngs, "config": config, "git": git}
+                 "shuffle": shuffle, "rng": rngs, "config": config, "data": data, "git": git}
         if t.probe is not None:
             state["probe"] = t.probe.state_dict()
         if save_checkpoint(checkpoint_path(run_dir, pos.step), state):

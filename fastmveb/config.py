@@ -455,6 +455,28 @@ def to_dict(cfg) -> dict:
     return lists(d)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A to_dict() tree (or a checkpoint's) as {"section.key": value}, tuples as lists."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+_NO_DEFAULT = object()
+
+
+def added_at_default(key: str, value, known) -> bool:
+    """A key that did not exist when a config was recorded (not in ``known``: the recorded config's keys) and is at
+    its default now: no change. A new key's default keeps the old behaviour, so an upgrade must not stop a resume
+    (fastmveb.rundir) or date recorded figures (fastmveb.demo.fingerprint); set away from its default, it counts."""
+    # Config() looked up at call time, not a table built at import: the defaults are those of the Config in use.
+    return key not in known and value == flatten(to_dict(Config())).get(key, _NO_DEFAULT)
+
+
 def from_dict(tree: dict, source: str = "<dict>") -> Config:
     cfg = Config()
     _apply(cfg, tree, source)

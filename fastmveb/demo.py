@@ -60,6 +60,20 @@ def _load() -> float:
         return float("nan")
 
 
+# The weight-changing keys the config existed with when the fingerprint's key set was fixed (docs/demo.json of
+# 2026-12-06 was fingerprinted over exactly these). Frozen: a key added later is compared with its default instead.
+_FINGERPRINT_KEYS = frozenset(f"{sec}.{k}" for sec, keys in {
+    "data": "train_beton global_batch_size per_device_batch_size decode decode_size order drop_last",
+    "views": "global_size global_scale n_local local_size local_scale ratio flip_p jitter_p brightness contrast "
+             "saturation hue gray_p blur_sigma blur_p solarize_p solarize_threshold antialias interpolation "
+             "jitter_order mean std dtype channels_last res_start_size res_start_epoch res_end_epoch res_step",
+    "model": "arch zero_init_residual proj_hidden proj_out proj_layers ema_momentum sync_bn channels_last",
+    "loss": "lam eta min_tau group",
+    "optim": "base_lr weight_decay momentum trust_coef epochs warmup_epochs warmup_start_ratio final_lr_ratio",
+    "train": "seed mixed_precision compile compile_backend",
+    "eval": "online_linear"}.items() for k in keys.split())
+
+
 def fingerprint(cfg) -> dict:
     """What the demo's figures depend on besides the code: the resolved run config (every key that can change the
     weights, overrides included)
@@ -68,11 +82,14 @@ def fingerprint(cfg) -> dict:
     import hashlib
 
     from dataset_prep.synthetic import CLASSES, make_image
-    from fastmveb.config import HARMLESS, to_dict
+    from fastmveb.config import HARMLESS, added_at_default, to_dict
     # Keys marked harmless (config.opt) cannot alter the weights, so they cannot change the figures: a new key of
-    # that kind (train.collective_timeout_s) leaves the committed figures valid.
-    tree = {sec: {k: v for k, v in keys.items() if f"{sec}.{k}" not in HARMLESS} for sec, keys in to_dict(cfg).items()}
-    config = json.dumps(tree, sort_keys=True, default=str)
+    # that kind (train.collective_timeout_s) leaves the committed figures valid. A key added since the fingerprint's
+    # key set was fixed counts only away from its default, the rule a resume follows (config.added_at_default).
+    tree = {sec: {k: v for k, v in keys.items() if f"{sec}.{k}" not in HARMLESS
+                  and not added_at_default(f"{sec}.{k}", v, _FINGERPRINT_KEYS)}
+            for sec, keys in to_dict(cfg).items()}
+    config = json.dumps({sec: keys for sec, keys in tree.items() if keys}, sort_keys=True, default=str)
     data = hashlib.sha256()
     for k in range(len(CLASSES)):
         data.update(make_image(0, "train", k, 0).tobytes())

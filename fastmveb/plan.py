@@ -138,6 +138,25 @@ def dataset_length(beton: str | Path) -> int | None:
     return int(Reader(str(beton)).num_samples)
 
 
+def check_groups(cfg: Config, micro: int, world: int) -> None:
+    """ConfigError (one line) when a micro-batch would give the step a statistic over a single sample: an
+    entropy group of one embedding (the vMF bandwidth and score need two) or a BatchNorm over one sample per
+    view (its variance is undefined). The dry run and the real run both reach this through make_plan."""
+    g = parse_group(cfg.loss.group)
+    rows = micro * world if g == "global" else micro         # "global" gathers every process's rows
+    how = (f"a micro-batch of {micro} per process (data.global_batch_size={cfg.data.global_batch_size} over "
+           f"{world} process{'es' if world > 1 else ''}, data.per_device_batch_size={cfg.data.per_device_batch_size})")
+    fix = ("raise data.global_batch_size (or data.per_device_batch_size) so that each micro-batch holds at "
+           "least 2 samples")
+    if rows < 2:
+        raise ConfigError(f"loss.group={cfg.loss.group} gives entropy groups of {rows} embedding under {how}; "
+                          f"the vMF entropy estimate needs at least 2 per group: {fix}")
+    span = micro * world if world > 1 and cfg.model.sync_bn else micro
+    if span < 2:
+        raise ConfigError(f"BatchNorm would normalise each view over {span} sample under {how}; it needs at least "
+                          f"2: {fix}{' or set model.sync_bn=true' if world > 1 else ''}")
+
+
 def describe_groups(group: str, micro: int, world: int) -> str:
     g = parse_group(group)
     if g == "local":
@@ -156,10 +175,12 @@ def describe_groups(group: str, micro: int, world: int) -> str:
 
 def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memory: bool = True,
               throughput: list[dict] | None = None, device: str | None = None) -> Plan:
-    """Every quantity of the run for ``world_size`` processes; ConfigError (one line) if the batch cannot split.
+    """Every quantity of the run for ``world_size`` processes; ConfigError (one line) if the batch cannot split
+    or a micro-batch is too small for the loss or BatchNorm (check_groups).
     ``throughput``: measured rows (fastmveb/throughput.py) the cost is priced from (exact matches only; none:
     the cost is "unmeasured"); ``device`` restricts them to one device name."""
     per_process, micro, accum = split_batch(cfg.data.global_batch_size, world_size, cfg.data.per_device_batch_size)
+    check_groups(cfg, micro, world_size)
     source = str(cfg.data.train_beton)
     if dataset_len is None:
         dataset_len, source = IMAGENET_TRAIN, f"{cfg.data.train_beton} not found: assumed ImageNet-1k train"

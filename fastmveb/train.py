@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from dataset_prep.integrity import check_beton
+from dataset_prep.integrity import beton_identity, check_beton
 from fastmveb import checkpoint as ckpt
 from fastmveb import throughput
 from fastmveb.batchnorm import views
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(plan.format())
         return 0
-    check_data(cfg)                                                   # betons readable; labels or not
+    data = check_data(cfg)                                            # betons readable; labels or not; identities
 
     # ---- accelerator and run dir -------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     git = ckpt.git_revision()                                         # once: meta.json and every checkpoint
     # Lock the run dir (a second training stops here), choose the checkpoint, refuse a changed trajectory:
     # all before anything is written. The lock is held until exit.
-    lock, latest, state = open_run_dir(run_dir, cfg, main_proc, device, world)
+    lock, latest, state = open_run_dir(run_dir, cfg, main_proc, device, world, data)
 
     # ---- build -------------------------------------------------------------------------------------------
     set_seed(cfg.train.seed)                                          # same initial weights on every rank
@@ -189,17 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     loader.shuffle = "torch" if world > 1 else "numpy"               # ffcv's own generator for a fresh run
     if latest is not None:
         pos, loader.shuffle = ckpt.restore_training(state, latest, t)  # the run's generator, whatever the world
-        notes = _resume_notes(state, cfg, plan, pos.step, world)
+        notes = _resume_notes(state, cfg, plan, pos.step, world, data)
+        if pos.samples_in_epoch > plan.dataset_len:                   # other (smaller) train data, allowed
+            notes.append(f"the checkpoint's position, sample {pos.samples_in_epoch} of epoch {pos.epoch}, is past the "
+                         f"{plan.dataset_len} samples of {cfg.data.train_beton}: continuing at epoch {pos.epoch + 1}")
+            pos = ckpt.Position(pos.step, pos.epoch + 1, 0)
     set_seed(cfg.train.seed + 1 + rank)                               # the view stream differs per rank
     if latest is not None and len(state["rng"]) == world:
         ckpt.restore_rng_state(state["rng"][rank])                    # (another world size: the notes say so)
     if main_proc:
-        _start_run_dir(run_dir, cfg, plan, git, device, t.use_compile, latest, pos, notes)
+        _start_run_dir(run_dir, cfg, plan, git, device, t.use_compile, latest, pos, notes, data)
     logger = MetricsLogger(run_dir, enabled=main_proc)
     logger.truncate_after(pos.step)
     preempt = Preemption()                                            # SIGTERM / SIGUSR1 / SIGINT -> a flag
     save = functools.partial(ckpt.save_training, run_dir, t=t, shuffle=loader.shuffle, global_batch=plan.global_batch,
-                             config=to_dict(cfg), git=git, keep_last=cfg.train.keep_last, accelerator=accelerator)
+                             config=to_dict(cfg), data=data, git=git, keep_last=cfg.train.keep_last,
+                             accelerator=accelerator)
 
     # ---- fit ---------------------------------------------------------------------------------------------
     try:
@@ -341,11 +346,14 @@ def config_and_plan(args) -> tuple[Config, Plan]:
     return cfg, plan
 
 
-def check_data(cfg: Config) -> None:
+def check_data(cfg: Config) -> dict:
     """The betons the run reads exist and pass their integrity check (header, size, record); on unlabeled data
-    the label-based parts are switched off first, with one line (then val is not needed)."""
-    for path in (cfg.data.train_beton, cfg.data.val_beton):
-        if path == cfg.data.val_beton:
+    the label-based parts are switched off first, with one line (then val is not needed). -> {"train": identity,
+    "val": identity or None (not read)} (dataset_prep.integrity.beton_identity): every checkpoint records them
+    and a resume compares them (fastmveb.rundir.check_data)."""
+    data = {"train": None, "val": None}
+    for role, path in (("train", cfg.data.train_beton), ("val", cfg.data.val_beton)):
+        if role == "val":
             note = switch_off_label_parts(cfg)                        # unlabeled data: before val is needed
             if note and os.environ.get("RANK", "0") == "0":
                 print(note, flush=True)
@@ -355,15 +363,18 @@ def check_data(cfg: Config) -> None:
             raise UserError(f"dataset '{path}' not found; run 'make beton' (synthetic) or set data.train_beton/"
                             f"data.val_beton to betons written by 'make beton DATA=... OUT=...'")
         check_beton(path)                                             # BetonError: one line
+        data[role] = beton_identity(path)
     check_monitor_labels(cfg)                                         # val's labels among train's for the kNN
+    return data
 
 
-def _start_run_dir(run_dir: Path, cfg: Config, plan, git: str, device, use_compile: bool, latest, pos, notes) -> None:
+def _start_run_dir(run_dir: Path, cfg: Config, plan, git: str, device, use_compile: bool, latest, pos, notes,
+                   data: dict) -> None:
     """Main process: config.yaml and meta.json of this (re)start, and the plan (and resume lines) on stdout."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     meta = {"git": git, "device": str(device), "argv": sys.argv, "torch": torch.__version__, "compile": use_compile,
-            "resumed_from": str(latest) if latest else None, "resume_changes": notes, **plan.meta()}
+            "resumed_from": str(latest) if latest else None, "resume_changes": notes, "data": data, **plan.meta()}
     (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     print(plan.format(), flush=True)
     if latest is not None:
@@ -420,23 +431,27 @@ def switch_off_label_parts(cfg: Config) -> str | None:
             "stay on")
 
 
-def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int) -> list[str]:
-    """The start-up lines of a resume that changes the world size or (train.allow_config_change) the config:
-    every changed key, the processes' batch split, the schedule (plan.resume_lines)."""
+def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int, data: dict) -> list[str]:
+    """The start-up lines of a resume that changes the world size or (train.allow_config_change) the config or
+    the train data: every changed key, the processes' batch split, the schedule (plan.resume_lines); and the
+    data notes (an unrecorded identity, other val data: fastmveb.rundir.data_changes)."""
     from fastmveb.config import from_dict
-    from fastmveb.rundir import _flatten, config_changes
+    from fastmveb.rundir import config_changes, data_changes, describe_changes
     old_tree = state.get("config") or {}
     trajectory = config_changes(old_tree, to_dict(cfg))[0] if old_tree else []   # (harmless keys: not news)
-    a, b = _flatten(old_tree), _flatten(to_dict(cfg))
-    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in trajectory]
+    changed = describe_changes(old_tree, to_dict(cfg), trajectory)
+    train, data_notes = data_changes(state.get("data"), data)
+    if train:                                                         # (train.allow_config_change)
+        data_notes.insert(0, f"train data changed: {train}")
     old_world = len(state.get("rng") or [])
+    old_len = ((state.get("data") or {}).get("train") or {}).get("num_samples", plan.dataset_len)
     try:
-        old_plan = make_plan(from_dict(old_tree, "checkpoint"), old_world, plan.dataset_len, memory=False)
+        old_plan = make_plan(from_dict(old_tree, "checkpoint"), old_world, old_len, memory=False)
     except (ConfigError, TypeError):                                 # an older tree: the keys still show
         old_plan = None
-    if not changed and old_plan is not None and old_world == world:
-        return []
-    return resume_lines(old_plan, plan, step, changed, rng_kept=old_world == world)
+    if not changed and not train and old_plan is not None and old_world == world:
+        return data_notes
+    return data_notes + resume_lines(old_plan, plan, step, changed, rng_kept=old_world == world)
 
 
 def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: int | None = None,

@@ -180,3 +180,31 @@ def test_data_position_reads_samples_and_converts_old_batch_indices():
     assert ckpt.data_position(dict(old, rng=[{}, {}])) == (48, "torch")
     with pytest.raises(ckpt.CheckpointError, match="global batch"):
         ckpt.data_position({"batch_in_epoch": 3, "rng": [{}]})
+
+
+def test_data_identity_tells_betons_apart_cheaply_with_or_without_a_record(small_betons, tmp_path):
+    """The identity a checkpoint records: the integrity record's SHA-256 where there is one, a digest of the beton's
+    layout always; the path does not count. Train data decide a resume, val data make a note."""
+    import shutil
+    from dataset_prep.integrity import beton_identity, same_beton
+    from fastmveb.rundir import RunDirError, check_data, data_changes
+    train, val = beton_identity(small_betons / "train.beton"), beton_identity(small_betons / "val.beton")
+    assert train["num_samples"] == 160 and len(train["sha256"]) == len(train["layout"]) == 64
+    copy = tmp_path / "train.beton"                                    # moved, and without its record
+    shutil.copy(small_betons / "train.beton", copy)
+    bare = beton_identity(copy)
+    assert bare["sha256"] is None and bare["layout"] == train["layout"] and same_beton(train, bare)
+    assert not same_beton(train, val) and not same_beton(dict(train, sha256=None), dict(val, sha256=None))
+    old = {"train": train, "val": val}
+    assert data_changes(old, {"train": bare, "val": val}) == (None, [])
+    check_data(old, {"train": bare, "val": None}, "ckpt")                # the monitors off: nothing to compare
+    with pytest.raises(RunDirError, match=r"resuming ckpt on other train data: .*train.beton \(160 samples.*"
+                                          r"val.beton \(40 samples"):
+        check_data(old, {"train": val, "val": val}, "ckpt")
+    check_data(old, {"train": val, "val": val}, "ckpt", allow=True)
+    train_change, notes = data_changes(old, {"train": train, "val": train})
+    assert train_change is None and len(notes) == 1 and notes[0].startswith("val data changed: ")
+    assert "different val sets" in notes[0]
+    # a checkpoint written before identities were recorded: resumed, with a note
+    train_change, notes = data_changes(None, {"train": train, "val": None})
+    assert train_change is None and "records no identity of its data" in notes[0]

@@ -126,3 +126,22 @@ def test_resume_may_change_the_eval_keys_and_nothing_that_moves_the_weights():
     assert check_resume(old, new, "ckpt") == ["eval.crop_ratio", "eval.knn_max_train", "eval.size"]
     with pytest.raises(RunDirError, match="views.global_size"):
         check_resume(old, to_dict(load_config(None, ["views.global_size=192"])), "ckpt")
+
+
+def test_a_key_added_since_a_checkpoint_is_no_change_at_its_default_and_a_removed_key_is(monkeypatch):
+    """An upgrade that adds a key (at a default keeping today's behaviour) stopped every resume with
+    `views.erase_p None -> 0.0; these change the training trajectory`."""
+    from fastmveb import config
+    from fastmveb.config import to_dict
+    from fastmveb.rundir import RunDirError, check_resume, config_changes
+    from newer_config import NewerConfig
+    old = to_dict(load_config(None))                                  # written before the key existed
+    monkeypatch.setattr(config, "Config", NewerConfig)
+    new = to_dict(load_config(None))
+    assert new["views"]["erase_p"] == 0.0 and "erase_p" not in old["views"]
+    assert config_changes(old, new) == ([], []) and check_resume(old, new, "ckpt") == []
+    with pytest.raises(RunDirError, match=r"views.erase_p <absent> -> 0.5; these change the training trajectory"):
+        check_resume(old, to_dict(load_config(None, ["views.erase_p=0.5"])), "ckpt")
+    # a key the checkpoint has and this version does not (removed or renamed since): still a change, in one line
+    with pytest.raises(RunDirError, match=r"views.erase_p 0.0 -> <absent>"):
+        check_resume(new, old, "ckpt")

@@ -73,6 +73,27 @@ def test_fingerprint_follows_the_recipe_and_the_data(monkeypatch):
     assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))["data"] != base["data"]
 
 
+def test_a_key_added_at_its_default_keeps_the_committed_figures_valid(monkeypatch):
+    """Adding any weight-changing key, even at a default keeping today's behaviour, changed the fingerprint and so
+    dated the committed figures; it counts only once set away from its default (the rule a resume follows)."""
+    from fastmveb import config
+    from fastmveb.config import load_config
+    from newer_config import NewerConfig
+    base = demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))
+    monkeypatch.setattr(config, "Config", NewerConfig)
+    assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml")) == base
+    assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml", ["views.erase_p=0.5"]))["config"] != base["config"]
+    # a default that changes under a key the figures were measured with still dates them
+    monkeypatch.setattr(config.LossConfig, "__init__", _with_default(config.LossConfig.__init__, lam=0.02))
+    assert demo.fingerprint(load_config(ROOT / "rcs/tiny.yaml"))["config"] != base["config"]
+
+
+def _with_default(init, **defaults):
+    def patched(self, *args, **kw):
+        init(self, *args, **{**defaults, **kw})
+    return patched
+
+
 PAYLOAD = {"env": {"cpu": "x86_64, 2 cores", "torch": "2.x", "date": "2026-12-01T00:00:00+00:00"}, "generate_s": 30.0,
            "seeds": [{"seed": 0, "trained_top1": 61.2, "random_top1": 20.4, "train_s": 300.0, "load": 1.5, "steps": 300},
                      {"seed": 1, "trained_top1": 57.0, "random_top1": 22.6, "train_s": 330.0, "load": 2.0, "steps": 300}]}

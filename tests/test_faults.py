@@ -392,6 +392,104 @@ def test_resume_with_a_changed_trajectory_stops_in_one_line(small_betons, base_r
     assert _steps(run) == [1, 2, 3]
 
 
+def _train_here(betons, run_dir, name, **over) -> subprocess.CompletedProcess:
+    """_train in this process (a monkeypatched fastmveb applies), as a fresh process would run it."""
+    from accelerate.state import AcceleratorState
+    from test_train import tiny_overrides
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_cli("--rc", ROOT / "rcs/tiny.yaml", *tiny_overrides(
+        betons, run_dir, name, **{"train.max_steps": 2, "train.ckpt_every_steps": 1, "train.keep_last": 0, **over}))
+
+
+def test_a_newer_version_with_an_added_key_resumes_a_run_written_without_it(small_betons, base_run, tmp_path,
+                                                                            monkeypatch):
+    """Every existing run stopped at its next resume after an upgrade that added a key (`views.erase_p None -> 0.0;
+    these change the training trajectory`), though the key's default keeps the old behaviour."""
+    from fastmveb import config
+    from newer_config import NewerConfig
+    run = _copy_run(base_run, tmp_path)
+    monkeypatch.setattr(config, "Config", NewerConfig)
+    r = _train_here(small_betons, tmp_path, "run", **{"train.max_steps": 3})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume           step_00000002.pt: step 2" in r.stdout and "changed keys" not in r.stdout
+    assert _steps(run) == [1, 2, 3]
+    # set away from its default, it is a change (the checkpoint written by the newer version records it)
+    r = _train_here(small_betons, tmp_path, "run", **{"train.max_steps": 4, "views.erase_p": 0.5})
+    assert "views.erase_p 0.0 -> 0.5; these change the training trajectory" in one_line_error(r)
+
+
+def _betons_copy(betons: Path, to: Path) -> Path:
+    """train/val betons with their integrity records, copied (times kept) to a folder of their own."""
+    import shutil
+    to.mkdir()
+    for name in ("train.beton", "val.beton"):
+        for f in (name, name + ".sha256.json"):
+            shutil.copy2(betons / f, to / f)
+    return to
+
+
+def test_resume_on_other_train_data_at_the_same_path_stops_in_one_line(small_betons, tmp_path):
+    """A beton replaced at the same path was resumed as if it were the old one: a bigger one silently (the plan grew,
+    the lr jumped, the position meant another sample), a smaller one with a `ValueError: skip_samples=64 exceeds`
+    traceback. The checkpoint records the data's identity; a resume on other data stops in one line naming both."""
+    live = _betons_copy(small_betons, tmp_path / "data_live")
+    r = _train(live, tmp_path, "run", **{"train.max_steps": 4})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    before = (run / "config.yaml").read_bytes()
+    for f in ("train.beton", "train.beton.sha256.json"):             # the 40-image val set in train's place
+        (live / f).write_bytes((live / f.replace("train", "val")).read_bytes())
+    r = _train(live, tmp_path, "run", **{"train.max_steps": 6})
+    line = one_line_error(r)
+    assert "on other train data: " in line and "train.beton (160 samples" in line and "(40 samples" in line, line
+    assert "sha256 " in line and "train.allow_config_change=true" in line and "train.name" in line
+    assert (run / "config.yaml").read_bytes() == before and _steps(run) == [1, 2, 3, 4]
+    # continuing these weights on the new data, asked for: said in the start-up lines; the old position (sample 64)
+    # is past the new data's 40 samples, so the next epoch starts
+    r = _train(live, tmp_path, "run", **{"train.max_steps": 6, "train.allow_config_change": "true",
+                                         "data.global_batch_size": 8})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train data changed: " in r.stdout and "steps per epoch 10 -> 5" in r.stdout, r.stdout
+    assert "sample 64 of epoch 0, is past the 40 samples" in r.stdout and _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_same_train_data_at_another_path_resumes(small_betons, base_run, tmp_path):
+    """A run's beton moved (a copy on a node's local disk): the identity matches, so the changed path is no change."""
+    run = _copy_run(base_run, tmp_path)
+    moved = _betons_copy(small_betons, tmp_path / "moved")
+    r = _train(moved, tmp_path, "run", **{"train.max_steps": 3})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"data.train_beton '{small_betons / 'train.beton'}' -> '{moved / 'train.beton'}'" in r.stdout
+    assert _steps(run) == [1, 2, 3]
+
+
+def test_a_run_written_by_an_earlier_version_resumes(small_betons, tmp_path, monkeypatch):
+    """A run directory written by fastmveb 5fffe3c (tests/fixtures/run_5fffe3c/README.md) resumes under this version,
+    with its own resolved config as the rc: every later version must keep resuming it. It records no identity of
+    its data, which one note line says; the checkpoints written from there on record it."""
+    import shutil
+    import torch
+    from accelerate.state import AcceleratorState
+    from fastmveb.checkpoint import load_checkpoint
+    run = tmp_path / "runs" / "v1"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run_5fffe3c", run)
+    (tmp_path / "data").symlink_to(small_betons)                       # the betons it trained on (same bytes)
+    ck = run / "checkpoints" / "step_00000002.pt"
+    state = load_checkpoint(ck)                                         # the fixture's tensors are stride-0 views
+    full = {k: ({n: t.contiguous() for n, t in v.items()} if k in ("model", "target") else v) for k, v in state.items()}
+    full["optimizer"]["state"] = {i: {n: t.contiguous() for n, t in st.items()}
+                                  for i, st in state["optimizer"]["state"].items()}
+    torch.save(full, ck)
+    monkeypatch.chdir(tmp_path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    r = train_cli("--rc", "runs/v1/config.yaml", "train.max_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume           step_00000002.pt: step 2, epoch 0, sample 32 of the epoch's 160" in r.stdout, r.stdout
+    assert "the checkpoint records no identity of its data" in r.stdout and "changed keys" not in r.stdout
+    assert _steps(run) == [1, 2, 3]
+    assert load_checkpoint(run / "checkpoints" / "step_00000003.pt")["data"]["train"]["num_samples"] == 160
+
+
 # Cases 9 and 10: a cut last metrics line broke every resume; a corrupt newest checkpoint gave a traceback;
 # temp files of killed saves (55-61 MB each here) stayed forever. Harmless keys may change on resume.
 def test_resume_survives_cut_metrics_corrupt_checkpoint_and_temp_files(small_betons, base_run, tmp_path):

@@ -189,3 +189,28 @@ def test_real_run_with_a_non_dividing_batch_stops_with_one_line(small_betons, tm
                                              "process (global 30 / 1 processes); valid nearby: 3, 5, 6, 10 "
                                              "(0 = 30, no accumulation)"]
     assert not any(tmp_path.iterdir())                                  # nothing written
+
+
+@pytest.mark.parametrize("args,says", [
+    (["data.global_batch_size=1"], "loss.group=local gives entropy groups of 1 embedding"),
+    (["data.global_batch_size=64", "data.per_device_batch_size=1"], "loss.group=local gives entropy groups of 1 "),
+    (["data.global_batch_size=1", "loss.group=128"], "loss.group=128 gives entropy groups of 1 embedding"),
+    (["--world-size", "2", "data.global_batch_size=2", "loss.group=global", "model.sync_bn=false"],
+     "BatchNorm would normalise each view over 1 sample"),
+])
+def test_a_micro_batch_the_step_cannot_use_is_refused_by_the_plan(small_betons, tmp_path, args, says):
+    """A single-sample entropy group (vmf_score raised in the first step) or BatchNorm (its output is then the
+    constant bias): the dry run refused nothing and printed a plan. Both the dry run and the real run stop in
+    one line from make_plan, before anything is written."""
+    data = [f"data.train_beton={small_betons / 'train.beton'}", f"data.val_beton={small_betons / 'val.beton'}",
+            f"train.run_dir={tmp_path}"]
+    r = train_cli("--rc", ROOT / "rcs/tiny.yaml", "--dry-run", *args, *data)
+    assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+    assert "at least 2" in lines[0] and "data.global_batch_size" in lines[0]
+    if "--world-size" not in args:                                     # the real run: the same line, nothing written
+        real = train_cli("--rc", ROOT / "rcs/tiny.yaml", *args, *data)
+        assert (real.returncode, real.stderr) == (2, r.stderr) and not any(tmp_path.iterdir())
+    # two samples per group and per BatchNorm run
+    assert train_cli("--rc", ROOT / "rcs/tiny.yaml", "--dry-run", "data.global_batch_size=2", *data).returncode == 0
