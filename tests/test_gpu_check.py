@@ -1,6 +1,7 @@
 """The GPU check (make gpu-check) proven on the CPU: every stage runs at tiny shapes through the real script,
 writes its JSON, and the dry run prices a plan from the summary it leaves."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,12 @@ STAGE_KEYS = {**{st.name: set(st.keys) for st in STAGES}, "summary": {"targets",
 def cpu_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
     work = tmp_path_factory.mktemp("gpu-check-work")
+    # As a user's shell starts it: inductor writes its default TORCHINDUCTOR_CACHE_DIR into os.environ once this
+    # worker has compiled anything, and the check keeps a cache dir its caller chose.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--short", "--out", str(out),
                            "--work", str(work), "--budget-s", "1200"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=1500, env=env)
     return proc, out, work
 
 
