@@ -1,0 +1,42 @@
+"""The torch APIs that moved within the supported range (torch 2.11 to the pinned 2.14.1): one name each here,
+bound once at import to this torch's own function where it has it, else to an equivalent. On the pinned torch
+every name below is torch's own function, so nothing changes there; the fallbacks only run on older torch.
+
+    all_gather_autograd(x, gather_dim, group)   differentiable all-gather (functional collective, traced by dynamo)
+    foreach_clone(tensors)                      a copy of each tensor (torch._foreach_clone)
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def clone_each(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """torch._foreach_clone's result (same values bit for bit, same strides, new storage), one clone per tensor:
+    the fallback for torch without it (2.11). Under torch.compile the clones fuse like the foreach call does."""
+    return [t.clone() for t in tensors]
+
+
+foreach_clone = getattr(torch, "_foreach_clone", None) or clone_each
+
+# Newest name first: torch 2.14 deprecates all_gather_tensor_autograd (a FutureWarning on every eager call) in
+# favour of all_gather_single_autograd, which torch 2.11 does not have yet. Same arguments, same result.
+ALL_GATHER_NAMES = ("all_gather_single_autograd", "all_gather_tensor_autograd")
+
+
+def _first(module, names):
+    for name in names:
+        fn = getattr(module, name, None)
+        if fn is not None:
+            return fn
+    raise ImportError(f"torch {torch.__version__} has none of {', '.join(names)} in {module.__name__}: "
+                      f"install a supported torch (see pyproject.toml)")
+
+
+if dist.is_available():
+    from torch.distributed import _functional_collectives as _fc
+
+    all_gather_autograd = _first(_fc, ALL_GATHER_NAMES)
+else:                                           # a torch built without torch.distributed: only world == 1 runs
+    def all_gather_autograd(x, gather_dim, group):
+        raise RuntimeError(f"torch {torch.__version__} was built without torch.distributed")
