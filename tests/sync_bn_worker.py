@@ -2,11 +2,9 @@
 batch (outputs, input and parameter gradients, running statistics), eager and compiled (fullgraph).
 The mode `gather` instead checks each differentiable all-gather that this torch has (fastmveb.compat's names)."""
 import json
-import os
 import sys
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,7 +13,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastmveb.batchnorm import convert_batchnorm, views  # noqa: E402
-from fastmveb.compat import ALL_GATHER_NAMES  # noqa: E402
+from fastmveb.compat import ALL_GATHER_NAMES, exit_now  # noqa: E402
 
 K, N = 3, 4                                     # views, samples per view per rank
 
@@ -51,9 +49,7 @@ def main(out: str, backends: list[str]):
     # gloo/compiled-graph teardown, not the synchronised BatchNorm this test is about; once in make test); ending
     # here, 0 of 149 runs did.
     dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now(0)
 
 
 def gather_paths() -> list[dict]:

@@ -130,3 +130,14 @@ def test_both_all_gather_names_agree_on_two_gloo_ranks(tmp_path):
         assert sorted(per_name) == sorted(have)                             # every name this torch has, ran
         for name, err in per_name.items():
             assert err == {"out": 0.0, "grad": 0.0}, (name, err)
+
+
+def test_a_process_holding_its_group_ends_with_its_output_and_status_but_no_teardown():
+    # The multi-process commands (fastmveb.train, fastmveb.eval finetune) hold their Accelerator and end through
+    # end_process: same exit status, everything printed flushed, no destructor or atexit hook run.
+    code = ("import atexit, sys\nfrom fastmveb.compat import end_process, hold_until_exit\n"
+            "atexit.register(print, 'teardown')\nprint('result')\n"
+            "if sys.argv[1] == 'held':\n    hold_until_exit(object())\nsys.exit(end_process(3))\n")
+    for mode, printed in (("held", ["result"]), ("not held", ["result", "teardown"])):
+        r = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3 and r.stdout.split() == printed, (mode, r)
