@@ -5,7 +5,7 @@ every name below is torch's own function, so nothing changes there; the fallback
     all_gather_autograd(x, gather_dim, group)   differentiable all-gather (functional collective, traced by dynamo)
     foreach_clone(tensors)                      a copy of each tensor (torch._foreach_clone)
 
-And the end of a multi-process run (hold_until_exit, end_process, exit_now): see end_process.
+And the end of a multi-process command (hold_process_group, end_process, exit_now): see below.
 """
 from __future__ import annotations
 
@@ -50,16 +50,18 @@ else:                                           # a torch built without torch.di
 # ---- ending a process that ran collectives -------------------------------------------------------------------
 # torch 2.11's gloo process group can deadlock when it is freed: its destructor joins gloo's worker threads while
 # holding the GIL, and a worker thread that is just dropping a finished collective's tensors waits for the GIL.
-# Measured: 2 of 4 two-process CPU trainings hung for good after their last line (freeing the DDP model when
-# main() returned). A process that ran collectives therefore keeps what owns its process group alive and ends with
-# os._exit once its results are written, so the group is never freed; the launcher sees the same exit status.
+# Measured: 2 of 5 two-process CPU trainings hung for good after their last line (gdb: ~ProcessGroupGloo joining
+# its run loop, reached from ~Reducer when main() returned and freed the DDP model). So a command that ran
+# collectives keeps its process group alive and ends with os._exit once its results are written: the group is
+# never freed, and the launcher sees the same exit status.
 _HELD: list = []
 
 
-def hold_until_exit(*objs) -> None:
-    """Keep ``objs`` (e.g. the Accelerator, which holds the DDP model and its process group) alive until the
-    process ends; end_process then ends it without the interpreter's teardown."""
-    _HELD.extend(objs)
+def hold_process_group() -> None:
+    """Keep this process's default process group (if one is initialised) alive until the process ends, so that
+    neither freeing the DDP model nor destroy_process_group frees it; end_process then ends the process."""
+    if dist.is_available() and dist.is_initialized():
+        _HELD.append(dist.group.WORLD)
 
 
 def exit_now(status: int):
@@ -71,7 +73,7 @@ def exit_now(status: int):
 
 
 def end_process(status: int) -> int:
-    """The end of a command: exit_now(status) when hold_until_exit holds something, else ``status`` back."""
+    """The end of a command: exit_now(status) when hold_process_group holds a group, else ``status`` back."""
     if _HELD:
         exit_now(status)
     return status

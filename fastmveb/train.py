@@ -35,7 +35,7 @@ from fastmveb import checkpoint as ckpt
 from fastmveb import throughput
 from fastmveb.batchnorm import views
 from fastmveb.build import build_training, make_accelerator
-from fastmveb.compat import end_process, hold_until_exit
+from fastmveb.compat import end_process, hold_process_group
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, num_classes, set_epoch, train_loader_from_config, unpack_train_batch
 from fastmveb.elastic import PREEMPT_SIGNALS, PREEMPTED_EXIT, Preemption, lost_peer
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- accelerator and run dir -------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if world > 1:
-        hold_until_exit(accelerator)      # its DDP model is never freed: cli() ends the process (compat.end_process)
+    hold_process_group()                  # never freed (torch 2.11's gloo can hang there): cli() ends the process
     main_proc = accelerator.is_main_process
     if world != plan.world_size:                                      # a launcher that left WORLD_SIZE unset
         raise UserError(f"{world} processes but WORLD_SIZE={plan.world_size}; launch with torchrun or accelerate "

@@ -132,12 +132,16 @@ def test_both_all_gather_names_agree_on_two_gloo_ranks(tmp_path):
             assert err == {"out": 0.0, "grad": 0.0}, (name, err)
 
 
-def test_a_process_holding_its_group_ends_with_its_output_and_status_but_no_teardown():
-    # The multi-process commands (fastmveb.train, fastmveb.eval finetune) hold their Accelerator and end through
+def test_a_process_holding_its_group_ends_with_its_output_and_status_but_no_teardown(tmp_path):
+    # The multi-process commands (fastmveb.train, fastmveb.eval finetune) hold their process group and end through
     # end_process: same exit status, everything printed flushed, no destructor or atexit hook run.
-    code = ("import atexit, sys\nfrom fastmveb.compat import end_process, hold_until_exit\n"
-            "atexit.register(print, 'teardown')\nprint('result')\n"
-            "if sys.argv[1] == 'held':\n    hold_until_exit(object())\nsys.exit(end_process(3))\n")
-    for mode, printed in (("held", ["result"]), ("not held", ["result", "teardown"])):
-        r = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code = ("import atexit, os, sys\nimport torch.distributed as dist\n"
+            "from fastmveb.compat import end_process, hold_process_group\n"
+            "atexit.register(print, 'teardown')\n"
+            "if sys.argv[1] == 'group':\n"
+            "    dist.init_process_group('gloo', init_method='file://' + sys.argv[2], rank=0, world_size=1)\n"
+            "hold_process_group()\nprint('result')\nsys.exit(end_process(3))\n")
+    for mode, printed in (("group", ["result"]), ("no group", ["result", "teardown"])):
+        r = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / mode.replace(" ", "_"))], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 3 and r.stdout.split() == printed, (mode, r)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.compat import end_process, hold_until_exit
+from fastmveb.compat import end_process, hold_process_group
 from fastmveb.errors import RunError, run_cli
 from fastmveb.eval.features import load_run_backbone
 
@@ -148,8 +148,7 @@ def run(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
     accelerator = _finetune_accelerator(args, device) if args.cmd == "finetune" else None
-    if accelerator is not None and accelerator.num_processes > 1:
-        hold_until_exit(accelerator)      # its DDP model is never freed: cli() ends the process (compat.end_process)
+    hold_process_group()                  # never freed (torch 2.11's gloo can hang there): cli() ends the process
     if accelerator is not None and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         device = accelerator.device                                   # one GPU per process (torchrun)
     amp = {"bf16": torch.bfloat16, "no": None}.get(args.amp)
