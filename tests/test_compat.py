@@ -113,6 +113,14 @@ def test_make_test_torch_pairs_torch_with_its_torchvision():
     assert r.returncode == 0, r.stderr
     assert "torch===2.11.0 torchvision===0.26.0" in r.stdout
     assert "-m pytest -q -m \"not slow and not gpu\"" in r.stdout and ".venv-torch2.11.0/bin/python" in r.stdout
+    # TORCH_PY: the interpreter the venv is made with; none found for PYVER: one line
+    r = subprocess.run(["make", "-n", "-B", "--no-print-directory", "test-torch", "TORCH=2.12.1",
+                        "TORCH_PY=/opt/py/bin/python3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "/opt/py/bin/python3 -m venv .venv-torch2.12.1" in r.stdout and "torchvision===0.27.1" in r.stdout, r.stdout
+    r = subprocess.run(["make", "-s", "--no-print-directory", "test-torch", "TORCH=2.11.0", "PYVER=3.99", "TORCH_PY="],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    ours = [ln for ln in r.stderr.splitlines() if not ln.startswith("make:")]
+    assert r.returncode == 2 and len(ours) == 1 and ours[0].startswith("error: no Python 3.99 found"), r.stderr
 
 
 def test_both_all_gather_names_agree_on_two_gloo_ranks(tmp_path):
