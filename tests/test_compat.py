@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -20,6 +21,12 @@ from fastmveb.optim import LARS, param_groups
 from test_optim import random_grads, reference_lars, tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
+# make's own lines ("make: ***", "make[1]: ***" when the suite itself runs under make test-torch)
+MAKE_LINE = re.compile(r"^make(\[\d+\])?: ")
+# Without the caller's make variables (under make test-torch TORCH=... they are in the environment): a TORCH or
+# PYTEST_ARGS from there would turn the refusal below into a recursive run of the suite.
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH", "TORCH_PY",
+                                                              "PYVER", "PYTEST_ARGS", "TEST_WORKERS")}
 
 
 def test_the_installed_torch_gets_its_own_functions():
@@ -96,11 +103,11 @@ def test_lars_without_weight_decay_is_the_same_on_both_paths(monkeypatch):
 
 
 def test_make_test_torch_refuses_an_unknown_torch_in_one_line():
-    for bad in (["TORCH=9.9"], []):
-        r = subprocess.run(["make", "--no-print-directory", "-s", "test-torch", *bad], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60)
+    for bad in (["TORCH=9.9"], ["TORCH="]):
+        r = subprocess.run(["make", "--no-print-directory", "-s", "test-torch", *bad], cwd=ROOT, env=MAKE_ENV,
+                           capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r
-        ours = [ln for ln in r.stderr.splitlines() if not ln.startswith("make:")]   # make adds its own "Error 2"
+        ours = [ln for ln in r.stderr.splitlines() if not MAKE_LINE.match(ln)]     # make adds its own "Error 2"
         assert len(ours) == 1 and ours[0].startswith("error: TORCH="), r.stderr
         assert "2.11.0" in ours[0] and "2.14.1" in ours[0], ours[0]                  # names the supported ones
         assert not (ROOT / ".venv-torch9.9").exists() and r.stdout == ""
@@ -109,17 +116,18 @@ def test_make_test_torch_refuses_an_unknown_torch_in_one_line():
 def test_make_test_torch_pairs_torch_with_its_torchvision():
     # -B: the whole recipe even where that venv is already built
     r = subprocess.run(["make", "-n", "-B", "--no-print-directory", "test-torch", "TORCH=2.11.0"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       env=MAKE_ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "torch===2.11.0 torchvision===0.26.0" in r.stdout
     assert "-m pytest -q -m \"not slow and not gpu\"" in r.stdout and ".venv-torch2.11.0/bin/python" in r.stdout
     # TORCH_PY: the interpreter the venv is made with; none found for PYVER: one line
     r = subprocess.run(["make", "-n", "-B", "--no-print-directory", "test-torch", "TORCH=2.12.1",
-                        "TORCH_PY=/opt/py/bin/python3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                        "TORCH_PY=/opt/py/bin/python3"], cwd=ROOT, env=MAKE_ENV, capture_output=True, text=True,
+                       timeout=60)
     assert "/opt/py/bin/python3 -m venv .venv-torch2.12.1" in r.stdout and "torchvision===0.27.1" in r.stdout, r.stdout
     r = subprocess.run(["make", "-s", "--no-print-directory", "test-torch", "TORCH=2.11.0", "PYVER=3.99", "TORCH_PY="],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    ours = [ln for ln in r.stderr.splitlines() if not ln.startswith("make:")]
+                       cwd=ROOT, env=MAKE_ENV, capture_output=True, text=True, timeout=60)
+    ours = [ln for ln in r.stderr.splitlines() if not MAKE_LINE.match(ln)]
     assert r.returncode == 2 and len(ours) == 1 and ours[0].startswith("error: no Python 3.99 found"), r.stderr
 
 
