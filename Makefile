@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 PYVER     ?= 3.12
 
-.PHONY: setup beton demo test test-all bench gpu-check wheelhouse clean
+.PHONY: setup beton demo test test-all test-torch bench gpu-check wheelhouse clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,34 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
+# make test-torch TORCH=2.11.0: the fast suite under another supported torch, in its own .venv-torch$(TORCH) (built
+# once, with Python $(PYVER): pyenv's when it has one, as on the GPU host) holding that torch with its torchvision.
+# The other packages keep constraints.txt's pins, except those that come with the pinned torch's own build (triton,
+# nvidia-*, cuda-*): pip picks the ones this torch asks for.
+TORCH     ?=
+TORCH_PAIRS := 2.11.0:0.26.0 2.12.0:0.27.0 2.12.1:0.27.1 2.13.0:0.28.0 2.14.0:0.29.0 2.14.1:0.29.1
+TORCHVISION = $(patsubst $(TORCH):%,%,$(filter $(TORCH):%,$(TORCH_PAIRS)))
+TORCH_VENV = .venv-torch$(TORCH)
+TORCH_PY  ?= $(or $(lastword $(wildcard $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)/versions/$(PYVER).*/bin/python$(PYVER))),$(shell command -v python$(PYVER)))
+test-torch:
+	@$(if $(and $(TORCH),$(TORCHVISION)),,echo "error: TORCH='$(TORCH)' is not a supported torch; give one of $(foreach p,$(TORCH_PAIRS),$(firstword $(subst :, ,$(p)))) (e.g. make test-torch TORCH=2.11.0)" >&2; exit 2)
+	@$(if $(TORCH_PY),,echo "error: no Python $(PYVER) found (pyenv or python$(PYVER) on PATH); install it or give PYVER=3.x / TORCH_PY=/path/to/python" >&2; exit 2)
+	@test ! -x $(TORCH_VENV)/bin/python || $(TORCH_VENV)/bin/python -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$(PYVER)'.split('.'))))" || { echo "error: $(TORCH_VENV) was built with another Python than PYVER=$(PYVER); give its PYVER or remove it (rm -r $(TORCH_VENV))" >&2; exit 2; }
+	@$(MAKE) --no-print-directory $(TORCH_VENV)/.fastmveb-installed TORCH=$(TORCH)
+	$(TORCH_VENV)/bin/python -m pytest -q -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+
+.venv-torch%/.fastmveb-installed: pyproject.toml constraints.txt scripts/system_deps.sh Makefile
+	@bash scripts/system_deps.sh
+	@test -x $(TORCH_VENV)/bin/python || $(TORCH_PY) -m venv $(TORCH_VENV)
+	@# pip only: setuptools is what this torch asks for (torch 2.11 wants setuptools<82)
+	@$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	@grep -Ev '^(torch|torchvision|triton|nvidia-|cuda-)' constraints.txt > $(TORCH_VENV)/constraints.txt
+	@# '===': exactly the registry build, never a local variant such as 2.13.0+cpu (registry torchvision fails on it).
+	$(TORCH_VENV)/bin/python -m pip install -q -c $(TORCH_VENV)/constraints.txt torch===$(TORCH) torchvision===$(TORCHVISION)
+	$(TORCH_VENV)/bin/python -m pip install -q -c $(TORCH_VENV)/constraints.txt -e '.[test]'
+	@$(TORCH_VENV)/bin/python -c "import torch, torchvision, ffcv, kornia, accelerate; assert torch.__version__.split('+')[0] == '$(TORCH)', torch.__version__; import sys; print('$(TORCH_VENV) ok: Python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	@touch $@
+
 bench: setup data/synthetic/train.beton
 	$(BIN)/python -m fastmveb.bench $(BENCH) $(BENCH_ARGS)
 
@@ -69,4 +97,4 @@ wheelhouse: setup
 	PYVER=$(PYVER) OUT=$(if $(filter command environment,$(origin OUT)),$(OUT),wheelhouse) bash scripts/wheelhouse.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-torch* build *.egg-info

@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastmveb.compat import all_gather_autograd
+
 
 class _Views:
     """How many equal chunks (views) the next forward's batch holds; set by ``views(k)``. A plain global
@@ -107,9 +109,8 @@ class ViewBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.world > 1:
             # One differentiable all-gather of (mean, var) per layer; backward is a reduce-scatter, so every
             # process gets the gradient of all processes' losses w.r.t. its inputs (as SyncBatchNorm does).
-            from torch.distributed._functional_collectives import all_gather_single_autograd
             group = self.group if self.group is not None else dist.group.WORLD
-            both = all_gather_single_autograd(torch.stack([mean, var]), 0, group)   # (world*2, k, C)
+            both = all_gather_autograd(torch.stack([mean, var]), 0, group)          # (world*2, k, C)
             both = both.unflatten(0, (self.world, 2))
             means, vars_ = both[:, 0], both[:, 1]                                  # (world, k, C)
             mean = means.mean(0)

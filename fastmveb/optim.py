@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from fastmveb.compat import foreach_clone
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups by tensor rank: ndim >= 2 get weight decay and LARS scaling, 1-D tensors get neither.
@@ -85,7 +87,7 @@ class LARS(torch.optim.Optimizer):
             if group["lars_exclude"]:
                 d = grads
             else:
-                d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else torch._foreach_clone(grads)
+                d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else foreach_clone(grads)
                 p_norm = torch.stack(torch._foreach_norm(params))
                 d_norm = torch.stack(torch._foreach_norm(d))
                 # Computed for every tensor, selected by where: the 0/0 of an untouched tensor is discarded.

@@ -35,6 +35,7 @@ from fastmveb import checkpoint as ckpt
 from fastmveb import throughput
 from fastmveb.batchnorm import views
 from fastmveb.build import build_training, make_accelerator
+from fastmveb.compat import end_process, hold_process_group
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, num_classes, set_epoch, train_loader_from_config, unpack_train_batch
 from fastmveb.elastic import Preemption, lost_peer, stop_status
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- accelerator and run dir -------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    hold_process_group()                  # never freed (torch 2.11's gloo can hang there): cli() ends the process
     main_proc = accelerator.is_main_process
     if world != plan.world_size:                                      # a launcher that left WORLD_SIZE unset
         raise UserError(f"{world} processes but WORLD_SIZE={plan.world_size}; launch with torchrun or accelerate "
@@ -505,7 +507,7 @@ def cli(argv: list[str] | None = None) -> int:
     """The command (fastmveb-train, python -m fastmveb.train, accelerate launch [-m] fastmveb[/.]train): main()
     with bad input, a failed checkpoint save (a full disk) or a lost peer as one line instead of a traceback."""
     try:
-        return run_cli(main, argv)
+        return end_process(run_cli(main, argv))
     except Exception as e:                                           # noqa: BLE001 -- only a lost peer is caught
         line = lost_peer(e)
         if line is None:

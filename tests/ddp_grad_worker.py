@@ -15,6 +15,7 @@ from fastmveb.config import ModelConfig  # noqa: E402
 from fastmveb.loss import mveb_loss  # noqa: E402
 from fastmveb.model import MVEBModel  # noqa: E402
 from fastmveb.build import MultiView  # noqa: E402
+from fastmveb.compat import exit_now  # noqa: E402
 
 
 def objective(net, v, t, group="local"):
@@ -49,10 +50,10 @@ def main(out: str):
         Path(out).write_text(json.dumps({"world": acc.num_processes, "max_rel_err": worst,
                                          "local_grad_sums": [float(x) for x in all_d],
                                          "accum_max_rel_err": accum_err, "first_micro_step_unsynced": unsynced}))
-    # Tear the group down before exit: an interpreter exit with gloo threads still up aborted rank 0
-    # ("terminate called without an active exception") once in a clean-clone CI run.
+    # Every collective is done on both ranks once they pass the barrier: end here, without freeing the process
+    # group (torch 2.11's gloo destructor can deadlock; fastmveb.compat.end_process says why).
     acc.wait_for_everyone()
-    dist.destroy_process_group()
+    exit_now(0)
 
 
 def accumulation(acc, net, local, v, t):

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastmveb.compat import exit_now  # noqa: E402
 from fastmveb.data import eval_loader  # noqa: E402
 from fastmveb.eval.knn import distributed_knn, knn_eval  # noqa: E402
 from fastmveb.model import build_backbone  # noqa: E402
@@ -39,7 +40,8 @@ def main(betons: str, out: str):
     dist.all_gather_object(every, results)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(every))
-    dist.destroy_process_group()
+    dist.barrier()                        # end without freeing the process group (fastmveb.compat.end_process)
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from fastmveb.compat import end_process, hold_process_group
 from fastmveb.config import CHOICES
 from fastmveb.errors import RunError, run_cli
 from fastmveb.eval.features import HEAD_FILE, load_run_backbone
@@ -206,6 +207,7 @@ def run(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
     accelerator = _finetune_accelerator(args, device) if args.cmd == "finetune" else None
+    hold_process_group()                  # never freed (torch 2.11's gloo can hang there): cli() ends the process
     if accelerator is not None and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         device = accelerator.device                                   # one GPU per process (torchrun)
     amp = {"bf16": torch.bfloat16, "no": None}.get(args.amp)
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """``fastmveb-eval``: main with a UserError as one ``error: ...`` line and exit status 2."""
-    return run_cli(main, argv)
+    return end_process(run_cli(main, argv))
 
 
 if __name__ == "__main__":
