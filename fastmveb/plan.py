@@ -251,7 +251,8 @@ def estimate_memory(cfg: Config, micro: int, per_process: int, world_size: int) 
     if v.n_local:
         act += v.n_local * saved_bytes_per_sample(model, v.local_size, bf16)
     n_params = sum(p.numel() for p in model.parameters())
-    copies = 4 + (1 if world_size > 1 else 0)                 # weights, grads, LARS momentum, EMA (+ DDP buckets)
+    # weights, grads, LARS momentum (AdamW: two moments), EMA (+ DDP buckets)
+    copies = 4 + (1 if cfg.optim.name == "adamw" else 0) + (1 if world_size > 1 else 0)
     view_bytes = (2 if v.dtype == "bfloat16" else 4) * 3 * (2 * v.global_size ** 2 + v.n_local * v.local_size ** 2)
     gib = 2 ** 30
     parts = {"activations": micro * act / gib,

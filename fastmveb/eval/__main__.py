@@ -128,7 +128,7 @@ def run(args) -> dict:
             raise RunError(f"no config.yaml in '{run_dir}'")
         cfg = load_config(run_dir / "config.yaml")                    # a ConfigError is a UserError: one line
         torch.manual_seed(args.seed)
-        backbone, _ = build_backbone(cfg.model.arch, cfg.model.zero_init_residual)
+        backbone, _ = build_backbone(cfg.model)
         ck = {}
     else:
         backbone, info = load_run_backbone(args.run, args.ckpt, args.which)
@@ -153,7 +153,8 @@ def run(args) -> dict:
     if args.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else None
     backbone.to(device)
-    if device.type == "cuda" and cfg.model.channels_last:
+    from fastmveb.backbones import channels_last_helps
+    if device.type == "cuda" and cfg.model.channels_last and channels_last_helps(cfg.model):
         backbone.to(memory_format=torch.channels_last)
     workers = max(1, min(args.num_workers or cfg.data.num_workers, os.cpu_count() or 1))
     bs = args.batch_size or cfg.data.eval_batch_size
