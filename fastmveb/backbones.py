@@ -33,8 +33,8 @@ import torch
 import torchvision
 from torch import nn
 
-FAMILIES = "a torchvision ResNet (resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d, ..., or resnet10) or " \
-           "any timm model as timm:NAME (e.g. timm:vit_small_patch16_224, timm:convnext_tiny)"
+FAMILIES = ("a torchvision ResNet (resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2, resnext50_32x4d, "
+            "..., or resnet10) or any timm model as timm:NAME (e.g. timm:vit_small_patch16_224, timm:convnext_tiny)")
 TIMM = "timm:"
 # The ModelConfig keys that shape a timm model (0 = the model's own value), passed to timm.create_model.
 TIMM_SHAPE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
