@@ -143,6 +143,8 @@ def run(args) -> dict:
         if args.size < 1:
             raise RunError(f"--size must be >= 1, got {args.size}")
         cfg.eval.size = args.size
+        from fastmveb.backbones import check_model_config
+        check_model_config(cfg)                                       # a ViT: --size a multiple of its patch
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
