@@ -271,3 +271,16 @@ def test_a_format_that_does_not_apply_is_one_line(vit_run, small_betons, tmp_pat
     assert one_line_error(r) == ("error: --format timm does not apply to resnet10: its formats are torchvision, "
                                  "detectron2")
     assert not (tmp_path / "rn.pth").exists()
+
+
+def test_compiled_vit_step_equals_the_eager_one(small_betons, tmp_path):
+    # torch.compile (the cheap aot_eager backend) through timm's ViT with dynamic image size: one graph per view
+    # size, the same losses as eager (drop path off: the compiled graph draws its randomness apart).
+    extra = {**TINY_VIT, "model.drop_path": 0.0, "train.max_steps": 2}
+    assert run_main(tiny_overrides(small_betons, tmp_path, "eager", **extra)) == 0
+    assert run_main(tiny_overrides(small_betons, tmp_path, "compiled", **extra, **{
+        "train.compile": "true", "train.compile_backend": "aot_eager"})) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2] and json.loads((tmp_path / "compiled" / "meta.json").read_text())["compile"]
+    for step in (1, 2):
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5), (eager, compiled)
