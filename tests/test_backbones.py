@@ -284,3 +284,24 @@ def test_compiled_vit_step_equals_the_eager_one(small_betons, tmp_path):
     assert sorted(compiled) == [1, 2] and json.loads((tmp_path / "compiled" / "meta.json").read_text())["compile"]
     for step in (1, 2):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5), (eager, compiled)
+
+
+def test_vit_finetune_adamw_with_layer_wise_lr_decay(vit_run, capsys):
+    from fastmveb.eval.__main__ import main
+    from fastmveb.eval.finetune import adamw_groups
+    net = build(VIT_CFG).net
+    groups = adamw_groups(net, nn.Linear(48, 4), 0.05, 0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    # 2 blocks: embeddings 0.5^2, block 0 0.5, the last block, the final norm and the head 1
+    assert scale[id(net.pos_embed)] == pytest.approx(0.25) and wd[id(net.pos_embed)] == 0
+    assert scale[id(net.blocks[0].attn.qkv.weight)] == pytest.approx(0.5) and wd[id(net.blocks[1].mlp.fc1.weight)] == 0.05
+    assert scale[id(net.blocks[1].attn.qkv.weight)] == 1.0 and scale[id(net.norm.weight)] == 1.0
+    assert len(scale) == len(list(net.parameters())) + 2                      # every tensor once, and the head
+    args = ["finetune", "--run", str(vit_run), "--fraction", "0.2", "--epochs", "1", "--batch", "16",
+            "--num-workers", "1", "--device", "cpu", "--no-log"]
+    assert main(args + ["--optimizer", "adamw", "--layer-decay", "0.65"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    from fastmveb.errors import RunError
+    with pytest.raises(RunError, match="--layer-decay needs --optimizer adamw"):      # sgd has no layer decay
+        main(args + ["--layer-decay", "0.65"])

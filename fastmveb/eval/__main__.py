@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, help="base lr, scaled by batch/256 (default 0.05, SimCLR)")
     ft.add_argument("--batch", type=int, default=256, help="fine-tuning batch (default 256; capped at the subset size)")
     ft.add_argument("--val-every", type=int, default=0, help="also validate every N epochs (default: after the last only)")
+    ft.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd: the semi-supervised protocol "
+                    "(default); adamw: the usual ViT fine-tuning, base lr 5e-4, weight decay 0.05, layer-wise lr "
+                    "decay (--layer-decay)")
+    ft.add_argument("--layer-decay", type=float, help="adamw on a timm model with blocks: each block's lr x this per "
+                    "block below the head (default 0.75; 1 = off)")
     return ap
 
 
@@ -280,7 +285,18 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
         idx = ft.balanced_subset(y, args.fraction, args.seed)
     fraction = len(idx) / len(y)                                      # as selected (a --subset list's own share)
     epochs = args.epochs if args.epochs is not None else ft.default_epochs(args.fraction or fraction)
-    base_lr = args.lr if args.lr is not None else ft.BASE_LR
+    adamw = args.optimizer == "adamw"
+    base_lr = args.lr if args.lr is not None else (ft.ADAMW_BASE_LR if adamw else ft.BASE_LR)
+    layer_decay = 1.0
+    if args.layer_decay is not None or adamw:
+        layer_decay = args.layer_decay if args.layer_decay is not None else ft.LAYER_DECAY
+        if not adamw or not 0 < layer_decay <= 1:
+            raise RunError(f"--layer-decay needs --optimizer adamw and a value in (0, 1]; got {args.optimizer} and "
+                           f"{layer_decay}")
+        if not hasattr(backbone, "group_matcher"):
+            if args.layer_decay is not None and layer_decay != 1.0:
+                raise RunError(f"--layer-decay applies to timm models with blocks, not {cfg.model.arch}; leave it out")
+            layer_decay = 1.0
     if epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {epochs}")
     world = accelerator.num_processes if accelerator is not None else 1
@@ -304,8 +320,10 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     r = ft.finetune(backbone, train, val, device, cfg.views.mean, cfg.views.std, int(y.max()) + 1, epochs,
                     base_lr=base_lr, crop_size=cfg.eval.size, amp_dtype=amp, seed=args.seed, val_every=args.val_every,
                     log=(lambda s: print(s, flush=True)) if main_process else None,
-                    set_epoch=lambda e: set_epoch(train, e), accelerator=accelerator)
-    return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr)
+                    set_epoch=lambda e: set_epoch(train, e), accelerator=accelerator, optimizer=args.optimizer,
+                    layer_decay=layer_decay, weight_decay=ft.ADAMW_WEIGHT_DECAY if adamw else 0.0)
+    return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr,
+                optimizer=args.optimizer, layer_decay=layer_decay)
 
 
 def _save_head(run_dir: Path, head: dict, ckpt_name: str, which: str, mode: str, top1: float) -> None:
