@@ -305,3 +305,22 @@ def test_vit_finetune_adamw_with_layer_wise_lr_decay(vit_run, capsys):
     from fastmveb.errors import RunError
     with pytest.raises(RunError, match="--layer-decay needs --optimizer adamw"):      # sgd has no layer decay
         main(args + ["--layer-decay", "0.65"])
+
+
+@pytest.mark.slow
+def test_tiny_vit_recipe_learns_on_the_synthetic_set(tmp_path):
+    """rcs/tiny_vit.yaml (414 steps) on the default synthetic set: kNN top-1 of the trained ViT well above the same
+    ViT at its random initialisation. Measured at train.seed 0: 55.0% trained against 17.0% at random init (the
+    ResNet demo, rcs/tiny.yaml: 68.0% against 21.2%)."""
+    from test_train import TRAIN
+    data = tmp_path / "syn"
+    subprocess.run([sys.executable, "-m", "dataset_prep", "synthetic", "--out", str(data), "--quiet"], check=True,
+                   cwd=ROOT, timeout=1800)
+    r = subprocess.run([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny_vit.yaml"),
+                        f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'val.beton'}",
+                        f"train.run_dir={tmp_path}", "train.name=vit", "train.progress=false",
+                        "train.ckpt_every_epochs=0"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    knn = [json.loads(ln) for ln in (tmp_path / "vit" / "metrics.jsonl").read_text().splitlines()][-1]
+    print(knn)
+    assert knn["random_knn_top1"] <= 30 and knn["final_knn_top1"] >= knn["random_knn_top1"] + 20, knn
