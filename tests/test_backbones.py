@@ -324,3 +324,19 @@ def test_tiny_vit_recipe_learns_on_the_synthetic_set(tmp_path):
     knn = [json.loads(ln) for ln in (tmp_path / "vit" / "metrics.jsonl").read_text().splitlines()][-1]
     print(knn)
     assert knn["random_knn_top1"] <= 30 and knn["final_knn_top1"] >= knn["random_knn_top1"] + 20, knn
+
+
+def test_vit_entropy_term_prevents_collapse(small_betons, tmp_path):
+    # test_learning's collapse check on the tiny ViT: the same 60 steps with and without the entropy term.
+    # Measured (seed 0): uniformity -0.398 with the entropy term, -0.023 without (0 = every embedding equal).
+    rows = {}
+    for name, lam in (("mveb", 0.01), ("align_only", 0.0)):
+        extra = {**TINY_VIT, "model.drop_path": 0.0, "optim.clip_grad": 0.0, "optim.base_lr": 0.04,
+                 "loss.lam": lam, "optim.epochs": 6, "train.log_every": 10, "train.deterministic": "false",
+                 "train.ckpt_every_epochs": 0}
+        assert run_main(tiny_overrides(small_betons, tmp_path, name, **extra)) == 0
+        rows[name] = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if "erank" in ln][-1]
+    print({n: {k: r[k] for k in ("erank", "uniformity", "align")} for n, r in rows.items()})
+    assert rows["align_only"]["uniformity"] > -0.2, "alignment alone should be close to collapse"
+    assert rows["mveb"]["uniformity"] < rows["align_only"]["uniformity"] - 0.2
