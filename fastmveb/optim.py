@@ -255,6 +255,10 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != p.device:
+                    # torch's load_state_dict leaves "step" where the checkpoint was loaded (the CPU): once, to the
+                    # parameter's device, so the bias corrections never mix devices or read back to the host
+                    state["step"] = state["step"].to(p.device)
                 m.append(state["exp_avg"])
                 v.append(state["exp_avg_sq"])
                 t.append(state["step"])
