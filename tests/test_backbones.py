@@ -340,3 +340,22 @@ def test_vit_entropy_term_prevents_collapse(small_betons, tmp_path):
     print({n: {k: r[k] for k in ("erank", "uniformity", "align")} for n, r in rows.items()})
     assert rows["align_only"]["uniformity"] > -0.2, "alignment alone should be close to collapse"
     assert rows["mveb"]["uniformity"] < rows["align_only"]["uniformity"] - 0.2
+
+
+def test_tiny_vit_on_two_gloo_processes(small_betons, tmp_path):
+    # DDP over 2 CPU processes with a ViT (no BatchNorm in the backbone; the projector's is synchronised) and AdamW,
+    # 2 accumulated micro-batches per process, 2 steps.
+    import os
+    from test_train import TRAIN
+    args = tiny_overrides(small_betons, tmp_path, "ddp", **TINY_VIT, **{
+        "train.max_steps": 2, "train.deterministic": "false", "model.sync_bn": "true",
+        "data.global_batch_size": 32, "data.per_device_batch_size": 8})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + (os.getpid() + 7) % 1000), TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "ddp" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["accum_steps"] == 2
+    ls = losses(tmp_path / "ddp")
+    assert sorted(ls) == [1, 2] and all(torch.isfinite(torch.tensor(list(ls.values()))))
