@@ -54,6 +54,13 @@ def _load() -> float:
         return float("nan")
 
 
+# Config keys added after the figures were measured whose default is the behaviour before them (other backbones
+# and optimizers): at that default they are not part of the fingerprint.
+ADDED_AT_NEUTRAL_DEFAULT = ("model.drop_path", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
+                            "model.num_heads", "optim.name", "optim.weight_decay_end", "optim.betas",
+                            "optim.clip_grad")
+
+
 def fingerprint(cfg) -> dict:
     """What the demo's figures depend on besides the code: the resolved run config (every key that can change the
     weights, overrides included)
@@ -65,7 +72,11 @@ def fingerprint(cfg) -> dict:
     from fastmveb.config import HARMLESS, to_dict
     # Keys marked harmless (config.opt) cannot alter the weights, so they cannot change the figures: a new key of
     # that kind (train.collective_timeout_s) leaves the committed figures valid.
-    tree = {sec: {k: v for k, v in keys.items() if f"{sec}.{k}" not in HARMLESS} for sec, keys in to_dict(cfg).items()}
+    # Keys added since at a default that keeps the old behaviour are left out too, so they do not stale the figures.
+    default = to_dict(type(cfg)())
+    tree = {sec: {k: v for k, v in keys.items() if f"{sec}.{k}" not in HARMLESS
+                  and not (f"{sec}.{k}" in ADDED_AT_NEUTRAL_DEFAULT and v == default[sec][k])}
+            for sec, keys in to_dict(cfg).items()}
     config = json.dumps(tree, sort_keys=True, default=str)
     data = hashlib.sha256()
     for k in range(len(CLASSES)):
