@@ -21,7 +21,7 @@ from torch import nn
 
 from .batchnorm import convert_batchnorm, views
 from .model import MVEBModel, make_target
-from .optim import LARS, param_groups
+from .optim import LARS, make_optimizer, param_groups
 from .views import ViewMaker
 
 
@@ -95,7 +95,7 @@ class Training:
     target: nn.Module
     probe: nn.Module | None
     net: nn.Module
-    optimizer: "LARS"
+    optimizer: "LARS"                  # or optim.AdamW (optim.name)
     net_c: Callable
     target_c: Callable
     use_compile: bool
@@ -114,7 +114,9 @@ def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = N
     num_classes: size of the online linear probe (cfg.eval.online_linear), None for no probe."""
     device = accelerator.device
     model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=cfg.model.sync_bn)   # per-view BN
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    # channels-last where the backbone's family says it helps (convnets; a ViT's input stays contiguous)
+    memory_format = torch.channels_last if cfg.model.channels_last and model.channels_last_helps \
+        else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     target = make_target(model)
     probe = None
@@ -122,8 +124,7 @@ def build_training(cfg, accelerator, lr_peak: float, num_classes: int | None = N
         from .eval.online import OnlineLinearProbe
         probe = convert_batchnorm(OnlineLinearProbe(model.feat_dim, num_classes), sync=cfg.model.sync_bn).to(device)
     net = MultiView(model, probe)
-    optimizer = LARS(param_groups(net, cfg.optim.weight_decay), lr=lr_peak, weight_decay=cfg.optim.weight_decay,
-                     momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef)
+    optimizer = make_optimizer(cfg, param_groups(net, cfg.optim.weight_decay), lr_peak)   # LARS or AdamW
     net = accelerator.prepare(net)                                    # DDP when world > 1; FFCV shards itself
     use_compile = uses_compile(cfg, device)
     # dynamic=False: one specialised graph per input size; progressive resolution has a handful of sizes, each

@@ -162,14 +162,24 @@ class ViewsConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("resnet50")      # torchvision ResNets (resnet18/34/50/101/152, wide_resnet50_2, ...) + "resnet10"
+    # torchvision ResNets (resnet18/34/50/101/152, wide_resnet50_2, ...) + "resnet10", or any timm model as
+    # timm:NAME (timm:vit_small_patch16_224, timm:convnext_tiny); fastmveb/backbones.py
+    arch: str = opt("resnet50")
     zero_init_residual: bool = opt(True)
     proj_hidden: int = opt(2048, _ONE_UP)
     proj_out: int = opt(2048, _ONE_UP)
     proj_layers: int = opt(3, _ONE_UP)
     ema_momentum: float = opt(0.996, _UNIT)   # base momentum; cosine schedule to 1.0 over training
     sync_bn: bool = opt(True)        # BatchNorm statistics over all processes (per view; fastmveb/batchnorm.py)
-    channels_last: bool = opt(True)
+    channels_last: bool = opt(True)          # applied where the backbone's family says it helps (convnets)
+    drop_path: float = opt(0.0, Range(0, 1, hi_open=True))   # timm models: stochastic depth (drop_path_rate)
+    # timm models: the shape passed to timm.create_model, 0 = the named model's own (a small ViT for the CPU:
+    # rcs/tiny_vit.yaml). A ViT's view and evaluation sizes must be multiples of its patch size.
+    img_size: int = opt(0, _NONNEG)          # the position-embedding grid's image side (other sizes interpolate)
+    patch_size: int = opt(0, _NONNEG)
+    embed_dim: int = opt(0, _NONNEG)
+    depth: int = opt(0, _NONNEG)
+    num_heads: int = opt(0, _NONNEG)
 
 
 @dataclass
@@ -182,10 +192,15 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["lars", "adamw"] = opt("lars")   # lars: the released recipe; adamw: the usual ViT optimizer
     base_lr: float = opt(0.3, _POS)  # peak lr = base_lr * global_batch / 256
     weight_decay: float = opt(1e-6, _NONNEG)
-    momentum: float = opt(0.9, Range(0, 1, hi_open=True))
+    # cosine from weight_decay (step 0) to this at the last step (optim.wd_at); -1 = weight_decay throughout
+    weight_decay_end: float = opt(-1.0, Range(-1))
+    momentum: float = opt(0.9, Range(0, 1, hi_open=True))   # LARS
     trust_coef: float = opt(0.001, _POS)   # LARS eta
+    betas: tuple[float, float] = opt((0.9, 0.999), Range(0, 1, hi_open=True))   # AdamW
+    clip_grad: float = opt(0.0, _NONNEG)   # clip the global gradient norm to this before the step; 0 = off
     epochs: int = opt(800, _ONE_UP)
     warmup_epochs: int = opt(10, _NONNEG)
     warmup_start_ratio: float = opt(1e-3, _UNIT)   # warm-up starts at ratio * peak
@@ -415,6 +430,8 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where} must be in {rng}, got {v!r}")
         if isinstance(val, tuple) and len(val) == 2 and rng.ordered and val[0] > val[1]:
             raise ConfigError(f"{key} must be (low, high) with low <= high, got {list(val)}")
+    if cfg.optim.weight_decay_end < 0 and cfg.optim.weight_decay_end != -1:
+        raise ConfigError(f"optim.weight_decay_end must be -1 (no schedule) or >= 0, got {cfg.optim.weight_decay_end}")
     v = cfg.views
     if v.res_start_size:   # progressive resolution (fastmveb/resolution.py)
         if v.res_start_size < 8:
@@ -423,6 +440,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"progressive resolution needs views.res_start_epoch < views.res_end_epoch <= "
                               f"optim.epochs, got {v.res_start_epoch}, {v.res_end_epoch}, {cfg.optim.epochs}; set "
                               "the ramp's epochs inside the run (or views.res_start_size=0 to turn it off)")
+    from .backbones import check_model_config        # model.arch's family, its shape keys, ViT patch multiples
+    check_model_config(cfg)
 
 
 def check_value(key: str, value, name: str | None = None):

@@ -24,9 +24,12 @@ weights), and otherwise a zero-initialised fc with torchvision's default 1000 cl
 predicts nothing until replaced). ``--fc zero`` always takes the last. The metadata says which one it got.
 The backbone is the online encoder by default; ``--which target`` exports the EMA target instead.
 
-``--format timm``: timm's ResNets (resnet18 ... resnet152) name every tensor as torchvision does, so the files are
-the same tensors (metadata format "timm"), checked against timm's model when timm is installed:
-``timm.create_model("resnet50", checkpoint_path="rn50_timm.pth")`` or ``model.load_state_dict(..., strict=True)``.
+``--format timm``: every timm backbone (model.arch timm:NAME), and the ResNets timm has under the same name (resnet18
+... resnet152, whose tensors timm names as torchvision does; not resnet10, which timm lacks). The file loads strictly
+with ``timm.create_model(NAME, checkpoint_path="vit_timm.pth")`` (plus the run's model shape keys as kwargs, e.g.
+img_size=32, patch_size=4, which the export prints) and gives the trained backbone's features from
+``forward_head(forward_features(x), pre_logits=True)``; its classifier is a probe's or zeros, as for ``fc`` above.
+torchvision and detectron2 take ResNets only; a format that does not apply to the run's arch is refused in one line.
 
 ``--format detectron2``: one pickle, the converted form detection codebases load for a ResNet backbone:
 {"model": {detectron2 name: float32 numpy array}, "__author__": ..., "matching_heuristics": True}. Names are
@@ -53,6 +56,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
+from fastmveb.backbones import build, export_formats, family
 from fastmveb.errors import RunError, run_cli
 from fastmveb.eval.features import HEAD_FILE, arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
 from fastmveb.eval.online import folded_head
@@ -127,23 +131,49 @@ def torchvision_state(backbone_sd: dict, arch: str, head: dict | None = None, re
 
 def timm_check(sd: dict[str, torch.Tensor], arch: str) -> str:
     """Load ``sd`` strictly into timm's model of ``arch``; -> what was checked. RunError when it does not load."""
+    import timm
     try:
-        import timm
-        from timm.models.resnet import BasicBlock as TimmBasic, ResNet as TimmResNet
-    except ImportError:
-        return "not checked against timm (not installed)"
-    model = TimmResNet(TimmBasic, [1, 1, 1, 1]) if arch == "resnet10" else None
-    if model is None:
-        try:
-            model = timm.create_model(arch, pretrained=False)
-        except RuntimeError:
-            raise RunError(f"timm has no model named {arch!r}; export --format torchvision instead") from None
+        model = timm.create_model(arch, pretrained=False)
+    except RuntimeError:
+        raise RunError(f"timm has no model named {arch!r}; export --format torchvision instead") from None
     model.reset_classifier(sd["fc.weight"].shape[0])
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise RunError(f"the backbone does not load into timm {arch}: {' '.join(str(e).split())[:300]}") from None
     return f"loads strictly into timm {timm.__version__} {arch}"
+
+
+def timm_call(name: str, kwargs: dict, num_classes: int) -> str:
+    """The timm.create_model call that rebuilds an exported timm backbone (for the messages and the docs)."""
+    kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    classes = f", num_classes={num_classes}" if num_classes != DEFAULT_CLASSES else ""
+    return f"timm.create_model({name!r}{kw}{classes}, checkpoint_path=OUT)"
+
+
+def timm_model_state(backbone_sd: dict, model_cfg, head: dict | None) -> tuple[dict[str, torch.Tensor], str, str]:
+    """A timm backbone's state (trained without classifier) + a classifier -> a state_dict that loads strictly into
+    timm's model of that name and shape (its default 1000 classes with a zero head, or the probe's classes);
+    -> (state_dict, the classifier's weight key, what was checked). RunError when it does not load."""
+    import timm
+    bb = build(model_cfg, device="meta")
+    ref = timm.create_model(bb.timm_name, pretrained=False, **bb.timm_kwargs)
+    if head is not None:
+        ref.reset_classifier(head["weight"].shape[0])
+    clf = ref.get_classifier()
+    name = next(n for n, m in ref.named_modules() if m is clf)        # head (ViT), head.fc (ConvNeXt), ...
+    if head is None:
+        head = {"weight": torch.zeros_like(clf.weight), "bias": torch.zeros_like(clf.bias)}
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in backbone_sd.items()}
+    sd[f"{name}.weight"] = head["weight"].detach().float().cpu().clone().contiguous()
+    sd[f"{name}.bias"] = head["bias"].detach().float().cpu().clone().contiguous()
+    try:
+        ref.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise RunError(f"the backbone does not load into timm {bb.timm_name}: {' '.join(str(e).split())[:300]}") \
+            from None
+    call = timm_call(bb.timm_name, bb.timm_kwargs, sd[f"{name}.weight"].shape[0])
+    return sd, f"{name}.weight", f"loads strictly into timm {timm.__version__}: {call}"
 
 
 # torchvision name -> detectron2 name (ResNet backbones). Rules, applied to the part after the block index:
@@ -212,13 +242,13 @@ def _atomic(*writes: tuple[Path, object]) -> None:
 
 
 def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | Path | None = None,
-                    which: str = "online", fc: str = "auto", force: bool = False, fmt: str = "torchvision") -> dict:
+                    which: str = "online", fc: str = "auto", force: bool = False, fmt: str | None = None) -> dict:
     """Write OUT (.pth) and OUT with suffix .safetensors (torchvision, timm) or OUT (.pkl, detectron2);
     -> {"pth" (the .pkl for detectron2), "safetensors" (None for detectron2), "arch", "step", "fc", "format", "check"}."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise RunError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "detectron2" and out.suffix != ".pkl":
         raise RunError(f"--format detectron2 writes a pickle: --out must end in .pkl, got '{out}'")
@@ -238,18 +268,28 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
     run_dir, path, ck = open_checkpoint(run, ckpt)
     cfg = run_config(run_dir, ck)
     arch = cfg.model.arch
+    formats = export_formats(arch)                                    # the backbone registry's say
+    fmt = fmt or formats[0]                                           # default: torchvision, timm for timm models
+    if fmt not in formats:
+        raise RunError(f"--format {fmt} does not apply to {arch}: its formats are {', '.join(formats)}")
     bsd = backbone_state(ck, which)
-    ref = torchvision_model(arch)
-    feat_dim = ref.fc.in_features
+    timm_family = family(arch) == "timm"
+    ref = None if timm_family else torchvision_model(arch)
+    feat_dim = build(cfg.model, device="meta").dim if timm_family else ref.fc.in_features
     if fmt == "detectron2":
         fc = "zero"                                                   # detection has no classifier: fc is dropped
     head, source = find_head(run_dir, ck, path, which, feat_dim) if fc == "auto" else (None, "zero-initialised (1000 classes)")
+    head_key, check = "fc.weight", f"loads strictly into torchvision {arch}"
     try:
-        sd = torchvision_state(bsd, arch, head, ref)                  # the strict torchvision check, every format
+        if timm_family:                                               # the strict timm check
+            sd, head_key, check = timm_model_state(bsd, cfg.model, head)
+        else:
+            sd = torchvision_state(bsd, arch, head, ref)              # the strict torchvision check, every format
     except RunError as e:                                             # a checkpoint of another arch: name it
-        raise RunError(arch_mismatch(bsd, arch, path, config_source(run_dir)) or str(e)) from None
+        raise RunError((not timm_family and arch_mismatch(bsd, arch, path, config_source(run_dir))) or str(e)) \
+            from None
     result = {"pth": None, "safetensors": None, "arch": arch, "step": ck.get("step"), "fc": source, "format": fmt,
-              "check": f"loads strictly into torchvision {arch}"}
+              "check": check}
     if fmt == "detectron2":
         blob = {"model": detectron2_state(sd), "matching_heuristics": True,
                 "__author__": f"fastmveb {arch} {which} encoder, step {ck.get('step')}, {path.name}"}
@@ -258,7 +298,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         except OSError as e:
             raise RunError(f"cannot write '{out}': {e.strerror or e}; choose another --out") from None
         return dict(result, pth=out, fc="dropped (detectron2 has no classifier)")
-    if fmt == "timm":
+    if fmt == "timm" and not timm_family:
         result["check"] = timm_check(sd, arch)
 
     from fastmveb.config import to_dict
@@ -271,7 +311,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         "git": str(ck.get("git", "")),
         "which": which,
         "fc": source,
-        "num_classes": str(sd["fc.weight"].shape[0]),
+        "num_classes": str(sd[head_key].shape[0]),
         "checkpoint": path.name,
         # The checkpoint's own copy is the config that produced these weights, byte for byte.
         "config": json.dumps(ck["config"] if isinstance(ck.get("config"), dict) else to_dict(cfg)),
@@ -295,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", help="a specific checkpoint file")
     ap.add_argument("--out", required=True, help="FILE.pth (FILE.safetensors is written next to it); FILE.pkl "
                     "with --format detectron2")
-    ap.add_argument("--format", default="torchvision", choices=FORMATS, dest="fmt",
-                    help="torchvision (default) and timm: the same state_dict names; detectron2: a .pkl for "
-                         "detection codebases (see the module doc for the config it needs)")
+    ap.add_argument("--format", default=None, choices=FORMATS, dest="fmt",
+                    help="torchvision (the default for ResNets), timm (the default for timm backbones; also "
+                         "timm's ResNets), detectron2 (ResNets: a .pkl for detection codebases; see the module doc for the config it needs)")
     ap.add_argument("--which", default="online", choices=["online", "target"], help="online encoder or EMA target")
     ap.add_argument("--fc", default="auto", choices=["auto", "zero"], help="fc from a saved probe when one fits, or zeros")
     ap.add_argument("--force", action="store_true", help="overwrite an existing OUT and its .safetensors sibling")

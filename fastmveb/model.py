@@ -1,12 +1,12 @@
-"""The MVEB encoder: a torchvision ResNet backbone, an MLP projector, and the EMA target built from them.
+"""The MVEB encoder: a backbone (fastmveb/backbones.py), an MLP projector, and the EMA target built from them.
 
     model = MVEBModel.from_config(cfg.model)      # online encoder: forward(x) -> (h, p)
     target = make_target(model)                   # frozen deepcopy, updated only by ema_update
     ema_update(target, model, ema_momentum(step, total_steps, cfg.model.ema_momentum))
 
-The backbone stays a plain ``torchvision.models.ResNet`` (only ``fc`` replaced by Identity) so that its
-state_dict, minus ``fc.*``, loads strictly into the torchvision model of the same name; the released code
-kept it inside an nn.Sequential and lost that property. Normalising p, SyncBN, channels-last and
+The backbone stays the library's own module (a plain ``torchvision.models.ResNet`` with ``fc`` replaced by
+Identity, or a timm model without classifier) so that its state_dict loads strictly into the library's model of
+the same name; the released code kept it inside an nn.Sequential and lost that property. Normalising p, SyncBN, channels-last and
 compilation are the trainer's business: this module only defines the architecture.
 """
 from __future__ import annotations
@@ -15,38 +15,25 @@ import copy
 import math
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
+from .backbones import build, torchvision_archs, without_stochastic_depth
+from .backbones import torchvision_resnet  # noqa: F401 -- export and tests import it from here
 from .checkpoint import unwrap
 
 def valid_archs() -> list[str]:
-    tv = [n for n in torchvision.models.list_models(module=torchvision.models)
-          if n.startswith(("resnet", "wide_resnet", "resnext"))]
-    return sorted(set(tv) | {"resnet10"})
+    """The torchvision ResNet names (and resnet10); timm models are named timm:NAME (fastmveb/backbones.py)."""
+    return torchvision_archs()
 
 
-def torchvision_resnet(arch: str, **kwargs) -> ResNet:
-    """The torchvision model ``arch`` names (random init, its 1000-class fc); ValueError for an unknown name.
-
-    "resnet10" is a resnet18 with one block per stage, ResNet(BasicBlock, [1, 1, 1, 1]): small enough for CPU
-    tests and the demo, same code path as resnet50. An export of it loads into exactly this model.
-    """
-    if arch == "resnet10":
-        return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
-    return torchvision.models.get_model(arch, weights=None, **kwargs)
-
-
-def build_backbone(arch: str, zero_init_residual: bool = True) -> tuple[ResNet, int]:
-    """A randomly initialised torchvision ResNet with ``fc = Identity``, and its feature dimension."""
-    names = valid_archs()
-    if arch not in names:
-        raise ValueError(f"unknown backbone arch {arch!r}; valid: {', '.join(names)}")
-    net = torchvision_resnet(arch, zero_init_residual=zero_init_residual)
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
+def build_backbone(cfg, zero_init_residual: bool = True) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone that outputs features, and their dimension, from a ``ModelConfig`` (or an
+    arch name with the other keys at their defaults). ValueError for an unknown arch (fastmveb/backbones.py)."""
+    if isinstance(cfg, str):
+        from .config import ModelConfig
+        cfg = ModelConfig(arch=cfg, zero_init_residual=zero_init_residual)
+    bb = build(cfg)
+    return bb.net, bb.dim
 
 
 def identify_backbone(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -88,13 +75,16 @@ class MVEBModel(nn.Module):
         self.backbone = backbone
         self.projector = projector
         self.feat_dim = feat_dim
+        self.channels_last_helps = True      # from_config: what the backbone's family says (fastmveb/backbones.py)
 
     @classmethod
     def from_config(cls, cfg) -> "MVEBModel":
         """Build from a ``fastmveb.config.ModelConfig``."""
-        backbone, dim = build_backbone(cfg.arch, cfg.zero_init_residual)
-        projector = Projector(dim, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
-        return cls(backbone, projector, dim)
+        bb = build(cfg)
+        projector = Projector(bb.dim, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
+        model = cls(backbone=bb.net, projector=projector, feat_dim=bb.dim)
+        model.channels_last_helps = bb.channels_last
+        return model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)
@@ -109,7 +99,7 @@ def make_target(model: nn.Module) -> nn.Module:
     requires grad, so the target never enters the optimizer or the autograd graph.
     """
     online = unwrap(model)
-    target = copy.deepcopy(online)
+    target = without_stochastic_depth(copy.deepcopy(online))      # the whole network, as DINO's teacher
     for p in target.parameters():
         p.requires_grad_(False)
     target.train(online.training)

@@ -22,15 +22,19 @@ from fastmveb.compat import foreach_clone
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups by tensor rank: ndim >= 2 get weight decay and LARS scaling, 1-D tensors get neither.
+    """Two groups by tensor rank: ndim >= 2 get weight decay and LARS scaling, 1-D tensors get neither; nor do
+    the tensors a timm backbone's ``no_weight_decay()`` names (position embeddings, class tokens: 3-D).
 
-    Rank rather than names: names change with wrappers and architectures, rank does not. Frozen
+    Rank rather than names: names change with wrappers and architectures, rank does not; the backbone
+    registry (fastmveb/backbones.py) adds the few higher-rank tensors a model declares. Frozen
     parameters are left out; empty groups are dropped.
     """
+    from .backbones import no_decay_params
+    declared = no_decay_params(model)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or id(p) in declared else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
@@ -193,3 +197,111 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start_rat
     frac = 1.0 if total_steps <= 0 else (min(step, total_steps) - warmup_steps) / total_steps
     final = final_ratio * peak
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def wd_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """Weight decay of optimizer step ``step``: a cosine from ``start`` (step 0) to ``end`` (step total_steps and
+    after), DINO's schedule for ViTs; ``end`` = -1 (optim.weight_decay_end's default) holds ``start`` throughout."""
+    if end < 0 or total_steps <= 0:
+        return start
+    if step >= total_steps:
+        return end
+    frac = max(step, 0) / total_steps
+    return start + (end - start) * 0.5 * (1.0 - math.cos(math.pi * frac))    # exactly start at step 0
+
+
+@torch.no_grad()
+def clip_grad_norm_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale ``grads`` in place so that their global norm ``norm`` (0-d, already computed) is at most ``max_norm``,
+    on the device (no host sync). A non-finite norm gives non-finite gradients: that step is skipped anyway."""
+    if grads:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype))
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch.optim.AdamW's update) with torch._foreach_* kernels and LARS's
+    ``step(skip=t)``: where the 0-d bool ``t`` is True, or the updated parameters would not be finite, the
+    parameters, both moments and the step count stay bitwise unchanged, decided on the device (see LARS).
+
+    Per parameter p with gradient g, at step count t (counted per tensor, a 0-d float tensor in its state):
+        p <- p * (1 - lr * wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    ``lr`` and a group's ``weight_decay`` may change every step (the schedules); ``lr`` may be a 0-d tensor.
+    Groups from ``param_groups`` carry weight_decay 0 for the no-decay tensors; ``lars_exclude`` is ignored.
+    """
+
+    def __init__(self, params, lr: float | torch.Tensor, weight_decay: float = 0.04,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if not isinstance(lr, torch.Tensor) and lr < 0:
+            raise ValueError(f"AdamW lr must be >= 0, got {lr}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None, skip: torch.Tensor | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        olds, news, new_params = [], [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("AdamW does not support sparse gradients")
+            grads = [p.grad for p in params]
+            m, v, t = [], [], []
+            for p in params:
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != p.device:
+                    # torch's load_state_dict leaves "step" where the checkpoint was loaded (the CPU): once, to the
+                    # parameter's device, so the bias corrections never mix devices or read back to the host
+                    state["step"] = state["step"].to(p.device)
+                m.append(state["exp_avg"])
+                v.append(state["exp_avg_sq"])
+                t.append(state["step"])
+            b1, b2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            if isinstance(lr, torch.Tensor):
+                lr = lr.to(device=params[0].device, non_blocking=True)
+            # Everything out of place: the skip path selects old or new per tensor; without skip the new
+            # values are copied in (one foreach copy per list).
+            t_new = torch._foreach_add(t, 1.0)
+            m_new = torch._foreach_lerp(m, grads, 1 - b1)                  # b1 m + (1 - b1) g
+            v_new = torch._foreach_mul(v, b2)
+            torch._foreach_addcmul_(v_new, grads, grads, value=1 - b2)
+            tt = torch.stack(t_new)
+            bc1 = 1 - torch.pow(b1, tt)                                    # on the device: no host sync
+            bc2_sqrt = torch.sqrt(1 - torch.pow(b2, tt))
+            denom = torch._foreach_sqrt(v_new)
+            torch._foreach_div_(denom, list(bc2_sqrt.unbind(0)))
+            torch._foreach_add_(denom, eps)
+            step_size = list((-lr / bc1).unbind(0))
+            upd = torch._foreach_div(m_new, denom)
+            torch._foreach_mul_(upd, step_size)
+            p_new = torch._foreach_mul(params, 1 - lr * wd) if wd != 0 else torch._foreach_mul(params, 1.0)
+            torch._foreach_add_(p_new, upd)
+            if skip is None:
+                torch._foreach_copy_(params + m + v + t, p_new + m_new + v_new + t_new)
+                continue
+            olds += params + m + v + t
+            news += p_new + m_new + v_new + t_new
+            new_params += p_new
+        self.skipped = None
+        if skip is not None and olds:
+            skip_dev = skip.to(device=new_params[0].device, non_blocking=True) | ~all_finite(new_params)
+            where_(~skip_dev, olds, news)
+            self.skipped = skip_dev
+        return loss
+
+
+def make_optimizer(cfg, params: list[dict], lr: float):
+    """The optimizer optim.name names, over ``param_groups``' groups, at ``lr`` (the schedule sets it per step)."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return AdamW(params, lr=lr, weight_decay=o.weight_decay, betas=o.betas)
+    return LARS(params, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, trust_coef=o.trust_coef)

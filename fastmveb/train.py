@@ -45,13 +45,13 @@ from fastmveb.eval.knn import check_monitor_labels, distributed_knn
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import LogWindow, MetricsLogger, collapse_warning
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
-from fastmveb.optim import all_finite, lr_at, where_
+from fastmveb.optim import all_finite, clip_grad_norm_, lr_at, wd_at, where_
 from fastmveb.plan import Plan, dataset_length, make_plan, resume_lines
 from fastmveb.resolution import ViewSwitch
 from fastmveb.rundir import open_run_dir
 
 def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
-               micro_batch: int | None = None, extent: torch.Tensor | None = None):
+               micro_batch: int | None = None, extent: torch.Tensor | None = None, wd: float | None = None):
     """One optimisation step over this process's batch, no host sync: returns detached stats (batch means),
     the skip flag and z of global view 1 (first micro-batch).
 
@@ -88,8 +88,12 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         skip = ~(finite & torch.isfinite(grad_norm))                   # grads are all-reduced: every rank agrees
+        if cfg.optim.clip_grad:
+            clip_grad_norm_(grads, grad_norm, cfg.optim.clip_grad)     # on the device; grad_norm logs the unclipped
         for g in optimizer.param_groups:
             g["lr"] = lr
+            if wd is not None and not g.get("lars_exclude"):            # the no-decay group stays at 0
+                g["weight_decay"] = wd
         optimizer.step(skip=skip)
         skip = optimizer.skipped                                       # also: an update that was not finite
         optimizer.zero_grad(set_to_none=True)
@@ -269,14 +273,17 @@ def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, log
             wait = time.perf_counter() - t0
             lr = lr_at(step, plan.total_steps, plan.warmup_steps, plan.peak_lr, cfg.optim.warmup_start_ratio,
                        cfg.optim.final_lr_ratio)
+            wd = wd_at(step, plan.total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
             m = m_table[min(step, plan.total_steps)]
             stats, skip, z0 = train_step(t.net_c, t.target_c, views_c, t.optimizer, x, y, lr, m, cfg, accelerator,
-                                         plan.micro_batch, extent)
+                                         plan.micro_batch, extent, wd)
             step, samples, left = step + 1, samples + plan.global_batch, left - 1
             window.add(stats, skip, wait)
             if step % cfg.train.log_every == 0 or step == plan.last_step:
                 row, max_bad = window.read(z0, plan.global_batch)    # the loop's only host sync
                 row.update(lr=lr, ema_momentum=float(m), **views.metrics())
+                if cfg.optim.weight_decay_end >= 0:
+                    row["weight_decay"] = wd
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(step, step / plan.steps_per_epoch, row)

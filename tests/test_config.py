@@ -89,12 +89,13 @@ def test_invalid_choices_and_missing_file(tmp_path):
 
 def test_train_cli_reports_config_error_in_one_line(tmp_path):
     rc = tmp_path / "bad.yaml"
-    rc.write_text("model:\n  depth: 50\n")
+    rc.write_text("model:\n  layers: 50\n")
     r = train_cli("--rc", rc)
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert err == [f"error: {rc}: unknown key 'model.depth' (valid: arch, zero_init_residual, proj_hidden, "
-                   "proj_out, proj_layers, ema_momentum, sync_bn, channels_last)"], r.stderr
+    assert err == [f"error: {rc}: unknown key 'model.layers' (valid: arch, zero_init_residual, proj_hidden, "
+                   "proj_out, proj_layers, ema_momentum, sync_bn, channels_last, drop_path, img_size, patch_size, "
+                   "embed_dim, depth, num_heads)"], r.stderr
 
 
 def test_string_fields_take_override_text_verbatim(tmp_path):

@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, help="base lr, scaled by batch/256 (default 0.05, SimCLR)")
     ft.add_argument("--batch", type=int, default=256, help="fine-tuning batch (default 256; capped at the subset size)")
     ft.add_argument("--val-every", type=int, default=0, help="also validate every N epochs (default: after the last only)")
+    ft.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd: the semi-supervised protocol "
+                    "(default); adamw: the usual ViT fine-tuning, base lr 5e-4, weight decay 0.05, layer-wise lr "
+                    "decay (--layer-decay)")
+    ft.add_argument("--layer-decay", type=float, help="adamw on a timm model with blocks: each block's lr x this per "
+                    "block below the head (default 0.75; 1 = off)")
     return ap
 
 
@@ -191,7 +196,7 @@ def run(args) -> dict:
             raise RunError(f"no config.yaml in '{run_dir}'")
         cfg = load_config(run_dir / "config.yaml")                    # a ConfigError is a UserError: one line
         torch.manual_seed(args.seed)
-        backbone, _ = build_backbone(cfg.model.arch, cfg.model.zero_init_residual)
+        backbone, _ = build_backbone(cfg.model)
         ck = {}
     else:
         backbone, info = load_run_backbone(args.run, args.ckpt, args.which)
@@ -203,6 +208,9 @@ def run(args) -> dict:
         cfg.data.val_beton = args.val_beton
     _check_betons(cfg, given=bool(args.train_beton or args.val_beton), allow_mismatch=args.allow_label_mismatch)
     _config_flags(args, cfg)
+    if args.size is not None:
+        from fastmveb.backbones import check_model_config
+        check_model_config(cfg)                                       # a ViT: --size a multiple of its patch
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda given but no CUDA device is available")
@@ -214,7 +222,8 @@ def run(args) -> dict:
     if args.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else None
     backbone.to(device)
-    if device.type == "cuda" and cfg.model.channels_last:
+    from fastmveb.backbones import channels_last_helps
+    if device.type == "cuda" and cfg.model.channels_last and channels_last_helps(cfg.model):
         backbone.to(memory_format=torch.channels_last)
     workers = max(1, min(cfg.data.num_workers, os.cpu_count() or 1))
     bs = cfg.data.eval_batch_size
@@ -341,7 +350,18 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
         idx = ft.balanced_subset(y, args.fraction, args.seed)
     fraction = len(idx) / len(y)                                      # as selected (a --subset list's own share)
     epochs = args.epochs if args.epochs is not None else ft.default_epochs(args.fraction or fraction)
-    base_lr = args.lr if args.lr is not None else ft.BASE_LR
+    adamw = args.optimizer == "adamw"
+    base_lr = args.lr if args.lr is not None else (ft.ADAMW_BASE_LR if adamw else ft.BASE_LR)
+    layer_decay = 1.0
+    if args.layer_decay is not None or adamw:
+        layer_decay = args.layer_decay if args.layer_decay is not None else ft.LAYER_DECAY
+        if not adamw or not 0 < layer_decay <= 1:
+            raise RunError(f"--layer-decay needs --optimizer adamw and a value in (0, 1]; got {args.optimizer} and "
+                           f"{layer_decay}")
+        if not hasattr(backbone, "group_matcher"):
+            if args.layer_decay is not None and layer_decay != 1.0:
+                raise RunError(f"--layer-decay applies to timm models with blocks, not {cfg.model.arch}; leave it out")
+            layer_decay = 1.0
     if epochs < 1 or base_lr <= 0:
         raise RunError(f"--epochs must be >= 1 and --lr > 0; got {epochs} and {base_lr}")
     world = accelerator.num_processes if accelerator is not None else 1
@@ -365,8 +385,10 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     r = ft.finetune(backbone, train, val, device, cfg.views.mean, cfg.views.std, _num_classes(cfg), epochs,
                     base_lr=base_lr, crop_size=cfg.eval.size, amp_dtype=amp, seed=args.seed, val_every=args.val_every,
                     log=(lambda s: print(s, flush=True)) if main_process else None,
-                    set_epoch=lambda e: set_epoch(train, e), accelerator=accelerator)
-    return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr)
+                    set_epoch=lambda e: set_epoch(train, e), accelerator=accelerator, optimizer=args.optimizer,
+                    layer_decay=layer_decay, weight_decay=ft.ADAMW_WEIGHT_DECAY if adamw else 0.0)
+    return dict(r, fraction=round(fraction, 6), subset=args.subset, n_labelled=int(len(idx)), base_lr=base_lr,
+                optimizer=args.optimizer, layer_decay=layer_decay)
 
 
 def _head_not_saved(args) -> str | None:

@@ -184,7 +184,7 @@ def load_run_backbone(run: str | Path | None = None, ckpt: str | Path | None = N
     run_dir, path, ck = open_checkpoint(run, ckpt)
     cfg = run_config(run_dir, ck)
     from fastmveb.model import build_backbone
-    backbone, feat_dim = build_backbone(cfg.model.arch, zero_init_residual=cfg.model.zero_init_residual)
+    backbone, feat_dim = build_backbone(cfg.model)
     sd = backbone_state(ck, which)
     try:
         backbone.load_state_dict(sd, strict=True)
