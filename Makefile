@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/system_deps.sh Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	@# torch first, as an exact registry pair: ffcv's deps would otherwise pull the newest build,
-	@# and the machine-local CPU-only torch wheel does not match registry torchvision (NOTES.md).
+	@# and the machine-local CPU-only torch wheel does not match registry torchvision (docs/notes.md).
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@$(BIN)/python -c "import torch, torchvision, ffcv, kornia, accelerate; from importlib.metadata import version as v; print('fastmveb env ok:', ', '.join(p + ' ' + v(p) for p in ('torch', 'torchvision', 'ffcv', 'kornia', 'accelerate')))"

@@ -211,5 +211,5 @@ if __name__ == "__main__":
     code = cli()
     sys.stdout.flush()
     sys.stderr.flush()
-    # numba's finalizers can print harmless KeyError tracebacks at interpreter exit (NOTES.md); skip them.
+    # numba's finalizers can print harmless KeyError tracebacks at interpreter exit (docs/notes.md); skip them.
     os._exit(code)

@@ -5,7 +5,7 @@
         h, p = model(torch.cat([v1, v2]))
 
 Why. The released code runs every crop through the network in its own forward call, so each view is
-normalised with its own batch statistics and moves the running statistics once (MVEB.md). The trainer
+normalised with its own batch statistics and moves the running statistics once (docs/method.md). The trainer
 batches equal-size views into one call (DDP allows one forward per backward, and one big call is faster);
 ``views(k)`` tells every ViewBatchNorm that its input is k equal chunks, and each chunk gets its own mean
 and variance, exactly as k separate calls would. With ``sync=True`` and several processes the statistics of

@@ -65,7 +65,7 @@ def make_accelerator(cfg, cpu: bool | None = None):
     """The run's Accelerator (cpu: None = no CUDA here), with the backend flags set.
 
     Deterministic algorithms go first (before CUDA and cuBLAS start). cpu=True is what makes torchrun-started
-    CPU processes join one gloo group (NOTES.md). With synchronised BatchNorm every rank computes the same
+    CPU processes join one gloo group (docs/notes.md). With synchronised BatchNorm every rank computes the same
     running statistics from the same gathered numbers, so DDP's per-forward broadcast of buffers from rank 0
     would only cost a collective. Under torchrun the group is joined first with a per-attempt store prefix
     (fastmveb/elastic.py); Accelerate then finds it initialised.

@@ -5,7 +5,7 @@
 Every key is checked: an unknown key or a value of the wrong type raises ``ConfigError`` naming the key
 and where it came from (the rc file or the command line). ``dump_config`` writes the resolved tree as YAML
 that ``load_config`` reads back to an equal object; the run directory and every checkpoint keep it.
-Defaults are the released MVEB recipe (../shared/MVEB.md) unless a comment says otherwise.
+Defaults are the released MVEB recipe (docs/method.md) unless a comment says otherwise.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class DataConfig:
     # dominates and the four sizes measured within their run-to-run spread (`python -m fastmveb.bench loader`,
     # benchmarks/results/loader-*.json, photo rows).
     decode_size: int = opt(512, _SIDE)
-    order: Literal["random", "quasi_random"] = opt("random")   # quasi_random: single process only (NOTES.md)
+    order: Literal["random", "quasi_random"] = opt("random")   # quasi_random: single process only (docs/notes.md)
     os_cache: bool = opt(True, harmless=True)   # memory-map the whole beton (fits in RAM) vs. process-level page reads
     drop_last: bool = opt(True)
     eval_batch_size: int = opt(256, _ONE_UP, harmless=True)

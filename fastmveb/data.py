@@ -71,7 +71,7 @@ ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM
 
 def _drop_numba_finalizer_noise(unraisable, _previous=sys.unraisablehook):
     """numba's dispatcher finalizer raises a harmless KeyError whenever FFCV's compiled pipelines are garbage
-    collected (NOTES.md); it would print a traceback mid-run. Only that exact case is dropped."""
+    collected (docs/notes.md); it would print a traceback mid-run. Only that exact case is dropped."""
     if unraisable.exc_type is KeyError and "numba" in "".join(traceback.format_tb(unraisable.exc_traceback)):
         return
     _previous(unraisable)

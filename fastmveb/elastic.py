@@ -69,7 +69,7 @@ def init_elastic_process_group(timeout_s: int) -> None:
     """Under torchrun, join the process group through the launcher's store with a per-attempt key prefix.
 
     torchrun's default (static) rendezvous keeps ONE store for all restarts of the group, and the workers'
-    default init adds no per-attempt prefix, so a restarted group can read the dead attempt's keys: issue 22
+    default init adds no per-attempt prefix, so a restarted group can read the dead attempt's keys: we
     traced a restart failing that way in gloo ("connectFullMesh failed ... Connection refused", torch 2.14.1).
     It did not recur in tests/test_elastic.py's restart test on the CPU box (which passes with or without
     this); keys under "fastmveb/attempt<TORCHELASTIC_RESTART_COUNT>/" rule it out, with any rendezvous backend.

@@ -1,4 +1,4 @@
-"""The vMF Stein score estimator and the entropy surrogate of MVEB (../shared/MVEB.md), as pure tensor functions.
+"""The vMF Stein score estimator and the entropy surrogate of MVEB (docs/method.md), as pure tensor functions.
 
     score, tau = vmf_score(z)                       # z: (N, d) unit rows -> score (N, d), tau ()
     value, stats = entropy_surrogate(z, group=128)  # -(1/N) sum_i <sg(score_i), z_i>, per group of 128 rows
@@ -200,7 +200,7 @@ def entropy_surrogate(z: torch.Tensor, group: int | str = 128, eta: float = 0.01
     of all torch.distributed ranks (detached all_gather, this rank's rows kept; "local" when not distributed).
     Returns (value float32 with shape z.shape[:-2], stats) with stats detached float32 0-d tensors:
     tau (mean over groups and views) and chol_fallback (fraction of groups whose Cholesky needed jitter).
-    The value itself means nothing; only its gradient does (MVEB.md).
+    The value itself means nothing; only its gradient does (docs/method.md).
     """
     group = parse_group(group)
     N = z.shape[-2]

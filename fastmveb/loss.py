@@ -1,4 +1,4 @@
-"""The MVEB objective (../shared/MVEB.md) as a pure function of tensors.
+"""The MVEB objective (docs/method.md) as a pure function of tensors.
 
     loss, stats = mveb_loss([z1, z2, *z_local], [t1, t2], lam=0.01, group=128)
     loss.backward()

@@ -4,7 +4,7 @@
     python -m fastmveb.report --run runs/NAME --embedding [FILE.png]  # also runs/NAME/embedding.png
 
 Reads run_dir/metrics.jsonl (and meta.json / eval.jsonl when present) and draws, against the training
-step: loss; alignment; the entropy surrogate (a trend only: its value means nothing, MVEB.md); the kernel
+step: loss; alignment; the entropy surrogate (a trend only: its value means nothing, docs/method.md); the kernel
 bandwidth tau; uniformity and effective rank (the collapse monitors); kNN top-1/top-5 and the online probe;
 learning rate with the EMA momentum; gradient norm; samples/s; where each step's time goes (loading, views,
 model step, as shares of the step time, for whichever of them were logged); peak memory. A metric the

@@ -4,7 +4,7 @@
     python fastmveb/train.py --rc rcs/tiny.yaml                                     # CPU demo, a few minutes
 
 Trains a ResNet with the MVEB objective (alignment between views + the von Mises-Fisher entropy of the
-embeddings, ../shared/MVEB.md): FFCV decodes each image once, the GPU cuts every view, the online network
+embeddings, docs/method.md): FFCV decodes each image once, the GPU cuts every view, the online network
 runs channels-last under bf16 autocast (compiled on CUDA), LARS steps it and an EMA copy gives the targets.
 Everything goes to runs/NAME/ (config.yaml, meta.json, metrics.jsonl, tb/, checkpoints/); running the same
 command again resumes from the newest checkpoint and reproduces the uninterrupted run.

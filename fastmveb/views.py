@@ -9,7 +9,7 @@
 
 ``v`` is [global 1, global 2, local 1 .. local n_local], each (N, 3, size, size), normalised with the ImageNet
 mean/std, in ``cfg.dtype`` and channels_last when ``cfg.channels_last``. The recipe per view follows the
-released MVEB views (../shared/MVEB.md), which are torchvision v1 transforms on PIL images:
+released MVEB views (docs/method.md), which are torchvision v1 transforms on PIL images:
 random resized crop -> horizontal flip -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p) ->
 solarize (p) -> normalise. Every random draw is per sample, made with torch's RNG on x's device
 (``torch.manual_seed`` or a ``torch.Generator`` on that device makes it reproducible), with no host sync and
@@ -83,7 +83,7 @@ def view_specs(cfg: ViewsConfig) -> list[ViewSpec]:
 # ---------------------------------------------------------------------------------------------- sampling
 def _rand(shape, device, generator):
     # No generator=None passed explicitly: inside compiled code that fails on a dynamic-shape recompile (a
-    # partial last batch: "SymIntArrayRef expected to contain only concrete integers"; NOTES.md).
+    # partial last batch: "SymIntArrayRef expected to contain only concrete integers"; docs/notes.md).
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, device=device, generator=generator)

@@ -239,4 +239,4 @@ if __name__ == "__main__":
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(rc)   # skip numba's noisy finalizers at interpreter exit (NOTES.md)
+    os._exit(rc)   # skip numba's noisy finalizers at interpreter exit (docs/notes.md)

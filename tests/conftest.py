@@ -20,7 +20,7 @@ def pytest_configure(config):
 
 # The longest modules first. `make test` hands whole modules to two pytest-xdist workers (--dist loadscope, so a
 # module's shared trained run is built once) in collection order; a long module handed out last would leave the
-# other worker idle at the end. Measured with --durations (issue 21): each of these takes 2-6 minutes on one core.
+# other worker idle at the end. Measured with --durations: each of these takes 2-6 minutes on one core.
 LONGEST_FIRST = ["test_learning.py", "test_train.py", "test_elastic.py", "test_resolution.py", "test_gpu_check.py",
                  "test_faults.py", "test_bench.py"]
 

@@ -17,7 +17,7 @@ from fastmveb.data import (epoch_indices, eval_loader, set_epoch, set_output_siz
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# numba's finalizers raise harmless KeyErrors when ffcv's compiled pipelines are collected (NOTES.md).
+# numba's finalizers raise harmless KeyErrors when ffcv's compiled pipelines are collected (docs/notes.md).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 N_TRAIN, N_VAL, S = 40, 20, 64   # 4 classes x 10 / 5 images; small decode side keeps numba+decode fast

@@ -199,7 +199,7 @@ def _without_root_override(cmd: list[str]) -> list[str]:
 
 
 def test_unreadable_folders_are_listed_or_one_error_line(tmp_path):
-    """Issue 23 probe: chmod 000 on a train sub-folder and a val class exited 0 with a 1-class val, listing nothing."""
+    """A fault probe: chmod 000 on a train sub-folder and a val class exited 0 with a 1-class val, listing nothing."""
     data = make_tree(tmp_path / "data", per_class=1)
     sub = data / "train" / "cat" / "more"
     sub.mkdir()

@@ -1,5 +1,5 @@
 """Resuming on another number of processes, or under a changed global batch: the position in the epoch is a
-count of samples, so the run continues at the same sample (issue 22). Runs the real trainer on 1 and 2 gloo
+count of samples, so the run continues at the same sample. Runs the real trainer on 1 and 2 gloo
 ranks over a beton whose labels are the sample indices (tests/trace_worker.py records what each step read)."""
 from __future__ import annotations
 

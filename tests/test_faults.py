@@ -1,4 +1,4 @@
-"""Fault injection (issue 13): bad folders and images, corrupted files, kills, full disks, two runs at once.
+"""Fault injection: bad folders and images, corrupted files, kills, full disks, two runs at once.
 
 Each test reproduces one numbered case of the issue on real files (tiny images, ResNet-10, a few steps) and
 pins the fixed behaviour: a one-line `error: ...` and a non-zero exit, or a documented recovery; never a

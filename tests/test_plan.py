@@ -93,7 +93,7 @@ def test_memory_estimate_scales_with_the_micro_batch():
                      dataset_len=IMAGENET_TRAIN).memory
     assert m256["activations"] == pytest.approx(2 * m128["activations"])
     # bf16 saved activations of ResNet-50 + projector: ~42 MiB per 224-px view and ~8 MiB per 96-px view
-    # (NOTES.md measured 41.8 and 7.7 on real tensors), 2 + 6 views per sample -> ~16 GiB at 128 per device
+    # (docs/notes.md: 41.8 and 7.7 on real tensors), 2 + 6 views per sample -> ~16 GiB at 128 per device
     assert 14 < m128["activations"] < 19
     fp32 = make_plan(load_config(ROOT / "rcs/rn50.yaml", ["train.mixed_precision=no"]), 32,
                      dataset_len=IMAGENET_TRAIN).memory

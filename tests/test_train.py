@@ -130,7 +130,7 @@ def signal_after(p: subprocess.Popen, metrics: Path, step: int, pid: int, first:
 
 
 def test_sigusr1_stops_at_a_step_with_a_checkpoint_and_the_rerun_is_exact(small_betons, tmp_path, reference_losses):
-    # Preemption (issue 22 item 4): SIGUSR1, then SIGTERM every 20 ms (some during the save): the run stops at
+    # Preemption: SIGUSR1, then SIGTERM every 20 ms (some during the save): the run stops at
     # the next logging step, saves there and exits with status 75; the rerun ends bitwise on the reference.
     from fastmveb.elastic import PREEMPTED_EXIT
     args = tiny_overrides(small_betons, tmp_path, "pre")
@@ -376,7 +376,7 @@ def test_end_to_end_benchmark_reads_the_training_loader_of_the_config(small_beto
 
 
 def test_unlabeled_beton_resumes_exactly_on_two_processes(unlabeled_betons, tmp_path):
-    """Issue 23's "a resumed or multi-process run on an unlabeled beton works", both at once: 2 gloo ranks on
+    """A resumed and multi-process run on an unlabeled beton, both at once: 2 gloo ranks on
     dataset_prep folder's betons (label -1) stop at step 3 (train.max_steps, with a checkpoint there); the rerun
     with the budget of 6 steps resumes from it and ends on the uninterrupted 2-rank run's losses, bitwise. Every
     launch says once (rank 0) that the label parts are off."""

@@ -305,7 +305,7 @@ def _no_image_limits(args, instead: str) -> None:
 
 def _finetune_accelerator(args, device):
     """Accelerate over the processes torchrun (or accelerate launch) started, else one process. On CPUs
-    cpu=True is what makes torchrun's processes join one gloo group (NOTES.md)."""
+    cpu=True is what makes torchrun's processes join one gloo group (docs/notes.md)."""
     from accelerate import Accelerator
     world = int(os.environ.get("WORLD_SIZE", "1"))                   # checked before any process group exists
     if world > 1 and device.type == "cuda" and device.index is not None:
@@ -477,7 +477,7 @@ def cli(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     rc = cli()
     if "numba" in sys.modules:
-        # numba's finalizers print harmless KeyError tracebacks at interpreter exit (NOTES.md); every file
+        # numba's finalizers print harmless KeyError tracebacks at interpreter exit (docs/notes.md); every file
         # is closed by now, so skip them rather than bury the result line under noise.
         sys.stdout.flush()
         sys.stderr.flush()

@@ -4,7 +4,7 @@
     r = linear_full(backbone, train_loader, val_loader, device, mean, std, epochs=90)
     r["top1"], r["top5"], r["head"]       # head: {"weight", "bias"} of a Linear on raw backbone features
 
-full: the released evaluation protocol (MVEB.md "Evaluation"): batch 4096; every step a fresh
+full: the released evaluation protocol (docs/method.md, "Evaluation"): batch 4096; every step a fresh
   RandomResizedCrop(224, scale 0.08-1) + horizontal flip of the training images (cut here, batched, on the
   device, from the loader's uint8 batch), forward through the frozen backbone (in micro-batches when the
   device needs them: the head's step still sees the whole batch), a Linear trained with SGD momentum 0.9

@@ -1,4 +1,4 @@
-"""The released MVEB score estimator's algorithm, restated from ../shared/MVEB.md (not copied) as the baseline of
+"""The released MVEB score estimator's algorithm, restated from docs/method.md (not copied) as the baseline of
 ``python -m fastmveb.bench entropy``: the N x N x d kernel-gradient tensor, a top-k median and an explicit
 inverse, in float32 (the released code ran parts of it in fp16 under autocast; float32 is kinder to it).
 

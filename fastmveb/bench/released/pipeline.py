@@ -1,6 +1,6 @@
 """The released MVEB training pipeline, re-implemented end to end as the baseline of ``python -m fastmveb.bench train``.
 
-Written from the description in ../shared/MVEB.md (not copied from the released code). One training step is:
+Written from the description in docs/method.md (not copied from the released code). One training step is:
   1. a torch DataLoader (worker processes) reads JPEGs with PIL and makes every view on the CPU, per sample
      (fastmveb/bench/released/transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
   2. the views are copied to the device;
@@ -43,7 +43,7 @@ def released_loader(root, global_size: int, local_size: int, n_local: int, batch
 def released_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam: float = 0.01, eta: float = 0.01,
                   min_tau: float = 0.1) -> torch.Tensor:
     """-(1/V) align - lam (1/V) sum_v H_sur(z_v), each view's score estimated on its whole batch by the released
-    algorithm; align pairs (z1, t2), (z2, t1) and every local view with (t1 + t2) / 2 (MVEB.md)."""
+    algorithm; align pairs (z1, t2), (z2, t1) and every local view with (t1 + t2) / 2 (docs/method.md)."""
     z = [zv.float() for zv in z_views]
     t1, t2 = (tv.detach().float() for tv in t_views)
     pairs = [(z[0], t2), (z[1], t1)] + [(zv, (t1 + t2) / 2) for zv in z[2:]]

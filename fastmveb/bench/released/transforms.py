@@ -2,7 +2,7 @@
 
 This is the baseline that fastmveb's FFCV loader and GPU views are benchmarked against: every view is
 cut, jittered and blurred on the CPU, one PIL image at a time, inside DataLoader worker processes.
-It follows the table in ../shared/MVEB.md (global 1 / global 2 / n_local local crops); written here from
+It follows the views table in docs/method.md (global 1 / global 2 / n_local local crops); written here from
 that description, not copied from the released code.
 
     from fastmveb.bench.released.transforms import released_transform, released_imagefolder_loader
@@ -23,7 +23,7 @@ STD = (0.229, 0.224, 0.225)
 
 GLOBAL_SIZE, GLOBAL_SCALE = 224, (0.4, 1.0)
 LOCAL_SIZE, LOCAL_SCALE = 96, (0.05, 0.4)
-# (blur p, solarize p) per view kind, MVEB.md's table.
+# (blur p, solarize p) per view kind, docs/method.md's views table.
 GLOBAL1_P, GLOBAL2_P, LOCAL_P = (1.0, 0.0), (0.1, 0.2), (0.5, 0.0)
 
 
