@@ -181,3 +181,39 @@ def test_run_trains_each_seed_and_writes_results_readme_and_picture(small_betons
     bad = subprocess.run([sys.executable, "-m", "fastmveb.demo", "run", "--rc", str(tmp_path / "nope.yaml"),
                           "--readme", str(readme)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: run config") and "Traceback" not in bad.stderr
+
+
+def test_readme_vit_block_is_generated_from_its_own_results_file():
+    """The tiny ViT's figures (docs/demo_vit.json, written by `demo run --rc rcs/tiny_vit.yaml --results ...`) have
+    their own README block beside the ResNet demo's, measured on today's recipe, and show learning."""
+    from fastmveb.config import load_config
+    results = ROOT / "docs" / "demo_vit.json"
+    payload = demo.read_results(results)
+    begin, end = demo.markers(results)
+    assert (begin, end) != (demo.BEGIN, demo.END) and "docs/demo_vit.json" in begin
+    text = demo.README.read_text()
+    assert text.index(demo.END) < text.index(begin), "the ViT block follows the ResNet demo's"
+    assert text.split(begin, 1)[1].split(end, 1)[0] == "\n" + demo.demo_block(payload), \
+        "README ViT block is stale: run python -m fastmveb.demo report --results docs/demo_vit.json"
+    assert payload["rc"] == "rcs/tiny_vit.yaml" and payload["overrides"] == []
+    assert payload["fingerprint"] == demo.fingerprint(load_config(ROOT / payload["rc"])), \
+        "rcs/tiny_vit.yaml or the synthetic generator changed since docs/demo_vit.json: rerun its command"
+    assert "--rc rcs/tiny_vit.yaml" in demo.demo_block(payload) and "make demo" not in demo.demo_block(payload)
+    for r in payload["seeds"]:
+        assert r["trained_top1"] >= r["random_top1"] + 15, r
+
+
+def test_report_writes_the_block_named_after_its_results_file(tmp_path, capsys):
+    """Another recipe's results file fills its own block and leaves the demo block alone."""
+    readme = tmp_path / "README.md"
+    other = tmp_path / "demo_other.json"
+    begin, end = demo.markers(other)
+    readme.write_text(f"{demo.BEGIN}\nresnet\n{demo.END}\n{begin}\nstale\n{end}\n")
+    other.write_text(json.dumps(dict(PAYLOAD, rc="rcs/tiny_vit.yaml", command="python -m fastmveb.demo run --rc x")))
+    assert demo.cli(["report", "--results", str(other), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "resnet" in text and "stale" not in text and "`python -m fastmveb.demo run --rc x`" in text
+    (tmp_path / "plain.md").write_text(f"{demo.BEGIN}\n{demo.END}\n")
+    capsys.readouterr()
+    assert demo.cli(["report", "--results", str(other), "--readme", str(tmp_path / "plain.md")]) == 2
+    assert "demo_other:begin" in capsys.readouterr().err
