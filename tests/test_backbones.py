@@ -359,3 +359,23 @@ def test_tiny_vit_on_two_gloo_processes(small_betons, tmp_path):
     assert meta["world_size"] == 2 and meta["accum_steps"] == 2
     ls = losses(tmp_path / "ddp")
     assert sorted(ls) == [1, 2] and all(torch.isfinite(torch.tensor(list(ls.values()))))
+
+
+def test_tiny_vit_gradients_on_two_gloo_processes_equal_one_process(tmp_path):
+    # tests/ddp_grad_worker.py with the tiny ViT: the DDP gradient over 2 ranks equals the rank-average of what each
+    # rank computes alone on its views (one process over the union batch), also with 2 accumulated micro-batches.
+    import os
+    out = tmp_path / "ddp.json"
+    vit = {k: getattr(VIT_CFG, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(31500 + os.getpid() % 1000), str(ROOT / "tests" / "ddp_grad_worker.py"), str(out),
+                        json.dumps(vit)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    a, b = res["local_grad_sums"]
+    assert res["world"] == 2 and abs(a - b) > 1e-6 * max(abs(a), abs(b))    # the ranks really saw different views
+    assert res["arch"] == VIT_CFG.arch and res["params"] == sum(p.numel() for p in MVEBModel.from_config(
+        ModelConfig(**vit, proj_hidden=32, proj_out=32)).parameters())          # the tiny ViT, not the default
+    assert res["max_rel_err"] < 1e-5
+    assert res["first_micro_step_unsynced"] and res["accum_max_rel_err"] < 1e-5
