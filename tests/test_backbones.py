@@ -379,3 +379,30 @@ def test_tiny_vit_gradients_on_two_gloo_processes_equal_one_process(tmp_path):
         ModelConfig(**vit, proj_hidden=32, proj_out=32)).parameters())          # the tiny ViT, not the default
     assert res["max_rel_err"] < 1e-5
     assert res["first_micro_step_unsynced"] and res["accum_max_rel_err"] < 1e-5
+
+
+def test_tiny_vit_resumes_exactly_after_kill_9(small_betons, tmp_path):
+    # test_train's kill -9 test with the tiny ViT (AdamW, its weight-decay schedule, clipping, drop path): killed
+    # after its mid-epoch checkpoint at step 6 (an epoch is 10 steps), rerun, every loss bitwise the uninterrupted run's.
+    import os
+    import signal
+    import time
+    from test_train import TRAIN, run
+    full = run(tiny_overrides(small_betons, tmp_path, "full", **TINY_VIT))
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = losses(tmp_path / "full")
+    assert sorted(reference) == list(range(1, 21))
+    args = tiny_overrides(small_betons, tmp_path, "killed", **TINY_VIT, **{"train.ckpt_every_steps": 3})
+    p = subprocess.Popen([sys.executable, TRAIN, "--rc", str(ROOT / "rcs/tiny.yaml"), *args], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (tmp_path / "killed" / "checkpoints" / "step_00000006.pt").exists() and p.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["step"] < 20, "finished before it could be killed"
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "killed" / "meta.json").read_text())["resumed_from"]
+    assert losses(tmp_path / "killed") == reference                      # bitwise equal, every step
