@@ -223,13 +223,37 @@ def test_tiny_vit_trains_two_steps_with_every_new_option_and_resumes_exactly(sma
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(state["optimizer"]["state"].values())))
 
 
-def test_convnext_trains_two_steps_channels_last(small_betons, tmp_path):
+@pytest.fixture(scope="module")
+def cnx_run(small_betons, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cnxrun")
     extra = {"model.arch": "timm:convnext_atto", "model.drop_path": 0.1, "optim.name": "adamw",
              "optim.base_lr": 0.002, "views.global_size": 64, "views.local_size": 32, "data.decode_size": 64,
              "eval.size": 64, "train.max_steps": 2}
-    assert run_main(tiny_overrides(small_betons, tmp_path, "cnx", **extra)) == 0
-    got = losses(tmp_path / "cnx")
+    assert run_main(tiny_overrides(small_betons, d, "cnx", **extra)) == 0
+    return d / "cnx"
+
+
+def test_convnext_trains_two_steps_channels_last(cnx_run):
+    got = losses(cnx_run)
     assert sorted(got) == [1, 2] and all(torch.isfinite(torch.tensor(list(got.values()))))
+
+
+def test_convnext_export_loads_strictly_in_timm_with_the_trained_features(cnx_run, tmp_path):
+    import timm
+    from fastmveb.eval.features import load_run_backbone
+    from fastmveb.export import main as export_main
+    out = tmp_path / "cnx_timm.pth"
+    assert export_main(["--run", str(cnx_run), "--out", str(out), "--format", "timm"]) == 0
+    trained, _ = load_run_backbone(cnx_run)
+    trained.eval()
+    x = torch.randn(3, 3, 64, 64)
+    for path in (out, out.with_suffix(".safetensors")):
+        model = timm.create_model("convnext_atto", checkpoint_path=str(path)).eval()          # strict
+        with torch.no_grad():
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)   # pool, norm: the features
+            assert feats.shape == (3, 320)
+            torch.testing.assert_close(feats, trained(x), rtol=0, atol=1e-6)
+            assert torch.equal(model(x), torch.zeros(3, 1000))                  # the zero classifier
 
 
 @pytest.fixture(scope="module")
