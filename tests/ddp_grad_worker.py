@@ -24,11 +24,13 @@ def objective(net, v, t, group="local"):
     return mveb_loss(z, t, lam=0.01, group=group)[0]
 
 
-def main(out: str):
+def main(out: str, model_cfg: str = '{"arch": "resnet10"}'):
+    """``model_cfg``: the backbone's ModelConfig fields as JSON (a ResNet-10 by default)."""
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = MVEBModel.from_config(ModelConfig(arch="resnet10", proj_hidden=32, proj_out=32))
-    local = MultiView(MVEBModel.from_config(ModelConfig(arch="resnet10", proj_hidden=32, proj_out=32)))
+    cfg = ModelConfig(**json.loads(model_cfg), proj_hidden=32, proj_out=32)
+    model = MVEBModel.from_config(cfg)
+    local = MultiView(MVEBModel.from_config(cfg))
     local.model.load_state_dict(model.state_dict())
     net = acc.prepare(MultiView(model))
     g = torch.Generator().manual_seed(100 + acc.process_index)        # different data on each rank
@@ -47,7 +49,8 @@ def main(out: str):
     dist.all_gather(all_d, differs)
     accum_err, unsynced = accumulation(acc, net, local, v, t)
     if acc.is_main_process:
-        Path(out).write_text(json.dumps({"world": acc.num_processes, "max_rel_err": worst,
+        Path(out).write_text(json.dumps({"world": acc.num_processes, "max_rel_err": worst, "arch": cfg.arch,
+                                         "params": sum(p.numel() for p in model.parameters()),
                                          "local_grad_sums": [float(x) for x in all_d],
                                          "accum_max_rel_err": accum_err, "first_micro_step_unsynced": unsynced}))
     # Every collective is done on both ranks once they pass the barrier: end here, without freeing the process
@@ -87,4 +90,4 @@ def accumulation(acc, net, local, v, t):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

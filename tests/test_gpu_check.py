@@ -59,10 +59,14 @@ def test_cpu_dry_run_of_the_check_runs_every_stage(cpu_check):
     assert s["stages"]["tests"]["status"].startswith("skipped: no CUDA")
     assert s["stages"]["tests"]["result"]["sync_debug_step"] == "skipped"
     step = s["stages"]["step"]["result"]
-    # Most valuable first: the recipe's multi-crop, then two-view, then the flips.
+    # Most valuable first: the recipe's multi-crop, then two-view, then the flips, then the ViT (after every ResNet row).
     assert [(r["recipe"], r["variant"]) for r in step["rows"]] == [
         ("multi-crop", "training setting"), ("two-view", "training setting"),
-        ("two-view", "channels-last flipped"), ("two-view", "precision flipped")]
+        ("two-view", "channels-last flipped"), ("two-view", "precision flipped"),
+        ("vit_s16", "multi-crop, tiny: 2 blocks, 32 px")]
+    vit = step["rows"][-1]
+    assert (vit["arch"], vit["views"], vit["batch"]) == ("timm:vit_small_patch16_224", "2x32 + 6x16", 8)
+    assert vit["first_step_s"] > 0 and all(r["arch"] == "resnet10" for r in step["rows"][:-1])
     assert all(r["samples_per_s"] > 0 and r["loss"] == r["loss"] and r["first_step_s"] > 0 for r in step["rows"])
     assert all(r["reason"].startswith("skipped: no CUDA") for r in step["skipped_rows"])
     train = s["stages"]["train"]["result"]["rows"][0]
@@ -113,11 +117,11 @@ def test_dry_run_prices_the_plan_from_the_check_summary(cpu_check):
 
 
 def test_a_stage_over_its_box_is_cut_and_the_summary_keeps_the_rest(tmp_path):
-    # A budget that leaves the step stage a few seconds (30 less the 10-s summary reserve, less env's time): it is
-    # killed (or not started) and says so; env stays.
+    # A budget that leaves the step stage a few seconds (20 less the 10-s summary reserve, less env's time): it is
+    # killed (or not started) and says so; env stays. (At 30 the step stage's rows at batch 8 fit its 18 s.)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "fastmveb.bench.gpu_check", "--device", "cpu", "--short",
-                           "--only", "env,step", "--budget-s", "30", "--out", str(out), "--work", str(tmp_path / "w")],
+                           "--only", "env,step", "--budget-s", "20", "--out", str(out), "--work", str(tmp_path / "w")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
@@ -226,3 +230,34 @@ def test_junit_counts(tmp_path):
                  '</testsuite></testsuites>')
     c = junit_counts(p)
     assert c == {"passed": ["a::ok"], "failed": ["a::bad"], "skipped": ["b::s"]}
+
+
+def test_the_vit_rows_come_from_the_vit_recipe_and_shrink_on_a_cpu():
+    import torch
+    from fastmveb.bench.common import bench_config, settings
+    from fastmveb.bench.step import VIT_RC, measure_step, vit_rows
+    (recipe, n_local, extra, label), = vit_rows(True)         # CUDA: rcs/vit_s16.yaml's setting as it is
+    cfg = bench_config(settings(rc=str(ROOT / VIT_RC)), torch.device("cuda"), n_local, extra)
+    assert (recipe, label, cfg.model.arch, cfg.views.global_size, cfg.views.local_size, cfg.views.n_local) == (
+        "vit_s16", "multi-crop", "timm:vit_small_patch16_224", 224, 96, 6)
+    assert (cfg.train.mixed_precision, cfg.optim.name, cfg.data.global_batch_size) == ("bf16", "adamw", 128)
+    # A CPU dry run: the same recipe at tiny shapes, one real step in seconds (as the check's stage builds it).
+    (recipe, n_local, extra, label), = vit_rows(False)
+    cfg = bench_config(settings(short=True, batch_size=8, rc=str(ROOT / VIT_RC)), torch.device("cpu"), n_local, extra)
+    row = measure_step(cfg, torch.device("cpu"), 1, 1, 1)
+    assert (row["arch"], row["views"], row["precision"], row["compile"]) == (
+        "timm:vit_small_patch16_224", "2x32 + 6x16", "no", False)
+    assert row["loss"] == row["loss"] and not row["skipped"] and row["first_step_s"] > 0
+
+
+def test_a_vit_row_beside_the_resnet_rows_leaves_the_targets_judged():
+    from fastmveb.bench.report import check_targets
+    rn = {"arch": "resnet50", "views": "2x224", "samples_per_s": 1e6}
+    rows = [{**rn, "recipe": "multi-crop", "variant": "training setting"},
+            {**rn, "recipe": "two-view", "variant": "training setting"},
+            {"recipe": "vit_s16", "variant": "multi-crop", "arch": "timm:vit_small_patch16_224", "samples_per_s": 1.0}]
+    got = {t["target"].split()[0]: t["status"] for t in check_targets({"step": {"result": {"rows": rows}}}, True)}
+    assert got["two-view"] == got["multi-crop"] == "met"
+    rows[0]["arch"] = "resnet18"                              # the check run with another backbone: not judged
+    got = {t["target"].split()[0]: t["status"] for t in check_targets({"step": {"result": {"rows": rows}}}, True)}
+    assert got["multi-crop"].startswith("not judged")

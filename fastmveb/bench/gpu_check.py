@@ -113,7 +113,7 @@ def fit_mode(compiled: bool, left_s: float, compile_s: float | None, steps_s: fl
 def stage_step(ctx, res) -> int:
     import torch
     from fastmveb.bench.common import bench_config, default_threads, environment, free, step_iters, write_results
-    from fastmveb.bench.step import COLUMNS, flips, measure_step
+    from fastmveb.bench.step import COLUMNS, VIT_RC, flips, measure_step, vit_rows
     from fastmveb.build import uses_compile
     device, cuda = torch.device(ctx.device), ctx.device == "cuda"
     s = _settings(ctx)
@@ -160,9 +160,7 @@ def stage_step(ctx, res) -> int:
     if cuda:
         from fastmveb.plan import estimate_memory
         capacity = torch.cuda.get_device_properties(device).total_memory / 2**30
-        for recipe, n_local in (("multi-crop", 6), ("two-view", 0)):
-            if not ref[recipe]:
-                continue
+        for recipe, n_local in [(r, n) for r, n in (("multi-crop", 6), ("two-view", 0)) if ref[r]]:
             cfg = bench_config(s, device, n_local)
             b0 = cfg.data.global_batch_size
             per_sample = (estimate_memory(cfg, 2 * b0, 2 * b0, 1)["activations"] -
@@ -188,6 +186,8 @@ def stage_step(ctx, res) -> int:
         skipped += [{"recipe": "two-view, multi-crop", "variant": "largest batch that fits",
                      "reason": "skipped: no CUDA (the search sizes the batch to the GPU's memory)"},
                     {"recipe": "rn50_fast", "variant": "its view sizes", "reason": "skipped: no CUDA"}]
+    for recipe, n_local, extra, label in vit_rows(cuda):    # after every ResNet row: a cut keeps those
+        add(recipe, n_local, extra, label, st=_settings(ctx, rc=str(ROOT / VIT_RC)))
     settings = {"rc": "rcs/rn50.yaml" if cuda else "rcs/tiny.yaml", "short": ctx.short, "device": ctx.device,
                 "warmup_steps": warmup, "timed_steps": iters, "inputs": "random views already on the device",
                 "by": "python -m fastmveb.bench.gpu_check (stage step)", "skipped_rows": skipped}
@@ -316,9 +316,10 @@ STAGES = [Stage(name, fn, box, keys, what) for name, fn, box, keys, what in (
     ("env", stage_env, (10, 30), ("device", "torch", "cuda", "python", "cpu_count", "memory_gib", "git", "packages",
                                   "gpu"), "GPU, driver, torch/CUDA, cores, memory, git revision, package versions"),
     ("step", stage_step, (200, 150), ("rows", "skipped_rows", "file"),
-     "ResNet-50 2x224 + 6x96 (multi-crop), then 2x224, bf16, channels-last, compiled, at batch 128 (the first "
-     "step, the compile, timed apart); then compile, channels-last and precision each flipped, the largest batch "
-     "that fits and rcs/rn50_fast.yaml's sizes, compiled while the box holds a compile, else eagerly"),
+     "ResNet-50 2x224 + 6x96 (multi-crop), then 2x224, bf16, channels-last, compiled, at batch 128 (the first step, "
+     "the compile, timed apart); then compile, channels-last and precision each flipped, the largest batch that "
+     "fits, rcs/rn50_fast.yaml's sizes, then rcs/vit_s16.yaml's ViT-S/16 multi-crop, compiled while the box holds a "
+     "compile, else eagerly"),
     ("data", stage_data, (20, 90), ("beton", "jpeg_root", "images", "workers", "generate_s", "write_s"),
      "a beton of 5,000 photo-sized JPEGs (500-px long side), written on all cores"),
     ("train", stage_train, (95, 180), ("file", "rows"),

@@ -84,6 +84,23 @@ def flips(cfg, device: torch.device) -> list[tuple[str, tuple]]:
              (("train", "mixed_precision", "no" if cfg.train.mixed_precision == "bf16" else "bf16"),))]
 
 
+# The GPU check's ViT rows, measured after every ResNet row (a cut of the step box keeps those): VIT_RC's multi-crop
+# step (ViT-S/16, 2x224 + 6x96, bf16, AdamW, compiled) on CUDA at 128, the micro-batch its 1024 runs on 8 GPUs (the
+# rc sets no per-device batch: one process would otherwise time all 1024); on a CPU dry run the same recipe shrunk as
+# the ResNet rows shrink (a two-block ViT at 32 px with 8-px patches, 2x32 + 6x16, fp32, eager): seconds.
+VIT_RC = "rcs/vit_s16.yaml"
+VIT_TINY = (("model", "img_size", 32), ("model", "patch_size", 8), ("model", "embed_dim", 48), ("model", "depth", 2),
+            ("model", "num_heads", 2), ("views", "global_size", 32), ("views", "local_size", 16),
+            ("data", "decode_size", 32), ("train", "mixed_precision", "no"), ("train", "compile", "false"))
+
+
+def vit_rows(cuda: bool) -> list[tuple[str, int, tuple, str]]:
+    """(recipe, n_local, bench_config extra, label) of the ViT rows, each run with VIT_RC's settings."""
+    if cuda:
+        return [("vit_s16", 6, (("data", "per_device_batch_size", 128),), "multi-crop")]
+    return [("vit_s16", 6, VIT_TINY, "multi-crop, tiny: 2 blocks, 32 px")]
+
+
 # ------------------------------------------------------------------------------------------------- main
 def add_args(parser) -> None:
     add_settings_args(parser)
