@@ -221,8 +221,11 @@ def demo_block(p: dict) -> str:
     for r in rows:
         lines.append(f"| {r['seed']} | {r['trained_top1']:.2f}% | {r['random_top1']:.2f}% | "
                      f"{r['train_s'] / 60:.1f} min | {r['load']:.1f} |")
-    lines += ["", f"Over seeds {seeds}: trained **{min(tr):.2f}-{max(tr):.2f}%**, random init "
-                  f"**{min(rn):.2f}-{max(rn):.2f}%** (min-max; chance 10%)."]
+    if len(rows) > 1:
+        lines += ["", f"Over seeds {seeds}: trained **{min(tr):.2f}-{max(tr):.2f}%**, random init "
+                      f"**{min(rn):.2f}-{max(rn):.2f}%** (min-max; chance 10%)."]
+    else:
+        lines += ["", f"Seed {seeds}: trained **{tr[0]:.2f}%**, random init **{rn[0]:.2f}%** (chance 10%)."]
     if "generate_s" in p:
         lines[-1] += f" Writing the dataset took {p['generate_s']:.0f} s"
         if p.get("jobs", 1) == 1 and p.get("rc", "rcs/tiny.yaml") == "rcs/tiny.yaml":             # what make demo runs
@@ -239,6 +242,10 @@ def demo_block(p: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _span(figures: list[float]) -> str:
+    return f"{min(figures):.2f}%" if min(figures) == max(figures) else f"{min(figures):.2f}-{max(figures):.2f}%"
+
+
 def _newcomer_lines(p: dict) -> list[str]:
     """What a run of the same command elsewhere shows: the figures reported from other machines, and the band."""
     lines = []
@@ -253,7 +260,7 @@ def _newcomer_lines(p: dict) -> list[str]:
     text = (f"What you will see: one machine repeats its figures to the last digit, but float rounding differs "
             f"between CPUs and {p['seeds'][0]['steps']} training steps amplify it, so the trained figure moves from "
             f"machine to machine. Expect a trained kNN top-1 within **{lo:.2f}-{hi:.2f}%** (the recorded "
-            f"{min(figures):.2f}-{max(figures):.2f}% widened by {p.get('band_margin', BAND_MARGIN):g} points)")
+            f"{_span(figures)} widened by {p.get('band_margin', BAND_MARGIN):g} points)")
     if len(random) == 1:                    # the untrained encoder: nothing to amplify the rounding
         where = f"the same on the {machines} machines recorded" if machines > 1 else "recorded on one machine only"
         text += (f" and, at train.seed {first}, the random-init figure {random.pop():.2f}% exactly "
