@@ -35,7 +35,7 @@ from fastmveb import checkpoint as ckpt
 from fastmveb import throughput
 from fastmveb.batchnorm import views
 from fastmveb.build import build_training, make_accelerator
-from fastmveb.compat import end_process, hold_process_group
+from fastmveb.compat import end_process, hold_process_group, skip_teardown
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import eval_loader, num_classes, set_epoch, train_loader_from_config, unpack_train_batch
 from fastmveb.elastic import Preemption, lost_peer, stop_status
@@ -315,6 +315,7 @@ def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, log
                                   stop=functools.partial(preempt.agree, device, world))
                 except StopRequested as e:
                     preempted = e.signum                              # the checkpoint: at the next epoch's start
+                    skip_teardown()                                   # a loader stopped mid-epoch (compat)
                     break
                 logger.log(step, epoch, {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_size": cfg.eval.size})
                 if main_proc:
@@ -404,6 +405,7 @@ def learning_check(cfg: Config, t, accelerator, logger: MetricsLogger, step: int
         init = MVEBModel.from_config(cfg.model).to(accelerator.device, memory_format=t.memory_format)
         random = run_knn(cfg, init.backbone, accelerator.device, accelerator, stop=stop)
     except StopRequested as e:
+        skip_teardown()                                               # a loader stopped mid-epoch (compat)
         return e.signum
     logger.log(step, epoch, {"final_knn_top1": trained["top1"], "final_knn_top5": trained["top5"],
                              "random_knn_top1": random["top1"], "random_knn_top5": random["top5"],
