@@ -185,10 +185,12 @@ def write_jpeg_tree(root: str | Path, *, classes: int = 10, train_per_class: int
             jobs += [(seed, split, k, i, str(d / f"{i:05d}.jpg"), quality) for i in range(n)]
     num_workers = max(1, min(num_workers or os.cpu_count() or 1, os.cpu_count() or 1))
     bar = tqdm(total=len(jobs), desc="generate", unit="img", disable=not progress, leave=False)
-    # cv2 threads inside forked workers only fight the other workers for the same cores.
+    # cv2 threads inside the workers only fight the other workers for the same cores.
     cv2.setNumThreads(1)
     if num_workers > 1:
-        with mp.get_context("fork").Pool(num_workers) as pool:
+        # forkserver, not fork: a caller with threads (torch's, a test runner's) can hold a lock at the moment of a
+        # fork, and the forked worker then waits on it for ever (seen once in the test suite: the pool never ended).
+        with mp.get_context("forkserver").Pool(num_workers) as pool:
             for _ in pool.imap_unordered(_write_one, jobs, chunksize=16):
                 bar.update()
     else:
