@@ -42,6 +42,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _closure_loss(closure):
+    """The optimizer-step closure's loss (None without one), evaluated with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _params_with_grads(group: dict, name: str) -> list[torch.Tensor]:
+    """The group's parameters that have a gradient; sparse gradients are refused."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    return params
+
+
 class LARS(torch.optim.Optimizer):
     """LARS (see the module docstring) over whole parameter groups with torch._foreach_* kernels.
 
@@ -66,17 +82,12 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, skip: torch.Tensor | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         pending = []   # skip path: (old tensors, new tensors, new params) per group, selected after the last group
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = _params_with_grads(group, "LARS")
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("LARS does not support sparse gradients")
             device = params[0].device
             grads = [p.grad for p in params]
             bufs = []
@@ -238,17 +249,12 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, skip: torch.Tensor | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         olds, news, new_params = [], [], []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = _params_with_grads(group, "AdamW")
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("AdamW does not support sparse gradients")
             grads = [p.grad for p in params]
             m, v, t = [], [], []
             for p in params:
