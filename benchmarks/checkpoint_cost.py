@@ -25,6 +25,7 @@ from fastmveb.bench.common import environment, write_results  # noqa: E402
 from fastmveb.config import Config, to_dict  # noqa: E402
 from fastmveb.model import MVEBModel, make_target  # noqa: E402
 from fastmveb.optim import LARS, param_groups  # noqa: E402
+from fastmveb.rundir import git_revision  # noqa: E402
 
 
 def main() -> int:
@@ -47,7 +48,7 @@ def main() -> int:
             t0 = time.perf_counter()
             state = {"model": model.state_dict(), "target": target.state_dict(), "optimizer": opt.state_dict(),
                      "step": i, "epoch": 0, "samples_in_epoch": 0, "shuffle": "torch",
-                     "rng": [ckpt.capture_rng_state()] * args.ranks, "config": to_dict(cfg), "git": ckpt.git_revision()}
+                     "rng": [ckpt.capture_rng_state()] * args.ranks, "config": to_dict(cfg), "git": git_revision()}
             t1 = time.perf_counter()
             path = ckpt.checkpoint_path(d, i)
             assert ckpt.save_checkpoint(path, state)

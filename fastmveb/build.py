@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 from typing import Callable
 
 import torch
@@ -61,6 +62,22 @@ def set_backend_flags() -> None:
     torch.backends.cudnn.benchmark = True
 
 
+def use_deterministic_algorithms() -> None:
+    """torch.use_deterministic_algorithms(True), with the cuBLAS setting it requires on CUDA.
+
+    Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment before cuBLAS
+    starts; unset, it is set here (call this before any CUDA work), any other value raises ConfigError.
+    """
+    from fastmveb.config import ConfigError
+    cur = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if cur is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    elif cur not in (":4096:8", ":16:8"):
+        raise ConfigError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8, the environment "
+                         f"has {cur!r}; unset it or set one of those")
+    torch.use_deterministic_algorithms(True)
+
+
 def make_accelerator(cfg, cpu: bool | None = None):
     """The run's Accelerator (cpu: None = no CUDA here), with the backend flags set.
 
@@ -73,7 +90,6 @@ def make_accelerator(cfg, cpu: bool | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    from .checkpoint import use_deterministic_algorithms
     from .elastic import init_elastic_process_group
     if cfg.train.deterministic:
         use_deterministic_algorithms()

@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves that never replace a good file with a broken model, exact-resume RNG state,
-and the helpers the trainer needs to find, prune and unwrap.
+the helpers the trainer needs to find and prune them, and the reading of a run's trained backbone back out
+(evaluation, export, the report).
 
     state = {"model": unwrap(model).state_dict(), "target": target.state_dict(),
              "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "samples_in_epoch": s,
@@ -12,6 +13,8 @@ and the helpers the trainer needs to find, prune and unwrap.
     state = load_checkpoint(path)             # torch.load(weights_only=True): no pickled code runs
     restore_rng_state(state["rng"][rank])
     samples, shuffle = data_position(state)   # where in the epoch, in samples of the global order
+    ...
+    backbone, info = load_run_backbone("runs/tiny")   # the newest readable checkpoint's backbone, loaded strictly
 
 The position in the epoch is a count of samples of the epoch's global order (fastmveb.data.ResumableLoader):
 it means the same sample under any world size or batch, where a batch index would not. ``batch_in_epoch``
@@ -28,14 +31,13 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from fastmveb.errors import UserError
+from fastmveb.errors import RunError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +52,6 @@ class CheckpointError(UserError):
 class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint could not be written (full disk, I/O error); the previous ones are intact."""
     exit_code = 1                                                     # the input was fine: the run could not finish
-
-
-def git_revision() -> str:
-    """The code revision a run or a result came from (`git describe --always --dirty`), or "unknown"."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting."""
-    while True:
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -245,22 +226,6 @@ def data_position(state: dict) -> tuple[int, str]:
     return samples, shuffle
 
 
-def use_deterministic_algorithms() -> None:
-    """torch.use_deterministic_algorithms(True), with the cuBLAS setting it requires on CUDA.
-
-    Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment before cuBLAS
-    starts; unset, it is set here (call this before any CUDA work), any other value raises ConfigError.
-    """
-    from fastmveb.config import ConfigError
-    cur = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if cur is None:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    elif cur not in (":4096:8", ":16:8"):
-        raise ConfigError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8, the environment "
-                         f"has {cur!r}; unset it or set one of those")
-    torch.use_deterministic_algorithms(True)
-
-
 def capture_rng_state() -> dict:
     """Python, numpy (global) and torch CPU/CUDA generator states, in weights_only-safe types."""
     py_version, py_state, py_gauss = random.getstate()
@@ -307,6 +272,110 @@ def backbone_state_dict(model_state: dict, prefix: str = "backbone.") -> dict:
         if k.startswith(prefix):
             sd[k[len(prefix):]] = v
     return sd
+
+
+# ----------------------------------------------------------------------------- reading a run's backbone back
+# (`python -m fastmveb.eval`, `python -m fastmveb.export`, the report): bad input is one RunError line.
+
+def open_checkpoint(run: str | Path | None, ckpt: str | Path | None) -> tuple[Path | None, Path, dict]:
+    """(run_dir or None, checkpoint path, its contents): ``ckpt`` when given, else the run's newest checkpoint
+    that reads. A newer one that does not (cut by a full disk, damaged on storage) is skipped with one warning
+    line naming it, as training's resume skips it (checkpoint.load_latest); ``--ckpt`` names one explicitly."""
+    run_dir = Path(run) if run is not None else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise RunError(f"run directory '{run_dir}' not found")
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise RunError(f"checkpoint '{path}' not found")
+        return run_dir, path, read_checkpoint(path)
+    if run_dir is None:
+        raise RunError("give --run DIR (newest checkpoint) or --ckpt PATH")
+    path, ck = load_latest(run_dir)
+    if path is None:
+        where = run_dir / "checkpoints"
+        if latest_checkpoint(run_dir) is None:
+            raise RunError(f"no checkpoint in '{where}' (has the run saved one yet?)")
+        raise RunError(f"no readable checkpoint in '{where}' (each one is named above); pass --ckpt PATH to "
+                       "another checkpoint of this run")
+    return run_dir, path, ck
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        ck = load_checkpoint(path)
+    except Exception as e:  # a truncated / foreign file: say which file, not a pickle traceback
+        raise RunError(f"cannot read checkpoint '{path}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise RunError(f"'{path}' is not a fastmveb checkpoint (no 'model' entry)")
+    return ck
+
+
+def config_source(run_dir: Path | None) -> str:
+    """Where run_config read the config from, for messages."""
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        return str(run_dir / "config.yaml")
+    return "the config inside the checkpoint"
+
+
+def run_config(run_dir: Path | None, ck: dict):
+    """The resolved Config: the run's config.yaml when there is one, else the copy inside the checkpoint."""
+    from fastmveb.config import ConfigError, from_dict, load_config
+    try:
+        if run_dir is not None and (run_dir / "config.yaml").is_file():
+            return load_config(run_dir / "config.yaml")
+        if isinstance(ck.get("config"), dict):
+            return from_dict(ck["config"], "checkpoint config")
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+    raise RunError("no config.yaml in the run directory and no config inside the checkpoint")
+
+
+def backbone_state(ck: dict, which: str = "online") -> dict[str, torch.Tensor]:
+    """The backbone's state_dict (keys without the 'backbone.' prefix) of the online model or the EMA target."""
+    if which not in ("online", "target"):
+        raise RunError(f"--which must be online or target, got {which!r}")
+    entry = ck.get("model" if which == "online" else "target")
+    if not isinstance(entry, dict):
+        raise RunError(f"the checkpoint has no '{'model' if which == 'online' else 'target'}' state")
+    sd = backbone_state_dict(entry)
+    if not sd:
+        raise RunError("the checkpoint's model state has no 'backbone.*' entries")
+    return sd
+
+
+def arch_mismatch(sd: dict[str, torch.Tensor], arch: str, path: Path, config_from: str) -> str | None:
+    """The one-line error for a backbone state that is not ``arch``'s, naming the arch it is (None when it is
+    ``arch``'s after all). torch's load_state_dict error lists keys and shapes and names no architecture."""
+    from fastmveb.model import identify_backbone
+    found = identify_backbone(sd)
+    if found == arch:
+        return None
+    what = f"a {found} backbone" if found else "a backbone of no known arch"
+    if config_from.endswith("config.yaml"):
+        fix = (f"pass the --run directory that trained it, or set model.arch: {found} in {config_from}" if found
+               else "evaluate it with the run directory that trained it")
+    else:
+        fix = "its weights and its config disagree: the file is damaged or was not written by fastmveb"
+    return f"checkpoint {path} holds {what} ({len(sd)} tensors) but the run's config ({config_from}) says {arch}; {fix}"
+
+
+def load_run_backbone(run: str | Path | None = None, ckpt: str | Path | None = None, which: str = "online"):
+    """-> (backbone nn.Module with trained weights, info dict: cfg, run_dir, ckpt_path, ckpt (the raw dict)).
+
+    The backbone is built with fastmveb.model.build_backbone from the run's config and loaded strictly.
+    """
+    run_dir, path, ck = open_checkpoint(run, ckpt)
+    cfg = run_config(run_dir, ck)
+    from fastmveb.model import build_backbone
+    backbone, feat_dim = build_backbone(cfg.model)
+    sd = backbone_state(ck, which)
+    try:
+        backbone.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise RunError(arch_mismatch(sd, cfg.model.arch, path, config_source(run_dir))
+                       or f"checkpoint backbone does not match {cfg.model.arch}: {str(e).splitlines()[0]}") from None
+    return backbone, {"cfg": cfg, "run_dir": run_dir, "ckpt_path": path, "ckpt": ck, "feat_dim": feat_dim}
 
 
 # ----------------------------------------------------------------------------- the trainer's save and resume

@@ -55,7 +55,7 @@ class DemoError(UserError):
 
 
 def _env() -> dict:
-    from fastmveb.checkpoint import git_revision
+    from fastmveb.rundir import git_revision
     import torch
     return {"cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "python": platform.python_version(),

@@ -58,7 +58,8 @@ from torchvision.models.resnet import ResNet
 
 from fastmveb.backbones import build, export_formats, family
 from fastmveb.errors import RunError, run_cli
-from fastmveb.eval.features import HEAD_FILE, arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
+from fastmveb.checkpoint import arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
+from fastmveb.eval.features import HEAD_FILE
 from fastmveb.eval.online import folded_head
 from fastmveb.model import torchvision_resnet
 

@@ -19,7 +19,18 @@ from torch import nn
 
 from .backbones import build, torchvision_archs, without_stochastic_depth
 from .backbones import torchvision_resnet  # noqa: F401 -- export and tests import it from here
-from .checkpoint import unwrap
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
 
 def valid_archs() -> list[str]:
     """The torchvision ResNet names (and resnet10); timm models are named timm:NAME (fastmveb/backbones.py)."""

@@ -286,7 +286,8 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
     import torch
     from accelerate.utils import set_seed
 
-    from fastmveb.eval.features import extract_features, load_run_backbone
+    from fastmveb.checkpoint import load_run_backbone
+    from fastmveb.eval.features import extract_features
     from fastmveb.eval.knn import knn_accuracy
     from fastmveb.model import MVEBModel
     trained, info = load_run_backbone(run_dir)

@@ -1,7 +1,9 @@
-"""The run directory's guards: one training at a time, and a resume only under the config that made it.
+"""The run directory's guards: one training at a time, and a resume only under the config that made it; and the
+code revision a run records about itself.
 
     lock = lock_run_dir(run_dir)                  # before anything is written; held until the process exits
     check_resume(state["config"], to_dict(cfg), latest, allow=cfg.train.allow_config_change)
+    git = git_revision()                          # meta.json and every checkpoint say which code made them
 
 Lock: an OS lock (fcntl.flock) on run_dir/.lock, taken by the main process. The kernel drops it when the
 process ends, however it ends (kill -9 included), so there is never a stale lock to delete by hand. The file
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 from pathlib import Path
 
 from .config import HARMLESS, added_at_default, flatten   # HARMLESS: keys whose change cannot alter the weights
@@ -61,6 +64,16 @@ def lock_run_dir(run_dir: str | Path):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def git_revision() -> str:
+    """The code revision a run or a result came from (`git describe --always --dirty`), or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def open_run_dir(run_dir: str | Path, cfg, main_proc: bool, device, world: int = 1, data: dict | None = None):

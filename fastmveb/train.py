@@ -44,11 +44,11 @@ from fastmveb.errors import Interrupted, UserError, run_cli
 from fastmveb.eval.knn import check_monitor_labels, distributed_knn
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import LogWindow, MetricsLogger, collapse_warning
-from fastmveb.model import MVEBModel, ema_momentum_table, ema_update
+from fastmveb.model import MVEBModel, ema_momentum_table, ema_update, unwrap
 from fastmveb.optim import all_finite, clip_grad_norm_, lr_at, wd_at, where_
 from fastmveb.plan import Plan, dataset_length, make_plan, resume_lines
 from fastmveb.resolution import ViewSwitch
-from fastmveb.rundir import open_run_dir
+from fastmveb.rundir import git_revision, open_run_dir
 
 def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
                micro_batch: int | None = None, extent: torch.Tensor | None = None, wd: float | None = None):
@@ -63,7 +63,7 @@ def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Ten
     The networks inside are compiled; the step itself stays eager because the entropy solve (Cholesky,
     float64) and the optimizer's skip logic gain nothing from compilation.
     """
-    online = ckpt.unwrap(net).model
+    online = unwrap(net).model
     # A skipped step must leave no trace, but its forward already moved the BN running statistics (maybe to
     # NaN): keep a copy to put back. BN buffers are ~0.1% of the parameters, so this is cheap.
     buffers = list(online.buffers())
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{world} processes but WORLD_SIZE={plan.world_size}; launch with torchrun or accelerate "
                         "launch (they set it)")
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
-    git = ckpt.git_revision()                                         # once: meta.json and every checkpoint
+    git = git_revision()                                              # once: meta.json and every checkpoint
     # Lock the run dir (a second training stops here), choose the checkpoint, refuse a changed trajectory:
     # all before anything is written. The lock is held until exit.
     lock, latest, state = open_run_dir(run_dir, cfg, main_proc, device, world, data)

@@ -240,7 +240,7 @@ def test_convnext_trains_two_steps_channels_last(cnx_run):
 
 def test_convnext_export_loads_strictly_in_timm_with_the_trained_features(cnx_run, tmp_path):
     import timm
-    from fastmveb.eval.features import load_run_backbone
+    from fastmveb.checkpoint import load_run_backbone
     from fastmveb.export import main as export_main
     out = tmp_path / "cnx_timm.pth"
     assert export_main(["--run", str(cnx_run), "--out", str(out), "--format", "timm"]) == 0
@@ -265,7 +265,7 @@ def vit_run(small_betons, tmp_path_factory) -> Path:
 
 def test_timm_export_loads_strictly_in_timm_with_the_trained_features(vit_run, tmp_path):
     import timm
-    from fastmveb.eval.features import load_run_backbone
+    from fastmveb.checkpoint import load_run_backbone
     from fastmveb.export import main as export_main
     out = tmp_path / "vit_timm.pth"
     assert export_main(["--run", str(vit_run), "--out", str(out)]) == 0        # timm: the default for timm models

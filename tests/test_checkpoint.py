@@ -16,9 +16,9 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from fastmveb import checkpoint as ckpt
 from fastmveb.checkpoint import (backbone_state_dict, capture_rng_state, checkpoint_path, latest_checkpoint,
-                                 load_checkpoint, prune_checkpoints, restore_rng_state, save_checkpoint, unwrap)
+                                 load_checkpoint, prune_checkpoints, restore_rng_state, save_checkpoint)
 from fastmveb.config import ModelConfig
-from fastmveb.model import MVEBModel, make_target
+from fastmveb.model import MVEBModel, make_target, unwrap
 from fastmveb.optim import LARS, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -381,7 +381,7 @@ def test_cli_no_checkpoint_is_one_line_error(tmp_path, capsys):
 
 
 def test_resolve_checkpoint_errors(tmp_path):
-    from fastmveb.eval.features import load_run_backbone
+    from fastmveb.checkpoint import load_run_backbone
     with pytest.raises(RunError, match="not found"):
         load_run_backbone(tmp_path, tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

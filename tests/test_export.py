@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fastmveb.config import Config, dump_config, to_dict
-from fastmveb.eval.features import RunError, load_run_backbone
+from fastmveb.checkpoint import load_run_backbone
+from fastmveb.errors import RunError
 from fastmveb.eval.online import OnlineLinearProbe
 from fastmveb.export import cli, export_backbone, torchvision_model
 from fastmveb.model import build_backbone

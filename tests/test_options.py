@@ -104,7 +104,7 @@ def test_resume_false_starts_over(small_betons, tmp_path):
 
 
 def test_deterministic_sets_cublas_workspace(monkeypatch):
-    from fastmveb.checkpoint import use_deterministic_algorithms
+    from fastmveb.build import use_deterministic_algorithms
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
         use_deterministic_algorithms()

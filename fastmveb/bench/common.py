@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastmveb.checkpoint import git_revision
+from fastmveb.rundir import git_revision
 from fastmveb.report import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]

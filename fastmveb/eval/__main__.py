@@ -41,7 +41,8 @@ import torch
 from fastmveb.compat import end_process, hold_process_group
 from fastmveb.config import CHOICES
 from fastmveb.errors import RunError, run_cli
-from fastmveb.eval.features import HEAD_FILE, load_run_backbone
+from fastmveb.checkpoint import load_run_backbone
+from fastmveb.eval.features import HEAD_FILE
 
 
 def _parser() -> argparse.ArgumentParser:
