@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 from fastmveb.errors import RunError, UserError
+from fastmveb.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +158,14 @@ def save_checkpoint(path: str | Path, state: dict) -> bool:
         log.warning("not saving %s: non-finite values in %s%s", path, ", ".join(bad[:3]), more)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Dot-prefixed and suffixed so latest_checkpoint never mistakes a half-written file for a checkpoint;
-    # a plain open (not mkstemp) so the file gets the umask's permissions, not 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    # The temporary (fileio: dot-prefixed, .tmp-suffixed) never matches latest_checkpoint's name pattern; a plain
+    # open (not mkstemp) gives the file the umask's permissions, not 0600.
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path, sync=True) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos ..."): the space
-        # left after removing the partial file tells whether that is what happened.
-        tmp.unlink(missing_ok=True)
+        # left once the partial file is gone (atomic_path removed it) tells whether that is what happened.
         free, need = shutil.disk_usage(path.parent).free, _state_bytes(state)
         if isinstance(e, RuntimeError) and free >= need:
             raise
@@ -177,9 +173,6 @@ def save_checkpoint(path: str | Path, state: dict) -> bool:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {why} (it needs about {need / 2**20:,.1f} MiB, "
                               f"{free / 2**20:,.1f} MiB free in {path.parent}); the previous checkpoints are "
                               f"intact: free space, then rerun to resume") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     # Persist the rename itself; without this a power cut can forget the directory entry.
     try:
         dfd = os.open(path.parent, os.O_RDONLY)

@@ -45,6 +45,7 @@ transfer (MoCo, BYOL, MVEB) usually also sets MODEL.RESNETS.NORM SyncBN and MODE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -58,6 +59,7 @@ from torchvision.models.resnet import ResNet
 
 from fastmveb.backbones import build, export_formats, family
 from fastmveb.errors import RunError, run_cli
+from fastmveb.fileio import atomic_path
 from fastmveb.checkpoint import arch_mismatch, backbone_state, config_source, open_checkpoint, run_config
 from fastmveb.eval.features import HEAD_FILE
 from fastmveb.eval.online import folded_head
@@ -211,35 +213,43 @@ def detectron2_state(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def _atomic(*writes: tuple[Path, object]) -> None:
-    """Write every (path, write(tmp)) to a temporary file first, then rename them all into place: an export is a
-    pair of files of one model, so a failed write (a full disk) leaves the previous pair whole, never a new .pth
-    beside an old .safetensors. A rename that fails after the first (rare: same folder) puts the replaced file
-    back. The temporaries are removed on any failure."""
-    tmps = [path.parent / f".{path.name}.{os.getpid()}.tmp" for path, _ in writes]
+    """Write every (path, write(tmp)) to a temporary file first (fileio.atomic_path), then rename them all into
+    place, in the order given: an export is a pair of files of one model, so a failed write (a full disk) leaves
+    the previous pair whole, never a new .pth beside an old .safetensors. A rename that fails after the first
+    (rare: same folder) puts the replaced file back. The temporaries are removed on any failure."""
     backups: list[tuple[Path, Path]] = []
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.ExitStack() as stack:
+        # Unwound last in, first out: the backups' names go last, after a failed rename has put them back.
+        stack.callback(lambda: [b.unlink(missing_ok=True) for _, b in backups])
+        stack.push(lambda failed, *_: _put_back(backups) if failed else None)
+        # Entered in reverse, so that leaving the stack renames in the order given.
+        tmps = [stack.enter_context(atomic_path(path)) for path, _ in reversed(writes)][::-1]
         for (path, write), tmp in zip(writes, tmps):
             write(tmp)
             os.chmod(tmp, 0o666 & ~umask)   # safetensors creates its file 0600; give the permissions open() would
-        for (path, _), tmp in zip(writes, tmps):
-            if len(writes) > 1 and path.exists():
-                backup = path.parent / f".{path.name}.{os.getpid()}.old"
-                try:
-                    os.link(path, backup)   # a second name, so the old file survives a later failed rename
-                    backups.append((path, backup))
-                except OSError:             # no hard links on this file system: no way back for this rename
-                    pass
-            os.replace(tmp, path)
-    except BaseException:
-        for path, backup in backups:
-            if backup.exists():
-                os.replace(backup, path)
-        raise
-    finally:
-        for f in tmps + [b for _, b in backups]:
-            f.unlink(missing_ok=True)
+        for path, _ in writes if len(writes) > 1 else ():
+            backup = _second_name(path) if path.exists() else None
+            if backup is not None:
+                backups.append((path, backup))
+
+
+def _second_name(path: Path) -> Path | None:
+    """A hard link to ``path`` beside it, so the old file survives a later failed rename; None where the file
+    system has no hard links (no way back for that rename)."""
+    backup = path.parent / f".{path.name}.{os.getpid()}.old"
+    try:
+        os.link(path, backup)
+    except OSError:
+        return None
+    return backup
+
+
+def _put_back(backups: list[tuple[Path, Path]]) -> None:
+    for path, backup in backups:
+        if backup.exists():
+            os.replace(backup, path)
 
 
 def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | Path | None = None,

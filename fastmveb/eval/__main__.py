@@ -41,6 +41,7 @@ import torch
 from fastmveb.compat import end_process, hold_process_group
 from fastmveb.config import CHOICES
 from fastmveb.errors import RunError, run_cli
+from fastmveb.fileio import atomic_path
 from fastmveb.checkpoint import load_run_backbone
 from fastmveb.eval.features import HEAD_FILE
 
@@ -426,15 +427,12 @@ def _save_head(run_dir: Path, head: dict, info: dict, replace: bool = False) -> 
         print(f"head: kept {path} ({old.get('mode', '?')} probe, top-1 {old['top1']:.2f}%, higher than this "
               f"probe's {info['top1']:.2f}%; --replace-head saves this one instead)", flush=True)
         return "kept"
-    tmp = run_dir / f".{HEAD_FILE}.{os.getpid()}.tmp"
     try:
-        torch.save({"weight": head["weight"], "bias": head["bias"], **info}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"weight": head["weight"], "bias": head["bias"], **info}, tmp)
     except (OSError, RuntimeError) as e:                              # torch.save reports a full disk as RuntimeError
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise RunError(f"cannot save {path}: {why}; the previous head is unchanged") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     was = f", replacing one with top-1 {old['top1']:.2f}%" if same else ""
     print(f"head: saved {path} (top-1 {info['top1']:.2f}%{was}): export's fc", flush=True)
     return "saved"
