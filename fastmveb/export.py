@@ -259,23 +259,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
     from safetensors.torch import save_file
 
     out = Path(out)
-    if fmt is not None and fmt not in FORMATS:
-        raise RunError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "detectron2" and out.suffix != ".pkl":
-        raise RunError(f"--format detectron2 writes a pickle: --out must end in .pkl, got '{out}'")
-    if fmt != "detectron2" and out.suffix not in (".pth", ".pt"):
-        raise RunError(f"--out must end in .pth or .pt (the .safetensors file is written next to it), got '{out}'")
-    if fc not in ("auto", "zero"):
-        raise RunError(f"--fc must be auto or zero, got {fc!r}")
-    if not out.parent.exists():
-        raise RunError(f"output directory '{out.parent}' does not exist")
-    st_path = out.with_suffix(".safetensors")
-    for p in (out,) if fmt == "detectron2" else (out, st_path):
-        if p.is_dir():
-            raise RunError(f"--out: '{p}' is a directory; give a file name such as {p / ('backbone' + out.suffix)}")
-        if p.exists() and not force:
-            raise RunError(f"'{p}' exists; pass --force to overwrite it" + ("" if fmt == "detectron2" else
-                           " (and its .pth/.safetensors sibling)"))
+    st_path = _check_out(out, fmt, fc, force)
     run_dir, path, ck = open_checkpoint(run, ckpt)
     cfg = run_config(run_dir, ck)
     arch = cfg.model.arch
@@ -312,21 +296,7 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
     if fmt == "timm" and not timm_family:
         result["check"] = timm_check(sd, arch)
 
-    from fastmveb.config import to_dict
-    meta = {
-        "format": "pt",
-        "layout": fmt,
-        "arch": arch,
-        "step": str(ck.get("step", "")),
-        "epoch": str(ck.get("epoch", "")),
-        "git": str(ck.get("git", "")),
-        "which": which,
-        "fc": source,
-        "num_classes": str(sd[head_key].shape[0]),
-        "checkpoint": path.name,
-        # The checkpoint's own copy is the config that produced these weights, byte for byte.
-        "config": json.dumps(ck["config"] if isinstance(ck.get("config"), dict) else to_dict(cfg)),
-    }
+    meta = _metadata(ck, cfg, path, fmt, which, source, num_classes=sd[head_key].shape[0])
     from safetensors import SafetensorError
     try:
         _atomic((out, lambda p: torch.save(sd, p)), (st_path, lambda p: save_file(sd, str(p), metadata=meta)))
@@ -336,6 +306,48 @@ def export_backbone(out: str | Path, run: str | Path | None = None, ckpt: str | 
         raise RunError(f"cannot write '{out}' / '{st_path.name}': {why}{kept}; free space or choose another "
                        "--out") from None
     return dict(result, pth=out, safetensors=st_path)
+
+
+def _check_out(out: Path, fmt: str | None, fc: str, force: bool) -> Path:
+    """Refuse, in one line, a format, --out or --fc the export cannot take, and files it would overwrite without
+    --force; -> the .safetensors path beside ``out``."""
+    if fmt is not None and fmt not in FORMATS:
+        raise RunError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "detectron2" and out.suffix != ".pkl":
+        raise RunError(f"--format detectron2 writes a pickle: --out must end in .pkl, got '{out}'")
+    if fmt != "detectron2" and out.suffix not in (".pth", ".pt"):
+        raise RunError(f"--out must end in .pth or .pt (the .safetensors file is written next to it), got '{out}'")
+    if fc not in ("auto", "zero"):
+        raise RunError(f"--fc must be auto or zero, got {fc!r}")
+    if not out.parent.exists():
+        raise RunError(f"output directory '{out.parent}' does not exist")
+    st_path = out.with_suffix(".safetensors")
+    for p in (out,) if fmt == "detectron2" else (out, st_path):
+        if p.is_dir():
+            raise RunError(f"--out: '{p}' is a directory; give a file name such as {p / ('backbone' + out.suffix)}")
+        if p.exists() and not force:
+            raise RunError(f"'{p}' exists; pass --force to overwrite it" + ("" if fmt == "detectron2" else
+                           " (and its .pth/.safetensors sibling)"))
+    return st_path
+
+
+def _metadata(ck: dict, cfg, path: Path, fmt: str, which: str, source: str, num_classes: int) -> dict[str, str]:
+    """The .safetensors metadata: what the weights are and where they came from."""
+    from fastmveb.config import to_dict
+    return {
+        "format": "pt",
+        "layout": fmt,
+        "arch": cfg.model.arch,
+        "step": str(ck.get("step", "")),
+        "epoch": str(ck.get("epoch", "")),
+        "git": str(ck.get("git", "")),
+        "which": which,
+        "fc": source,
+        "num_classes": str(num_classes),
+        "checkpoint": path.name,
+        # The checkpoint's own copy is the config that produced these weights, byte for byte.
+        "config": json.dumps(ck["config"] if isinstance(ck.get("config"), dict) else to_dict(cfg)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

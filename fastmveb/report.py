@@ -287,7 +287,7 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
     from accelerate.utils import set_seed
 
     from fastmveb.checkpoint import load_run_backbone
-    from fastmveb.eval.features import extract_features
+    from fastmveb.eval.features import PixelStats, eval_loaders, extract_features
     from fastmveb.eval.knn import knn_accuracy
     from fastmveb.model import MVEBModel
     trained, info = load_run_backbone(run_dir)
@@ -298,15 +298,12 @@ def make_embedding(run: str | Path, out: str | Path | None = None, max_val: int 
                            "started in, or make the betons (make beton)")
     set_seed(cfg.train.seed)                      # train.py's initial weights: the same encoder, untrained
     untrained = MVEBModel.from_config(cfg.model).backbone
-    from fastmveb.data import eval_loader
     device = torch.device("cpu")
-    workers = max(1, min(cfg.data.num_workers, os.cpu_count() or 1))
-    loaders = [eval_loader(p, cfg.data.eval_batch_size, workers, device, size=cfg.eval.size,
-                           crop_ratio=cfg.eval.crop_ratio) for p in (cfg.data.train_beton, cfg.data.val_beton)]
+    loaders = eval_loaders(cfg, device)
     panels = []
     for title, net in (("trained", trained), ("random init", untrained)):
-        bank, bank_y = extract_features(net, loaders[0], device, cfg.views.mean, cfg.views.std)
-        val, val_y = extract_features(net, loaders[1], device, cfg.views.mean, cfg.views.std, max_val)
+        bank, bank_y = extract_features(net, loaders[0], device, PixelStats.of(cfg))
+        val, val_y = extract_features(net, loaders[1], device, PixelStats.of(cfg), max_val)
         top1, _ = knn_accuracy(bank, bank_y, val, val_y, k=cfg.eval.knn_k, T=cfg.eval.knn_t)
         panels.append((title, top1, *pca_2d(val), val_y))
     num_classes = int(max(p[4].max().item() for p in panels)) + 1

@@ -37,11 +37,12 @@ from fastmveb.batchnorm import views
 from fastmveb.build import build_training, make_accelerator
 from fastmveb.compat import end_process, hold_process_group, skip_teardown
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
-from fastmveb.data import eval_loader, num_classes, set_epoch, train_loader_from_config, unpack_train_batch
+from fastmveb.data import num_classes, set_epoch, train_loader_from_config, unpack_train_batch
 from fastmveb.elastic import Preemption, lost_peer, stop_status
 from fastmveb.entropy import parse_group
 from fastmveb.errors import Interrupted, UserError, run_cli
-from fastmveb.eval.knn import check_monitor_labels, distributed_knn
+from fastmveb.eval.features import PixelStats, eval_loaders
+from fastmveb.eval.knn import KnnOptions, check_monitor_labels, distributed_knn
 from fastmveb.loss import mveb_loss
 from fastmveb.metrics import LogWindow, MetricsLogger, collapse_warning
 from fastmveb.model import MVEBModel, ema_momentum_table, ema_update, unwrap
@@ -471,13 +472,11 @@ def run_knn(cfg: Config, backbone: nn.Module, device, accelerator, max_train: in
     barrier); every rank gets the result of one process over the whole sets (distributed_knn). ``stop``: asked
     before each batch, on every rank alike (the loaders give every rank the same number of batches); a signal
     it returns raises StopRequested."""
-    kw = dict(size=cfg.eval.size, crop_ratio=cfg.eval.crop_ratio, distributed=accelerator.num_processes > 1)
-    bank = eval_loader(cfg.data.train_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
-    queries = eval_loader(cfg.data.val_beton, cfg.data.eval_batch_size, cfg.data.num_workers, device, **kw)
+    bank, queries = eval_loaders(cfg, device, distributed=accelerator.num_processes > 1)
     if stop is not None:
         bank, queries = _StopBetweenBatches(bank, stop), _StopBetweenBatches(queries, stop)
-    return distributed_knn(backbone, bank, queries, device, cfg.views.mean, cfg.views.std, k=cfg.eval.knn_k,
-                           T=cfg.eval.knn_t, max_train=max_train, max_val=max_val, feature_dtype=feature_dtype)
+    return distributed_knn(backbone, bank, queries, device, PixelStats.of(cfg), KnnOptions.of(cfg, max_train, max_val),
+                           feature_dtype=feature_dtype)
 
 
 class StopRequested(Exception):

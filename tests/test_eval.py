@@ -1,6 +1,7 @@
 """Evaluation: kNN against a brute-force restatement, feature extraction, linear probes, online probe, CLI errors."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -14,15 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmveb.eval.features import RunError, extract_features, normalize_uint8
-from fastmveb.eval.knn import knn_accuracy, knn_eval, knn_predict, topk_accuracy
-from fastmveb.eval.linear import (LARC, linear_fast, linear_full, rrc_flip,
+from fastmveb.errors import RunError
+from fastmveb.eval.features import PixelStats, extract_features, normalize_uint8
+from fastmveb.eval.knn import KnnOptions, knn_accuracy, knn_eval, knn_predict, topk_accuracy
+from fastmveb.eval.linear import (LARC, LinearFastOptions, LinearFullOptions, linear_fast, linear_full, rrc_flip,
                                   train_linear_on_features)
 from commands import eval_cli
 from fastmveb.eval.online import OnlineLinearProbe, folded_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+STATS = PixelStats(MEAN, STD)
 
 
 def brute_knn(bank, bank_labels, queries, num_classes, k, T):
@@ -121,25 +124,25 @@ def test_extract_features_normalises_copies_labels_and_restores_mode():
     xs, ys = colour_dataset(10, size=4)
     net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48))
     net.train()
-    f, y = extract_features(nn.Sequential(nn.Flatten()), ReusingLoader(xs, ys, 4), "cpu", MEAN, STD)
-    expect = F.normalize(normalize_uint8(xs, MEAN, STD).flatten(1), dim=1)
+    f, y = extract_features(nn.Sequential(nn.Flatten()), ReusingLoader(xs, ys, 4), "cpu", STATS)
+    expect = F.normalize(normalize_uint8(xs, STATS).flatten(1), dim=1)
     torch.testing.assert_close(f, expect)
     assert torch.equal(y, ys) and y.dtype == torch.int64        # not the last batch's buffer repeated
-    f, y = extract_features(net, ReusingLoader(xs, ys, 4), "cpu", MEAN, STD, max_samples=6, normalize=False)
+    f, y = extract_features(net, ReusingLoader(xs, ys, 4), "cpu", STATS, max_samples=6, normalize=False)
     assert f.shape == (6, 48) and torch.equal(y, ys[:6])
     assert net.training                                          # mode restored after eval
     m = torch.tensor(MEAN).view(1, 3, 1, 1)
     s = torch.tensor(STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(normalize_uint8(xs, MEAN, STD), (xs.float() / 255 - m) / s)
+    torch.testing.assert_close(normalize_uint8(xs, STATS), (xs.float() / 255 - m) / s)
 
 
 def test_knn_eval_on_colour_images_beats_random_labels():
     train, val = colour_dataset(90, seed=0), colour_dataset(30, seed=1)
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    r = knn_eval(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", MEAN, STD, k=10, T=0.1)
+    r = knn_eval(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", STATS, KnnOptions(k=10, T=0.1))
     assert set(r) == {"top1", "top5"}
     assert r["top1"] > 90.0 and r["top5"] == 100.0
-    r = knn_eval(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", MEAN, STD, k=10, T=0.1, max_val=7)
+    r = knn_eval(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", STATS, KnnOptions(k=10, T=0.1, max_val=7))
     assert r["top1"] * 7 / 100 == pytest.approx(round(r["top1"] * 7 / 100))  # a whole number of 7 queries
 
 
@@ -151,20 +154,22 @@ def test_linear_on_cached_features_learns_separable_set():
         x = torch.randn(n, 64, generator=g)
         return 50.0 + 0.01 * x, (x @ w.T).argmax(1)
     (xtr, ytr), (xva, yva) = draw(2000), draw(500)
-    r = train_linear_on_features(xtr, ytr, xva, yva, epochs=8, batch_size=128, base_lr=0.1)
+    r = train_linear_on_features(xtr, ytr, xva, yva, LinearFastOptions(epochs=8, batch_size=128, base_lr=0.1))
     assert r["top1"] > 90.0, r
     # The folded head works on raw features directly (what export ships as the torchvision fc).
     pred = (xva @ r["head"]["weight"].T + r["head"]["bias"]).argmax(1)
     assert (pred == yva).float().mean().item() * 100 == pytest.approx(r["top1"])
     # Labels unrelated to the features: no better than chance, so the > 90% above is learnt.
-    bad = train_linear_on_features(xtr, ytr[torch.randperm(2000, generator=g)], xva, yva, epochs=2, batch_size=128)
+    bad = train_linear_on_features(xtr, ytr[torch.randperm(2000, generator=g)], xva, yva,
+                                   LinearFastOptions(epochs=2, batch_size=128, base_lr=0.1))
     assert bad["top1"] < 50.0
 
 
 def test_linear_fast_end_to_end_on_images():
     train, val = colour_dataset(120, seed=0), colour_dataset(45, seed=1)
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    r = linear_fast(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", MEAN, STD, epochs=30, batch_size=32)
+    r = linear_fast(pool, ReusingLoader(*train, 32), ReusingLoader(*val, 32), "cpu", STATS,
+                    LinearFastOptions(epochs=30, batch_size=32, base_lr=0.1))
     assert r["top1"] > 90.0 and r["n_train"] == 120 and r["head"]["weight"].shape == (3, 3)
 
 
@@ -254,8 +259,8 @@ def test_linear_full_protocol_learns_colour_classes():
     train, val = colour_dataset(96, size=32, seed=0), colour_dataset(30, size=32, seed=1)
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))  # feature scale ~1
     logs = []
-    r = linear_full(pool, ReusingLoader(*train, 16), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=8,
-                    base_lr=4.0, trust_coef=0.0, crop_size=16, val_every=3, log=logs.append)
+    r = linear_full(pool, ReusingLoader(*train, 16), ReusingLoader(*val, 16), "cpu", STATS,
+                    LinearFullOptions(epochs=8, base_lr=4.0, trust_coef=0.0, crop_size=16, val_every=3), log=logs.append)
     assert r["top1"] > 90.0, (r["top1"], logs)
     assert len(logs) == 8 and r["head"]["weight"].shape == (3, 3)
     # validations every 3 epochs and after the last; final and best both reported, best = the max of them
@@ -276,10 +281,10 @@ def test_linear_full_micro_batches_give_the_undivided_result():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     net[1].running_mean.uniform_(-0.5, 0.5)
-    whole = linear_full(net, ReusingLoader(*train, 32), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=3,
-                        crop_size=16, val_every=1)
-    parts = linear_full(net, ReusingLoader(*train, 32), ReusingLoader(*val, 16), "cpu", MEAN, STD, epochs=3,
-                        crop_size=16, val_every=1, micro_batch=8)
+    whole = linear_full(net, ReusingLoader(*train, 32), ReusingLoader(*val, 16), "cpu", STATS,
+                        LinearFullOptions(epochs=3, base_lr=0.1, crop_size=16, val_every=1))
+    parts = linear_full(net, ReusingLoader(*train, 32), ReusingLoader(*val, 16), "cpu", STATS,
+                        LinearFullOptions(epochs=3, base_lr=0.1, crop_size=16, val_every=1, micro_batch=8))
     assert parts["micro_batch"] == 8 and whole["micro_batch"] == 32 and net.training
     for k in ("weight", "bias"):
         torch.testing.assert_close(parts["head"][k], whole["head"][k], rtol=1e-5, atol=1e-7)
@@ -617,13 +622,14 @@ def test_the_flag_list_covers_every_flag_that_sets_a_config_key():
     """BAD_FLAG_VALUES is derived here from the eval command's own table and the keys' rules (choices: argparse
     takes them from the key, fastmveb.config.CHOICES)."""
     from fastmveb.config import RANGES, fields_of
-    from fastmveb.eval.__main__ import FLAG_KEYS, LINEAR_FLAG_KEYS
+    from fastmveb.eval.__main__ import FLAG_KEYS
+    from fastmveb.eval.commands import COMMANDS
     types = {k: t for k, _, t in fields_of()}
-    flags = [("knn", a, k) for a, k in FLAG_KEYS.items()] + [("linear", a, k) for a, k in LINEAR_FLAG_KEYS.items()]
+    flags = [("knn", a, k) for a, k in FLAG_KEYS.items()] + [                  # linear's batch key: fast mode's
+        (name, a, k) for name, c in COMMANDS.items() for a, k in c.flag_keys(argparse.Namespace(mode="fast"), None).items()]
     derived = [(cmd, "--" + attr.replace("_", "-"), key,
                 types[key](RANGES[key].lo if RANGES[key].lo_open else RANGES[key].lo - 1))
-               for cmd, attr, key in flags + [("linear", "linear_batch_size", "eval.linear_batch_size")]
-               if key in RANGES]
+               for cmd, attr, key in flags if key in RANGES]
     assert sorted(derived) == sorted(BAD_FLAG_VALUES)
 
 
@@ -678,3 +684,44 @@ def test_a_quick_probe_never_replaces_the_saved_head(small_betons, tmp_path):
     r = eval_cli("linear", *common, "--epochs", "1", "--replace-head")
     assert r.returncode == 0 and "head: saved" in r.stdout and "replacing one with top-1 100.00%" in r.stdout
     assert torch.load(head, weights_only=True)["top1"] < 100.0
+
+
+# ---------------------------------------------------------------------------------------------- one home each
+def test_eval_commands_come_from_one_table():
+    """The subcommands are COMMANDS' names, and a name outside it is one error line: `run` was an if/elif whose
+    final else ran a linear probe for any other name."""
+    from fastmveb.eval.__main__ import _parser, run
+    from fastmveb.eval.commands import COMMANDS
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS) == ["knn", "linear", "finetune"]
+    with pytest.raises(RunError, match="unknown evaluation 'probe': choose one of knn, linear, finetune"):
+        run(argparse.Namespace(cmd="probe", run="nowhere"))
+
+
+def test_eval_flags_leave_their_defaults_to_the_config_and_the_option_objects():
+    """A flag's default lives in one place: EvalConfig (read from the run's config) or the option object of the
+    protocol (LinearFullOptions, FinetuneOptions, finetune.BATCH); the parser leaves each such flag at None."""
+    from fastmveb.eval.__main__ import _parser
+    settings = ("k", "t", "mode", "epochs", "lr", "linear_batch_size", "micro_batch", "val_every", "trust_coef",
+                "batch", "optimizer", "layer_decay", "size", "batch_size", "num_workers")
+    for cmd in ("knn", "linear", "finetune"):
+        args = vars(_parser().parse_args([cmd, "--run", "r"]))
+        assert {a: args[a] for a in settings if a in args} == {a: None for a in settings if a in args}, cmd
+
+
+def test_eval_loaders_read_the_config(small_betons):
+    """The one builder of evaluation loaders (offline eval, training's kNN, the report): centre crops of eval.size
+    in batches of data.eval_batch_size; a bad batch is one RunError line."""
+    from fastmveb.config import Config
+    from fastmveb.eval.features import eval_loaders
+    cfg = Config()
+    cfg.data.train_beton, cfg.data.val_beton = str(small_betons / "train.beton"), str(small_betons / "val.beton")
+    cfg.eval.size, cfg.data.eval_batch_size, cfg.data.num_workers = 24, 5, 1
+    (val,) = eval_loaders(cfg, "cpu", betons=("val",))
+    x, y = next(iter(val))
+    assert tuple(x.shape) == (5, 3, 24, 24) and x.dtype == torch.uint8 and len(val) == 8    # 40 val images
+    assert [len(loader) for loader in eval_loaders(cfg, "cpu")] == [32, 8]
+    cfg.data.eval_batch_size = 0
+    with pytest.raises(RunError, match="batch_size must be >= 1"):
+        eval_loaders(cfg, "cpu")
+    assert PixelStats.of(cfg) == PixelStats(tuple(cfg.views.mean), tuple(cfg.views.std))

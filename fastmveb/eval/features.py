@@ -1,6 +1,8 @@
-"""Backbone features for evaluation (a run's trained backbone comes from fastmveb.checkpoint.load_run_backbone).
+"""Backbone features for evaluation, and the evaluation loaders (a run's trained backbone comes from
+fastmveb.checkpoint.load_run_backbone).
 
-    feats, labels = extract_features(backbone, loader, device, mean, std)     # L2-normalised, CPU
+    train, val = eval_loaders(cfg, device)                                  # centre crops of cfg.eval, file order
+    feats, labels = extract_features(backbone, val, device, PixelStats.of(cfg))   # L2-normalised, CPU
 
 The loaders yield uint8 NCHW batches (already on the device); normalisation happens here, the same way the
 views code does it for training (0-1 scale, then per-channel mean/std), so eval sees what training saw.
@@ -8,7 +10,8 @@ views code does it for training (0-1 scale, then per-channel mean/std), so eval 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,11 +26,38 @@ from fastmveb.errors import RunError
 HEAD_FILE = "linear_head.pt"
 
 
-def normalize_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class PixelStats:
+    """The per-channel mean and std (of 0-1 pixels) the backbone's input is standardised with: the run's
+    views.mean / views.std, one value wherever an evaluation normalises images."""
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    @classmethod
+    def of(cls, cfg) -> PixelStats:
+        return cls(tuple(cfg.views.mean), tuple(cfg.views.std))
+
+
+def normalize_uint8(x: torch.Tensor, stats: PixelStats) -> torch.Tensor:
     """NCHW in 0-255 (uint8, or float crops) -> float32, (x/255 - mean) / std; never modifies x."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m = torch.as_tensor(stats.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(stats.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255.0 - m) / s
+
+
+def eval_loaders(cfg, device, workers: int | None = None, distributed: bool = False,
+                 betons: Sequence[str] = ("train", "val")) -> tuple:
+    """The centre-crop loaders (eval.size, eval.crop_ratio; data.eval_batch_size) over the run's train beton
+    (the kNN bank, the probe's training set) and val beton, or over those ``betons`` names; ``workers``: FFCV
+    threads (default data.num_workers; capped at the cores either way). A bad beton or batch is one RunError."""
+    from fastmveb.data import eval_loader
+    paths = {"train": cfg.data.train_beton, "val": cfg.data.val_beton}
+    workers = cfg.data.num_workers if workers is None else workers
+    try:
+        return tuple(eval_loader(paths[b], cfg.data.eval_batch_size, workers, device, size=cfg.eval.size,
+                                 crop_ratio=cfg.eval.crop_ratio, distributed=distributed) for b in betons)
+    except ValueError as e:
+        raise RunError(str(e).splitlines()[0]) from None
 
 
 @contextlib.contextmanager
@@ -48,7 +78,7 @@ def _autocast(device: torch.device, amp_dtype):
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, device, mean, std, max_samples: int | None = None,
+def extract_features(backbone: nn.Module, loader, device, stats: PixelStats, max_samples: int | None = None,
                      amp_dtype: torch.dtype | None = None, normalize: bool = True,
                      gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``backbone`` (eval mode, no grad) over ``loader`` -> (feats float32 [N, D] on CPU, labels int64 [N]).
@@ -68,7 +98,7 @@ def extract_features(backbone: nn.Module, loader, device, mean, std, max_samples
             if max_samples is not None and n + x.shape[0] > max_samples:
                 x, y = x[: max_samples - n], y[: max_samples - n]
             with _autocast(device, amp_dtype):
-                h = backbone(normalize_uint8(x, mean, std))
+                h = backbone(normalize_uint8(x, stats))
             h = h.float().flatten(1)
             if normalize:
                 h = F.normalize(h, dim=1)

@@ -2,7 +2,7 @@
 
     idx = balanced_subset(labels, 0.01, seed=0)         # class-stratified, seeded: each class keeps 1% of its images
     idx = subset_from_list(files, names)                # or a published list of file names (SimCLR's 1% / 10%)
-    r = finetune(backbone, train_loader, val_loader, device, mean, std, num_classes, epochs=60)
+    r = finetune(backbone, train_loader, val_loader, device, stats, num_classes, FinetuneOptions(60, 224))
     r["top1"], r["top5"], r["n_val"]                    # over the whole val set, once per sample, on every rank
 
 The protocol of the SSL literature, as SimCLR states it (Chen et al. 2020, "A Simple Framework for Contrastive
@@ -23,6 +23,7 @@ full linear protocol does.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -31,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmveb.eval.features import _autocast, eval_mode, extract_features, normalize_uint8
+from fastmveb.eval.features import PixelStats, _autocast, eval_mode, extract_features, normalize_uint8
 from fastmveb.eval.linear import rrc_flip
 
 BASE_LR = 0.05          # SimCLR B.5: lr = 0.05 * batch / 256
+BATCH = 256             # the global fine-tuning batch (capped at the subset size)
 # --optimizer adamw (ViTs; the fine-tuning recipe of BEiT / MAE, not the semi-supervised literature's): base lr 5e-4
 # per 256 images, weight decay 0.05, layer-wise lr decay 0.75 (MAE fine-tunes ViT-B with 0.65 and ViT-L with 0.75).
 ADAMW_BASE_LR, ADAMW_WEIGHT_DECAY, LAYER_DECAY = 5e-4, 0.05, 0.75
@@ -89,13 +91,30 @@ def subset_from_list(files: list[str], names: list[str], source: str = "the subs
     return np.unique(np.asarray(keep))
 
 
-def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, num_classes: int, epochs: int,
-             base_lr: float = BASE_LR, momentum: float = 0.9, weight_decay: float = 0.0, crop_size: int = 224,
-             crop_scale=(0.08, 1.0), amp_dtype=None, seed: int = 0, val_every: int = 0, log=None,
-             set_epoch=None, accelerator=None, optimizer: str = "sgd", layer_decay: float = 1.0) -> dict:
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    """How to fine-tune: epochs, the crop side (a run's eval.size), base lr (scaled by batch / 256), SGD's momentum,
+    weight decay, the RandomResizedCrop scale, the seed of the crops and the head, the validation period in epochs
+    (0: after the last only), the optimizer ("sgd": the semi-supervised protocol; "adamw") and AdamW's layer-wise
+    lr decay (1: off)."""
+    epochs: int
+    crop_size: int
+    base_lr: float = BASE_LR
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 0
+    val_every: int = 0
+    optimizer: str = "sgd"
+    layer_decay: float = 1.0
+
+
+def finetune(backbone: nn.Module, train_loader, val_loader, device, stats: PixelStats, num_classes: int,
+             opts: FinetuneOptions, amp_dtype=None, log=None, accelerator=None) -> dict:
     """Fine-tune ``backbone`` (in place) and a new Linear head on ``train_loader``'s labelled subset (uint8
-    whole-image batches, (x, extent, y) or (x, y)); validate on ``val_loader``'s centre crops after the last
-    epoch (and every ``val_every`` epochs). -> top1, top5 (final), n_val, history, head, batch, steps.
+    whole-image batches, (x, extent, y) or (x, y), an FFCV loader of fastmveb.data whose epoch is set before each
+    epoch); validate on ``val_loader``'s centre crops after the last epoch (and every ``opts.val_every`` epochs).
+    -> top1, top5 (final), n_val, history, head, batch, steps.
 
     Several processes (``accelerator`` from a torchrun / accelerate launch start): both loaders are made with
     distributed=True and the same seed, so every rank reads its share of one seeded order of the subset; the
@@ -104,6 +123,7 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
     whatever the number of processes; val counts every sample once. BatchNorm normalises each rank's own batch
     (no sync), as DDP fine-tuning usually does.
     """
+    from fastmveb.data import set_epoch
     device = torch.device(device)
     rank, world = _rank_world()
     b = train_loader.batch_size
@@ -112,29 +132,19 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
     steps_per_epoch = len(train_loader.indices) // (b * world)
     if steps_per_epoch == 0:
         raise ValueError("the fine-tuning batch exceeds the labelled subset; lower the batch")
+    epochs = opts.epochs
     total, batch = epochs * steps_per_epoch, b * world
-    lr = base_lr * batch / 256
-    g = torch.Generator().manual_seed(seed + rank * 1_000_003)          # each rank its own crops; rank 0 = 1 process
+    lr = opts.base_lr * batch / 256
+    g = torch.Generator().manual_seed(opts.seed + rank * 1_000_003)     # each rank its own crops; rank 0 = 1 process
     backbone.to(device)
-    with torch.no_grad(), eval_mode(backbone):                          # the head's width
-        width = backbone(torch.zeros(1, 3, crop_size, crop_size, device=device)).flatten(1).shape[1]
-    head = nn.Linear(width, num_classes)
-    with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(seed))   # the same on every rank
-        head.bias.zero_()
-    net = _Classifier(backbone, head.to(device), device, amp_dtype)
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(adamw_groups(backbone, head, weight_decay, layer_decay), lr=lr)
-    else:
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    net, opt = _classifier(backbone, num_classes, opts, lr, device, amp_dtype)
     model = accelerator.prepare_model(net, device_placement=False) if accelerator is not None else net
     backward = accelerator.backward if accelerator is not None else (lambda loss: loss.backward())
     step, history = 0, []
     was_training = backbone.training
     try:
         for ep in range(epochs):
-            if set_epoch is not None:
-                set_epoch(ep)
+            set_epoch(train_loader, ep)
             model.train()
             tot, nb = torch.zeros((), dtype=torch.float64), 0
             for i, out in enumerate(train_loader):
@@ -143,8 +153,8 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
                 x, y, extent = out[0], out[-1], (out[1] if len(out) == 3 else None)
                 y = y.reshape(-1).to(device, dtype=torch.long, copy=True)
                 with torch.no_grad():
-                    crops = normalize_uint8(rrc_flip(x.to(device), crop_size, crop_scale, generator=g, extent=extent),
-                                            mean, std)
+                    crops = normalize_uint8(rrc_flip(x.to(device), opts.crop_size, opts.crop_scale, generator=g,
+                                                     extent=extent), stats)
                 for pg in opt.param_groups:                             # lr_scale: layer-wise decay (AdamW)
                     pg["lr"] = pg.get("lr_scale", 1.0) * lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
                 loss = F.cross_entropy(model(crops), y)
@@ -153,9 +163,9 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
                 opt.step()
                 tot, nb, step = tot + loss.detach().double().cpu(), nb + 1, step + 1
             row = {"epoch": ep + 1, "loss": float(_mean_over_ranks(tot, device)) / max(nb, 1)}
-            if ep + 1 == epochs or (val_every and (ep + 1) % val_every == 0):
+            if ep + 1 == epochs or (opts.val_every and (ep + 1) % opts.val_every == 0):
                 _broadcast_buffers(backbone)        # BN running stats: rank 0's, as DDP's next forward would make them
-                row["top1"], row["top5"], row["n_val"] = evaluate(backbone, head, val_loader, device, mean, std,
+                row["top1"], row["top5"], row["n_val"] = evaluate(backbone, net.head, val_loader, device, stats,
                                                                   amp_dtype)
             history.append(row)
             if log is not None:
@@ -163,9 +173,27 @@ def finetune(backbone: nn.Module, train_loader, val_loader, device, mean, std, n
                 log(f"finetune epoch {ep + 1}/{epochs} loss {row['loss']:.4f}{acc}")
     finally:
         backbone.train(was_training)
-    head_sd = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
+    head_sd = {k: v.detach().float().cpu().clone() for k, v in net.head.state_dict().items()}
     return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "n_val": history[-1]["n_val"],
             "history": history, "head": head_sd, "batch": batch, "steps": step, "epochs": epochs, "processes": world}
+
+
+def _classifier(backbone: nn.Module, num_classes: int, opts: FinetuneOptions, lr: float, device, amp_dtype):
+    """(backbone + a new Linear head as one module, its optimizer at ``lr``); the head's init is the same on every
+    rank (seeded with ``opts.seed``)."""
+    with torch.no_grad(), eval_mode(backbone):                          # the head's width
+        width = backbone(torch.zeros(1, 3, opts.crop_size, opts.crop_size, device=device)).flatten(1).shape[1]
+    head = nn.Linear(width, num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(opts.seed))
+        head.bias.zero_()
+    net = _Classifier(backbone, head.to(device), device, amp_dtype)
+    if opts.optimizer == "adamw":
+        opt = torch.optim.AdamW(adamw_groups(backbone, head, opts.weight_decay, opts.layer_decay), lr=lr)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=opts.momentum, nesterov=True,
+                              weight_decay=opts.weight_decay)
+    return net, opt
 
 
 def adamw_groups(backbone: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -199,14 +227,14 @@ class _Classifier(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(backbone: nn.Module, head: nn.Module, val_loader, device, mean, std, amp_dtype=None):
+def evaluate(backbone: nn.Module, head: nn.Module, val_loader, device, stats: PixelStats, amp_dtype=None):
     """(top-1, top-5, n) of backbone + head on ``val_loader``'s centre crops, over every val sample exactly once.
 
     A distributed loader gives rank r samples r, r + world, ... padded with repeats to equal shards: each rank
     scores its shard, and the per-sample hits are gathered with the sample indices, repeats counted once.
     """
     from fastmveb.data import epoch_indices
-    feats, y = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
+    feats, y = extract_features(backbone, val_loader, device, stats, None, amp_dtype, normalize=False)
     scores = torch.cat([head(feats[i:i + 8192].to(device)).float().cpu() for i in range(0, feats.shape[0], 8192)])
     kmax = min(5, scores.shape[1])
     hit = scores.topk(kmax, dim=1).indices.eq(y[:, None])

@@ -2,7 +2,7 @@
 
     scores = knn_predict(bank, bank_labels, queries, num_classes, k=200, T=0.1)
     top1, top5 = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes)
-    knn_eval(backbone, train_loader, val_loader, device, mean, std, k=200, T=0.1)  # -> {"top1", "top5"}
+    knn_eval(backbone, train_loader, val_loader, device, stats, KnnOptions(k=200, T=0.1))  # -> {"top1", "top5"}
 
 Each query's class score is sum over its k most cosine-similar bank entries of exp(sim / T) for that
 entry's class. The bank is streamed in chunks with a running top-k, so only a (queries x chunk) similarity
@@ -19,10 +19,26 @@ and T in 0.05-0.2 moved top-1 by under 2 points in every sweep we ran.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fastmveb.collectives import all_gather_rows
-from fastmveb.eval.features import extract_features
+from fastmveb.eval.features import PixelStats, extract_features
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnOptions:
+    """The kNN classifier's settings (k neighbours, temperature T: a run's eval.knn_k / eval.knn_t, see ``of``)
+    and how many train (bank) / val (query) images it reads (None: all)."""
+    k: int
+    T: float
+    max_train: int | None = None
+    max_val: int | None = None
+
+    @classmethod
+    def of(cls, cfg, max_train: int | None = None, max_val: int | None = None) -> KnnOptions:
+        return cls(cfg.eval.knn_k, cfg.eval.knn_t, max_train, max_val)
 
 
 @torch.no_grad()
@@ -87,21 +103,21 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes: int | No
     return top1, top5
 
 
-def knn_eval(backbone, train_loader, val_loader, device, mean, std, k: int = 200, T: float = 0.1,
-             max_train: int | None = None, max_val: int | None = None, amp_dtype=None,
-             gather: bool = False) -> dict:
+def knn_eval(backbone, train_loader, val_loader, device, stats: PixelStats, opts: KnnOptions,
+             amp_dtype=None, gather: bool = False) -> dict:
     """kNN accuracy of ``backbone``: train-set features form the bank, val-set features are the queries.
 
     Use deterministic eval loaders (centre crop, no augmentation). The backbone's train/eval mode is
     restored afterwards. With ``gather=True`` (distributed loaders) every rank ends up with the full bank and
     queries and computes the same numbers. Returns {"top1": %, "top5": %}.
     """
-    bank, bank_labels = extract_features(backbone, train_loader, device, mean, std, max_train, amp_dtype, gather=gather)
-    queries, query_labels = extract_features(backbone, val_loader, device, mean, std, max_val, amp_dtype, gather=gather)
+    bank, bank_labels = extract_features(backbone, train_loader, device, stats, opts.max_train, amp_dtype, gather=gather)
+    queries, query_labels = extract_features(backbone, val_loader, device, stats, opts.max_val, amp_dtype, gather=gather)
     num_classes = int(max(bank_labels.max().item(), query_labels.max().item())) + 1
     device = torch.device(device)
     # Queries stay on the compute device in chunks; the bank streams from host memory.
-    top1, top5 = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=k, T=T, device=device)
+    top1, top5 = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=opts.k, T=opts.T,
+                              device=device)
     return {"top1": top1, "top5": top5}
 
 
@@ -135,11 +151,10 @@ def _first_occurrence(idx: torch.Tensor, all_idx: torch.Tensor, offset: int) -> 
 
 
 @torch.no_grad()
-def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: int = 200, T: float = 0.1,
-                    max_train: int | None = None, max_val: int | None = None, amp_dtype=None,
-                    feature_dtype: torch.dtype = torch.bfloat16) -> dict:
+def distributed_knn(backbone, bank_loader, query_loader, device, stats: PixelStats, opts: KnnOptions,
+                    amp_dtype=None, feature_dtype: torch.dtype = torch.bfloat16) -> dict:
     """knn_eval with the work split over the processes: every rank extracts features of its shard of the
-    bank and of the queries (loaders made with distributed=True; ``max_train`` / ``max_val`` bound the
+    bank and of the queries (loaders made with distributed=True; ``opts.max_train`` / ``max_val`` bound the
     totals), the queries are gathered, every rank takes the top-k of all queries against its own bank shard,
     and the (Q, k) candidates of all ranks are merged: the result equals one process over the whole sets.
     Features are kept in ``feature_dtype`` (bf16 halves memory and traffic; similarities are float32).
@@ -150,10 +165,10 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
     import torch.distributed as dist
     from fastmveb.data import epoch_indices
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        bank, bank_y = extract_features(backbone, bank_loader, device, mean, std, max_train, amp_dtype)
-        queries, query_y = extract_features(backbone, query_loader, device, mean, std, max_val, amp_dtype)
-        top1, top5 = knn_accuracy(bank.to(feature_dtype), bank_y, queries.to(feature_dtype), query_y, k=k, T=T,
-                                  device=device)
+        bank, bank_y = extract_features(backbone, bank_loader, device, stats, opts.max_train, amp_dtype)
+        queries, query_y = extract_features(backbone, query_loader, device, stats, opts.max_val, amp_dtype)
+        top1, top5 = knn_accuracy(bank.to(feature_dtype), bank_y, queries.to(feature_dtype), query_y, k=opts.k,
+                                  T=opts.T, device=device)
         return {"top1": top1, "top5": top5}
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(device)
@@ -163,13 +178,13 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
     def shard(loader, limit):
         # Eval loaders read in file order, rank r taking samples r, r + world, ...: the first `limit` samples
         # (what one process would use) are within each rank's first ceil(limit / world) rows.
-        f, y = extract_features(backbone, loader, device, mean, std, per_rank(limit), amp_dtype)
+        f, y = extract_features(backbone, loader, device, stats, per_rank(limit), amp_dtype)
         idx = torch.as_tensor(epoch_indices(loader, 0)[: f.shape[0]], dtype=torch.int64)
         keep = idx < limit if limit is not None else torch.ones_like(idx, dtype=torch.bool)
         return f[keep].to(comm, feature_dtype), y[keep].to(comm), idx[keep].to(comm)
 
-    bank, bank_y, bank_i = shard(bank_loader, max_train)
-    q, q_y, q_i = shard(query_loader, max_val)
+    bank, bank_y, bank_i = shard(bank_loader, opts.max_train)
+    q, q_y, q_i = shard(query_loader, opts.max_val)
     # Queries: every rank gets all of them, each sample once.
     all_qi = all_gather_rows(q_i)
     keep_q = _first_occurrence(all_qi, all_qi, 0)
@@ -182,7 +197,7 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
     num_classes = int(torch.stack([bank_y.max(), query_y.max()]).max().item()) + 1
     num_classes = int(all_gather_rows(torch.tensor([num_classes], device=comm)).max())
     # Local top-k (similarity, label) per query against this shard, merged over the ranks.
-    k_all = min(k, int(all_gather_rows(torch.tensor([bank.shape[0]], device=comm)).sum()))
+    k_all = min(opts.k, int(all_gather_rows(torch.tensor([bank.shape[0]], device=comm)).sum()))
     sims, labs = _local_topk(bank, bank_y, queries, k_all, device)
     sims, labs = sims.to(comm), labs.to(comm)
     all_s = [torch.empty_like(sims) for _ in range(world)]
@@ -192,7 +207,7 @@ def distributed_knn(backbone, bank_loader, query_loader, device, mean, std, k: i
     cand_s, cand_l = torch.cat(all_s, 1), torch.cat(all_l, 1)
     best, pos = cand_s.topk(k_all, dim=1)                  # k_all <= the bank: the -inf pads never win
     scores = torch.zeros(queries.shape[0], num_classes, device=comm)
-    scores.scatter_add_(1, cand_l.gather(1, pos), (best / T).exp())
+    scores.scatter_add_(1, cand_l.gather(1, pos), (best / opts.T).exp())
     top1, top5 = topk_accuracy(scores, query_y, (1, 5))
     return {"top1": top1, "top5": top5}
 

@@ -1,7 +1,7 @@
 """Linear probe on a frozen backbone (BatchNorm in eval mode): fast (cached features) and full (MVEB protocol).
 
-    r = linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs=100)
-    r = linear_full(backbone, train_loader, val_loader, device, mean, std, epochs=90)
+    r = linear_fast(backbone, train_loader, val_loader, device, stats, LinearFastOptions(100, 256, 0.1))
+    r = linear_full(backbone, train_loader, val_loader, device, stats, LinearFullOptions(90, 0.1, 224))
     r["top1"], r["top5"], r["head"]       # head: {"weight", "bias"} of a Linear on raw backbone features
 
 full: the released evaluation protocol (docs/method.md, "Evaluation"): batch 4096; every step a fresh
@@ -23,6 +23,7 @@ fast: one centre-crop feature pass over train and val, then many cheap epochs of
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -31,8 +32,41 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from fastmveb.eval.features import _autocast, extract_features, normalize_uint8
+from fastmveb.eval.features import PixelStats, _autocast, extract_features, normalize_uint8
 from fastmveb.eval.knn import topk_accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFastOptions:
+    """The fast probe's settings: epochs, batch and base lr (a run's eval.linear_epochs, eval.linear_batch_size,
+    eval.linear_base_lr), the SGD that trains it, the seed of its init and order, and how many train / val images
+    its feature passes read (None: all)."""
+    epochs: int
+    batch_size: int
+    base_lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_train: int | None = None
+    max_val: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFullOptions:
+    """The released linear protocol's settings (module docstring): epochs and base lr (eval.linear_epochs,
+    eval.linear_base_lr), the crop side (eval.size), LARC's trust coefficient and SGD, the RandomResizedCrop
+    scale, the seed of the init and the crops, images per backbone forward (``micro_batch``, None: the whole
+    batch) and the validation period in epochs."""
+    epochs: int
+    base_lr: float
+    crop_size: int
+    trust_coef: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 0
+    micro_batch: int | None = None
+    val_every: int = 10
 
 
 class LARC(torch.optim.Optimizer):
@@ -124,10 +158,10 @@ def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device
 
 
 def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-                             val_labels: torch.Tensor, num_classes: int | None = None, epochs: int = 100,
-                             batch_size: int = 256, base_lr: float = 0.1, momentum: float = 0.9,
-                             weight_decay: float = 0.0, device="cpu", seed: int = 0, log=None) -> dict:
-    """Linear classifier on fixed features: SGD momentum, lr = base_lr * batch / 256, per-step cosine.
+                             val_labels: torch.Tensor, opts: LinearFastOptions, num_classes: int | None = None,
+                             device="cpu", log=None) -> dict:
+    """Linear classifier on fixed features: SGD momentum, lr = base_lr * batch / 256, per-step cosine
+    (``opts``; its image limits are the feature passes', not read here).
 
     Returns {"top1", "top5", "train_top1", "head": {"weight", "bias"} on the raw (unstandardised) features}.
     """
@@ -137,7 +171,8 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
     d = train_feats.shape[1]
     mu = train_feats.mean(0)
     sd = train_feats.std(0).clamp_min(1e-6)  # dead ReLU units have std 0
-    g = torch.Generator().manual_seed(seed)
+    epochs, batch_size = opts.epochs, opts.batch_size
+    g = torch.Generator().manual_seed(opts.seed)
     head = nn.Linear(d, num_classes)
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=g)
@@ -151,8 +186,8 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
     n = xs.shape[0]
     steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: a tiny batch is a noisy step
     total = epochs * steps_per_epoch
-    lr = base_lr * batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    lr = opts.base_lr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     step = 0
     for ep in range(epochs):
         perm = torch.randperm(n, generator=g).to(xs.device)
@@ -182,25 +217,21 @@ def fold_standardisation(weight: torch.Tensor, bias: torch.Tensor, mu: torch.Ten
     return {"weight": w.contiguous(), "bias": b.contiguous()}
 
 
-def linear_fast(backbone, train_loader, val_loader, device, mean, std, epochs: int = 100, batch_size: int = 256,
-                base_lr: float = 0.1, weight_decay: float = 0.0, max_train: int | None = None,
-                max_val: int | None = None, amp_dtype=None, seed: int = 0, log=None) -> dict:
+def linear_fast(backbone, train_loader, val_loader, device, stats: PixelStats, opts: LinearFastOptions,
+                amp_dtype=None, log=None) -> dict:
     """Fast linear probe: centre-crop features extracted once (deterministic loaders), then a Linear on them."""
     t0 = time.perf_counter()
-    tr, trl = extract_features(backbone, train_loader, device, mean, std, max_train, amp_dtype, normalize=False)
-    va, val = extract_features(backbone, val_loader, device, mean, std, max_val, amp_dtype, normalize=False)
+    tr, trl = extract_features(backbone, train_loader, device, stats, opts.max_train, amp_dtype, normalize=False)
+    va, val = extract_features(backbone, val_loader, device, stats, opts.max_val, amp_dtype, normalize=False)
     if log is not None:
         log(f"features: train {tuple(tr.shape)} val {tuple(va.shape)} in {time.perf_counter() - t0:.1f}s")
-    r = train_linear_on_features(tr, trl, va, val, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
-                                 weight_decay=weight_decay, device=device, seed=seed, log=log)
-    r.update(mode="fast", epochs=epochs, n_train=tr.shape[0], n_val=va.shape[0])
+    r = train_linear_on_features(tr, trl, va, val, opts, device=device, log=log)
+    r.update(mode="fast", epochs=opts.epochs, n_train=tr.shape[0], n_val=va.shape[0])
     return r
 
 
-def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: int = 90, base_lr: float = 0.1,
-                weight_decay: float = 0.0, trust_coef: float = 0.001, momentum: float = 0.9, crop_size: int = 224,
-                crop_scale=(0.08, 1.0), num_classes: int | None = None, amp_dtype=None, seed: int = 0,
-                micro_batch: int | None = None, val_every: int = 10, log=None, set_epoch=None) -> dict:
+def linear_full(backbone, train_loader, val_loader, device, stats: PixelStats, opts: LinearFullOptions,
+                num_classes: int | None = None, amp_dtype=None, log=None, set_epoch=None) -> dict:
     """The released linear protocol on a frozen backbone (module docstring). ``train_loader`` yields shuffled
     uint8 batches of whole training images; its batch is the protocol's batch (released: 4096), read from the
     first batch, and sets lr = base_lr * batch / 256. ``micro_batch``: the backbone sees the batch in chunks of
@@ -209,10 +240,11 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
     final top-1/5 and the best of those validations (``best_top1``, ``best_top5``, ``best_epoch``), plus a
     per-epoch ``history`` (lr, loss, and top-1/5 where validated). ``set_epoch(e)`` is called before epoch e."""
     device = torch.device(device)
-    va, val = extract_features(backbone, val_loader, device, mean, std, None, amp_dtype, normalize=False)
+    epochs = opts.epochs
+    va, val = extract_features(backbone, val_loader, device, stats, None, amp_dtype, normalize=False)
     if num_classes is None:
         num_classes = int(val.max().item()) + 1
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(opts.seed)
     head = nn.Linear(va.shape[1], num_classes)
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=g)
@@ -231,21 +263,17 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
                 x, y, extent = out[0], out[-1], (out[1] if len(out) == 3 else None)
                 if opt is None:  # lr scales with the batch the loader actually delivers
                     batch = x.shape[0]
-                    lr = base_lr * batch / 256
-                    opt = LARC(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               trust_coef=trust_coef)
-                x = x.to(device, non_blocking=True)
+                    lr = opts.base_lr * batch / 256
+                    opt = LARC(head.parameters(), lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay,
+                               trust_coef=opts.trust_coef)
                 y = y.reshape(-1).to(device, dtype=torch.long, copy=True)
                 if int(y.max()) >= num_classes:
                     raise ValueError(f"train label {int(y.max())} >= {num_classes} classes seen in the val set")
-                with torch.no_grad(), _autocast(device, amp_dtype):
-                    crops = rrc_flip(x, crop_size, crop_scale, generator=g, extent=extent)
-                    h = torch.cat([backbone(normalize_uint8(c, mean, std)).float().flatten(1)
-                                   for c in crops.split(micro_batch or crops.shape[0])])
+                h = _frozen_features(backbone, x.to(device, non_blocking=True), extent, stats, opts, g, amp_dtype)
                 tot += _head_step(head, opt, h, y, lr * 0.5 * (1.0 + math.cos(math.pi * ep / epochs)))  # per epoch
                 nb += 1
             row = {"epoch": ep + 1, "lr": opt.param_groups[0]["lr"] if opt else None, "loss": float(tot) / max(nb, 1)}
-            if (ep + 1) % val_every == 0 or ep + 1 == epochs:
+            if (ep + 1) % opts.val_every == 0 or ep + 1 == epochs:
                 row["top1"], row["top5"] = _evaluate(head, va, val, device)
             history.append(row)
             if log is not None:
@@ -258,5 +286,15 @@ def linear_full(backbone, train_loader, val_loader, device, mean, std, epochs: i
     head_sd = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
     return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"],
             "best_top5": best["top5"], "best_epoch": best["epoch"], "val_epochs": [r["epoch"] for r in validated],
-            "head": head_sd, "mode": "full", "epochs": epochs, "batch": batch, "micro_batch": micro_batch or batch,
-            "n_val": va.shape[0], "history": history}
+            "head": head_sd, "mode": "full", "epochs": epochs, "batch": batch,
+            "micro_batch": opts.micro_batch or batch, "n_val": va.shape[0], "history": history}
+
+
+@torch.no_grad()
+def _frozen_features(backbone, x, extent, stats: PixelStats, opts: LinearFullOptions, g, amp_dtype) -> torch.Tensor:
+    """The frozen backbone's float32 features of one batch's RandomResizedCrop + flip crops, ``opts.micro_batch``
+    images per forward."""
+    with _autocast(x.device, amp_dtype):
+        crops = rrc_flip(x, opts.crop_size, opts.crop_scale, generator=g, extent=extent)
+        return torch.cat([backbone(normalize_uint8(c, stats)).float().flatten(1)
+                          for c in crops.split(opts.micro_batch or crops.shape[0])])
