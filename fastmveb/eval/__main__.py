@@ -41,7 +41,7 @@ import torch
 from fastmveb.checkpoint import load_run_backbone
 from fastmveb.compat import end_process, hold_process_group
 from fastmveb.errors import RunError, run_cli
-from fastmveb.eval.commands import COMMANDS, Command, EvalSetup, _head_not_saved
+from fastmveb.eval.commands import COMMANDS, Command, EvalSetup, head_not_saved
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,15 +84,15 @@ def run(args) -> dict:
     _config_flags(args, command)                                      # bad values: one line before any loading
     if not Path(args.run).is_dir():
         raise RunError(f"run directory '{args.run}' not found")
-    unsaved = _head_not_saved(args)
+    unsaved = head_not_saved(args)
     if getattr(args, "replace_head", False) and unsaved:
         raise RunError(f"--replace-head: this probe's head is not saved ({unsaved})")
     ev = _prepare(args, command)
     cfg = ev.cfg
-    record = {"kind": args.cmd, "time": ev.time, "ckpt": ev.ckpt_path.name if ev.ckpt_path is not None else "random-init",
-              "step": ev.ckpt.get("step"), "epoch": ev.ckpt.get("epoch"), "which": args.which, "arch": cfg.model.arch,
-              "device": str(ev.device), "size": cfg.eval.size, "train_beton": str(cfg.data.train_beton),
-              "val_beton": str(cfg.data.val_beton)}
+    record = {"kind": args.cmd, "time": ev.time,
+              "ckpt": ev.ckpt_path.name if ev.ckpt_path is not None else "random-init", "step": ev.ckpt.get("step"),
+              "epoch": ev.ckpt.get("epoch"), "which": args.which, "arch": cfg.model.arch, "device": str(ev.device),
+              "size": cfg.eval.size, "train_beton": str(cfg.data.train_beton), "val_beton": str(cfg.data.val_beton)}
     t0 = time.perf_counter()
     record.update(command.run(ev))
     record["seconds"] = round(time.perf_counter() - t0, 1)

@@ -144,7 +144,7 @@ def _linear(ev: EvalSetup) -> dict:
         record.update({k: r[k] for k in ("best_top1", "best_top5", "best_epoch", "val_epochs", "micro_batch")})
     if "train_top1" in r:  # next to val top-1 it tells under-fitting from over-fitting
         record["train_top1"] = r["train_top1"]
-    unsaved = _head_not_saved(args)
+    unsaved = head_not_saved(args)
     if unsaved:
         print(f"head: not saved ({unsaved}); {HEAD_FILE} is unchanged", flush=True)
     else:
@@ -186,7 +186,7 @@ def _describe_linear(rec: dict) -> str:
     return f"linear fast (quick estimate on cached centre-crop features, {rec['epochs']} epochs)"
 
 
-def _head_not_saved(args) -> str | None:
+def head_not_saved(args) -> str | None:
     """Why this command saves no head to run_dir/linear_head.pt (None: it may). Export ships that head as the
     fc, so only a complete probe of the run's own checkpoint on its own betons may replace it."""
     if args.cmd != "linear":
