@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dataset_prep.options import BetonOptions
 from dataset_prep.synthetic import make_synthetic
 from fastmveb.config import ViewsConfig
 from fastmveb.data import (epoch_indices, eval_loader, set_epoch, set_output_sizes, train_loader,
@@ -26,8 +27,8 @@ N_TRAIN, N_VAL, S = 40, 20, 64   # 4 classes x 10 / 5 images; small decode side 
 @pytest.fixture(scope="module")
 def betons(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn")
-    make_synthetic(out, classes=4, train_per_class=N_TRAIN // 4, val_per_class=N_VAL // 4, seed=0,
-                   num_workers=2, progress=False, keep_jpeg=False)
+    make_synthetic(out, BetonOptions(max_side=None, seed=0, num_workers=2, progress=False), classes=4,
+                   train_per_class=N_TRAIN // 4, val_per_class=N_VAL // 4, keep_jpeg=False)
     return out / "train.beton", out / "val.beton"
 
 
@@ -145,6 +146,7 @@ def _edge_image(h, w, band=4):
 def raw_beton(tmp_path_factory):
     """Exact pixels (PNG sources, raw storage, no resizing): a wide and a tall edge-banded image, a plain square."""
     from PIL import Image
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     out = tmp_path_factory.mktemp("raw")
     imgs = [_edge_image(40, 80), _edge_image(90, 30), np.full((50, 50, 3), 200, np.uint8)]
@@ -152,8 +154,8 @@ def raw_beton(tmp_path_factory):
     for i, a in enumerate(imgs):
         Image.fromarray(a).save(out / f"{i}.png")
         samples.append((str(out / f"{i}.png"), i))
-    write_beton(samples, out / "raw.beton", max_side=None, write_mode="raw", shuffle=False, num_workers=1,
-                progress=False, max_pixels=90 * 30)
+    write_beton(samples, out / "raw.beton", BetonOptions(max_side=None, write_mode="raw", shuffle=False, num_workers=1,
+                                                       progress=False), max_pixels=90 * 30)
     return out / "raw.beton", imgs
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_prep import synthetic, writer
+from dataset_prep import convert, synthetic
 from dataset_prep.__main__ import cli
+from dataset_prep.options import BetonOptions, PrepError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +80,8 @@ def test_jpeg_tree_bytes_do_not_depend_on_workers(tmp_path):
 
 def test_synthetic_beton_roundtrip(tmp_path):
     out = tmp_path / "syn"
-    s = synthetic.make_synthetic(out, classes=3, train_per_class=6, val_per_class=2, seed=0, num_workers=2,
-                                 progress=False)
+    s = synthetic.make_synthetic(out, BetonOptions(max_side=None, seed=0, num_workers=2, progress=False), classes=3,
+                                 train_per_class=6, val_per_class=2)
     assert [x["images"] for x in s] == [18, 6]
     n, meta = read_meta(out / "train.beton")
     assert n == 18
@@ -143,10 +144,10 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     data = make_tree(tmp_path / "data", per_class=2)
     (data / "train" / "cat" / "bad.jpg").write_bytes(b"garbage")
     # Let the bad file through the check, as if it broke between check and write: the write must abort cleanly.
-    monkeypatch.setattr(writer, "validate", lambda split, *a, **k: split)
+    monkeypatch.setattr(convert, "validate", lambda split, *a, **k: split)
     out = tmp_path / "out"
-    with pytest.raises(writer.PrepError, match="bad.jpg"):
-        writer.convert_imagefolder(data, out, num_workers=2, progress=False)
+    with pytest.raises(PrepError, match="bad.jpg"):
+        convert.convert_imagefolder(data, out, BetonOptions(num_workers=2, progress=False))
     assert not out.exists() or list(out.iterdir()) == []
 
 

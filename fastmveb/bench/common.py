@@ -356,12 +356,13 @@ def free(device: torch.device, compiled: bool) -> None:
 def ensure_data(beton: Path, jpeg_root: Path) -> None:
     """The default synthetic beton and the JPEG tree it was written from, generated when missing (another
     missing path is an error)."""
-    from dataset_prep.synthetic import make_synthetic, write_jpeg_tree
+    from dataclasses import replace
+    from dataset_prep.synthetic import SYNTHETIC_OPTIONS, make_synthetic, write_jpeg_tree
     if not beton.exists():
         if beton.parent.resolve() != DEFAULT_DATA.resolve():
             raise SystemExit(f"error: {beton} not found")
         print(f"{beton} missing: generating the synthetic dataset", flush=True)
-        make_synthetic(DEFAULT_DATA, force=True)
+        make_synthetic(DEFAULT_DATA, replace(SYNTHETIC_OPTIONS, force=True))
     if not jpeg_root.is_dir():
         if jpeg_root.resolve() != (DEFAULT_DATA / "jpeg" / "train").resolve():
             raise SystemExit(f"error: JPEG tree {jpeg_root} not found")

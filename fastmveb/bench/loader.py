@@ -52,6 +52,7 @@ GLOBAL, LOCAL = (224, (0.4, 1.0)), (96, (0.05, 0.4))
 
 def ensure_photos(root: Path, n: int) -> dict[int, Path]:
     """N photo-sized JPEGs under root/jpeg and one beton per stored max side; reused when present."""
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     from fastmveb.data import available_cores
     jpeg = root / f"jpeg{n}"
@@ -63,7 +64,8 @@ def ensure_photos(root: Path, n: int) -> dict[int, Path]:
     for m in PHOTO_MAX_SIDES:
         beton = root / f"photos{n}-max{m}.beton"
         if not beton.exists():
-            write_beton(samples, beton, max_side=m, num_workers=2, progress=False, max_pixels=500 * 500)
+            write_beton(samples, beton, BetonOptions(max_side=m, num_workers=2, progress=False),
+                        max_pixels=500 * 500)
         out[m] = beton
     return out
 
