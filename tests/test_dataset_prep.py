@@ -151,6 +151,47 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+
+def test_a_failure_after_the_rename_leaves_the_beton_with_its_file_list(tmp_path, monkeypatch):
+    """The finishing order: file list, beton, integrity record. A record that cannot be written (disk full) is one
+    line naming the beton; the beton in place still has its file list, and no temporary is left."""
+    import errno
+    from dataset_prep import writer
+    from dataset_prep.integrity import sidecar_path
+    data = make_tree(tmp_path / "data", per_class=2, splits=("train",))
+    samples = [(str(p), 0) for p in sorted((data / "train" / "cat").iterdir())]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer, "write_sidecar", full)
+    out = tmp_path / "out" / "x.beton"
+    with pytest.raises(PrepError, match=r"^disk full while writing .*x\.beton .*free space or choose another --out$"):
+        writer.write_beton(samples, out, BetonOptions(num_workers=1, progress=False))
+    assert out.is_file() and not sidecar_path(out).exists()
+    assert sorted(writer.files_path(out).read_text().splitlines()) == sorted(os.path.abspath(p) for p, _ in samples)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.beton", "x.beton.files.txt"]
+
+
+def test_the_cli_builds_one_beton_options_from_its_flags():
+    """Every writing flag reaches BetonOptions, and an absent flag means BetonOptions' own default."""
+    from dataclasses import asdict
+    from dataset_prep.__main__ import beton_options, parser
+    from dataset_prep.synthetic import SYNTHETIC_OPTIONS
+    flags = ["--max-side", "300", "--jpeg-quality", "75", "--write-mode", "proportion", "--compress-probability",
+             "0.25", "--smart-threshold", "1000", "--no-shuffle", "--seed", "3", "--num-workers", "1", "--force",
+             "--quiet"]
+    want = BetonOptions(max_side=300, jpeg_quality=75, write_mode="proportion", compress_probability=0.25,
+                        smart_threshold=1000, shuffle=False, seed=3, num_workers=1, force=True, progress=False)
+    assert beton_options(parser().parse_args(["imagefolder", "--data", "d", "--out", "o", *flags])) == want
+    assert beton_options(parser().parse_args(["folder", "--data", "d", "--out", "o", *flags])) == want
+    assert beton_options(parser().parse_args(["imagefolder", "--data", "d", "--out", "o"])) == BetonOptions()
+    assert beton_options(parser().parse_args(["folder", "--list", "f", "--out", "o", "--max-side", "0"])) == \
+        BetonOptions(max_side=None)
+    # synthetic has no --write-mode etc.; its --max-side 0 default stores the images as generated
+    assert beton_options(parser().parse_args(["synthetic", "--out", "o"])) == SYNTHETIC_OPTIONS
+    syn = beton_options(parser().parse_args(["synthetic", "--out", "o", "--jpeg-quality", "80", "--seed", "2"]))
+    assert asdict(syn) == dict(asdict(SYNTHETIC_OPTIONS), jpeg_quality=80, seed=2)
+
 @pytest.mark.parametrize("case, message", [
     ("no_train", "train not found"),
     ("empty_class", "has no image files"),
@@ -279,6 +320,19 @@ def test_grid_command_writes_a_class_per_row_png(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error:"), bad
     assert not list(tmp_path.glob("*g.*")) and not list(tmp_path.glob(".*tmp"))
 
+
+
+def test_a_grid_that_fails_half_written_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"the previous picture")
+
+    def half(self, fp, *a, **k):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", half)
+    with pytest.raises(OSError, match="No space left"):
+        synthetic.write_grid(out, per_class=1, thumb=16)
+    assert out.read_bytes() == b"the previous picture" and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 # ---------------------------------------------------------------------------------------------- unlabeled data
 def test_folder_mode_writes_unlabeled_betons_with_a_seeded_val_split(tmp_path, capsys):
