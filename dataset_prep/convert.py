@@ -48,7 +48,7 @@ from .options import DEFAULT_MAX_SIDE, MAX_SIDE, BetonOptions, PrepError, check_
 from .scan import NO_LABEL, Split, list_classes, read_list, scan_folder, scan_split, split_off_val
 from .writer import write_beton
 
-MAX_LISTED = 20
+MAX_LISTED = 20   # skipped files printed; OUT/skipped-<split>.txt lists them all
 
 
 def report_skipped(split: Split, out_dir: Path, stream=sys.stderr) -> None:
@@ -64,12 +64,10 @@ def report_skipped(split: Split, out_dir: Path, stream=sys.stderr) -> None:
         print(f"  ... and {len(split.skipped) - MAX_LISTED} more", file=stream)
 
 
-
 def format_summary(s: dict) -> str:
     classes = f"{s['classes']} classes" if s["classes"] else "no labels"
     return (f"{s['file']}: {s['images']:,} images, {classes}, {s['bytes'] / 2**20:,.1f} MiB, "
             f"{s['seconds']:.1f} s, {s['images_per_s']:,.0f} images/s")
-
 
 
 def label_mismatch(splits: list[Split], out: Path, class_names: list[str] | None = None) -> str | None:
@@ -90,8 +88,6 @@ def label_mismatch(splits: list[Split], out: Path, class_names: list[str] | None
            if by["train"].skipped else "")
     return (f"val has {sum(val[y] for y in missing):,} image(s) of {len(missing)} label(s) that train has no image of "
             f"({format_labels(missing, names=class_names)}{why})")
-
-
 
 
 def write_splits(splits: list[Split], out: Path, options: BetonOptions, *, source: str = "",

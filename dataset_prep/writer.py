@@ -67,7 +67,6 @@ def _page_size(max_pixels: int, max_side: int | None) -> int:
     return max(MIN_PAGE_SIZE, 1 << (need - 1).bit_length())
 
 
-
 def write_beton(samples: list[tuple[str, int]], out: str | Path, options: BetonOptions = BetonOptions(), *,
                 max_pixels: int = 0) -> dict:
     """Write (path, label) samples to ``out`` atomically; returns a summary dict.
