@@ -42,7 +42,7 @@ import numpy as np
 from fastmveb.fileio import atomic_path
 
 from .convert import convert_imagefolder
-from .options import BetonOptions, PrepError
+from .options import BetonOptions, PrepError, check_options
 
 CLASSES = ("stripes", "checks", "dots", "rings", "grid", "zigzag", "arcs", "cells", "triangles", "crosses")
 SPLITS = {"train": 0, "val": 1}
@@ -217,9 +217,7 @@ def make_synthetic(out: str | Path, options: BetonOptions = SYNTHETIC_OPTIONS, *
     ``options.seed`` and ``options.jpeg_quality`` also seed and encode the generated JPEGs.
     """
     out = Path(out)
-    for name in ("train", "val"):
-        if (out / f"{name}.beton").exists() and not options.force:
-            raise PrepError(f"{out / f'{name}.beton'} exists; pass --force to overwrite it")
+    check_options(out, ("train", "val"), options)   # before minutes of generating, not after
     tree = out / "jpeg"
     if tree.exists():
         shutil.rmtree(tree)   # stale images from other settings would leak into the betons

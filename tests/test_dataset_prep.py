@@ -192,6 +192,7 @@ def test_the_cli_builds_one_beton_options_from_its_flags():
     syn = beton_options(parser().parse_args(["synthetic", "--out", "o", "--jpeg-quality", "80", "--seed", "2"]))
     assert asdict(syn) == dict(asdict(SYNTHETIC_OPTIONS), jpeg_quality=80, seed=2)
 
+
 @pytest.mark.parametrize("case, message", [
     ("no_train", "train not found"),
     ("empty_class", "has no image files"),
@@ -229,6 +230,23 @@ def test_fatal_problems_are_one_line_errors(tmp_path, case, message):
     if case == "too_large":
         assert "wide.png" in lines[0] and "--max-side" in lines[0]
     assert not (out / "train.beton").exists() and not (out / "val.beton").exists()
+
+
+def test_synthetic_option_errors_come_before_generating(tmp_path, capsys):
+    """The checks every mode runs (quality, max side, an existing beton) stop synthetic before minutes of
+    generating, and an existing JPEG tree is left as it was."""
+    out = tmp_path / "syn"
+    (out / "jpeg").mkdir(parents=True)
+    (out / "jpeg" / "keep").write_text("x")
+    for flags, message in ((["--jpeg-quality", "0"], "--jpeg-quality must be in 1..100"),
+                           (["--max-side", "8"], "--max-side must be in 16..65500")):
+        assert cli(["synthetic", "--out", str(out), "--quiet", "--classes", "2", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    (out / "val.beton").write_bytes(b"old")
+    assert cli(["synthetic", "--out", str(out), "--quiet", "--classes", "2"]) == 2
+    assert "val.beton exists; pass --force" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "jpeg").iterdir()) == ["keep"]
 
 
 def _without_root_override(cmd: list[str]) -> list[str]:
