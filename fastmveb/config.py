@@ -166,6 +166,9 @@ class LossConfig:
     eta: float = opt(0.01, _POS)     # Stein estimator ridge
     min_tau: float = opt(0.1, _POS)  # bandwidth floor
     group: str = opt("128")          # entropy group: an int size >= 2 (released: 128 per GPU) | "local" | "global"
+    # kernel bandwidth rule: "median" = the paper's (upper median of the 1 - cosines, >= min_tau) | "fixed" = loss.tau
+    bandwidth: Literal["median", "fixed"] = opt("median")
+    tau: float = opt(0.0, _NONNEG)   # the fixed bandwidth, > 0 with loss.bandwidth=fixed (unset otherwise: 0)
 
 
 @dataclass
@@ -404,6 +407,10 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where} must be in {rng}, got {v!r}")
         if isinstance(val, tuple) and len(val) == 2 and rng.ordered and val[0] > val[1]:
             raise ConfigError(f"{key} must be (low, high) with low <= high, got {list(val)}")
+    if (cfg.loss.bandwidth == "fixed") != (cfg.loss.tau > 0):     # tau is the fixed bandwidth, read by no other rule
+        raise ConfigError("loss.bandwidth=fixed needs the fixed bandwidth loss.tau > 0 (e.g. loss.tau=0.5)"
+                          if cfg.loss.bandwidth == "fixed" else f"loss.tau={cfg.loss.tau} is read only with "
+                          f"loss.bandwidth=fixed, not {cfg.loss.bandwidth}: set that, or leave loss.tau out")
     if cfg.optim.weight_decay_end < 0 and cfg.optim.weight_decay_end != -1:
         raise ConfigError(f"optim.weight_decay_end must be -1 (no schedule) or >= 0, got {cfg.optim.weight_decay_end}")
     v = cfg.views
