@@ -7,7 +7,8 @@ Trains a ResNet with the MVEB objective (alignment between views + the von Mises
 embeddings, docs/method.md): FFCV decodes each image once, the GPU cuts every view, the online network
 runs channels-last under bf16 autocast (compiled on CUDA), LARS steps it and an EMA copy gives the targets.
 Everything goes to runs/NAME/ (config.yaml, meta.json, metrics.jsonl, tb/, checkpoints/); running the same
-command again resumes from the newest checkpoint and reproduces the uninterrupted run.
+command again resumes from the newest checkpoint and reproduces the uninterrupted run. One optimisation step
+(views, forward, loss, backward, optimizer and EMA steps) is fastmveb/step.py's train_step.
 """
 from __future__ import annotations
 
