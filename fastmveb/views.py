@@ -20,11 +20,11 @@ How it is built: each augmentation is a ViewOp whose ``sample`` draws its own fi
 dataclass of typed per-sample tensors) and whose ``apply`` transforms the batch with them. ``ViewMaker.ROUNDS``
 lists the ops in the apply order (normalising comes last) and in the draw order: a round draws view 1's
 draws op by op, then view 2's, ... The draw order is the random stream: a seed gives the views it always
-gave only while every draw keeps its place. To add an augmentation: write one ViewOp (sample + apply) and its ViewDraws field(s), give it
-one config value (its probability or strength, in config.ViewsConfig), and append it to ``ViewMaker.ROUNDS``
-as a round of its own at the END: it then draws after every earlier draw of every view, so today's streams
-stay put (tests/test_views_streams.py pins them), and applies after the recipe's ops. It draws its own gate
-(RecipeGates holds the recipe's five gates as one block, the way they were drawn).
+gave only while every draw keeps its place. To add an augmentation: write one ViewOp (sample + apply) and its
+ViewDraws field(s), give it one config value (its probability or strength, in config.ViewsConfig), and append
+it to ``ViewMaker.ROUNDS`` as a round of its own at the END: it then draws after every earlier draw of every
+view, so today's streams stay put (tests/test_views_streams.py pins them), and applies after the recipe's ops.
+It draws its own gate (RecipeGates holds the recipe's five gates as one block, the way they were drawn).
 
 Kornia's functional ops (kornia.enhance, kornia.filters, kornia.color, kornia.geometry) do the work wherever
 they compute the recipe's (torchvision's) maths with per-sample tensor parameters: grayscale, the fixed-order

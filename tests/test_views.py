@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastmveb.config import ViewsConfig
 from fastmveb.views import (ViewMaker, blur_kernels, color_jitter, gaussian_blur, resized_crop,
-                            sample_crop_boxes, shift_hue)
+                            sample_crop_boxes, shift_hue, view_sizes)
 
 SMALL = dict(global_size=24, local_size=12)
 IN = 32
@@ -54,6 +54,7 @@ def test_shapes_dtype_memory_format():
     v = vm(images())
     assert vm.n_views == len(v) == 2 + cfg.n_local
     assert [tuple(t.shape) for t in v] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * cfg.n_local
+    assert view_sizes(cfg) == [t.shape[-1] for t in v]            # the one home of the sizes says the same
     for t in v:
         assert t.dtype == torch.float32
         assert t.is_contiguous(memory_format=torch.channels_last)
