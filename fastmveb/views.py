@@ -285,7 +285,7 @@ class ColorJitter(ViewOp):
 
 class Grayscale(ViewOp):
     def apply(self, x, d, spec, crop):
-        if self.cfg.gray_p == 0:
+        if self.cfg.gray_p <= 0:
             return x
         return torch.where(d.gray[:, None, None, None], _gray(x).expand_as(x), x)
 
@@ -300,14 +300,14 @@ class GaussianBlur(ViewOp):
         return {"sigma": lo + (hi - lo) * c.rand((c.n,))}
 
     def apply(self, x, d, spec, crop):
-        if spec.blur_p == 0:   # a static config value: views that never blur skip the pass entirely
+        if spec.blur_p <= 0:   # a static config value: views that never blur skip the pass entirely
             return x
         return gaussian_blur(x, blur_kernels(d.sigma, d.blur, self.radius))
 
 
 class Solarize(ViewOp):
     def apply(self, x, d, spec, crop):
-        if spec.solarize_p == 0:
+        if spec.solarize_p <= 0:
             return x
         # Per-sample thresholds; 2.0 (above every pixel) where the sample is not solarized.
         thr = torch.where(d.solarize, self.cfg.solarize_threshold, 2.0).to(x.dtype)
