@@ -26,6 +26,7 @@ import torch
 
 from fastmveb.checkpoint import git_revision
 from fastmveb.report import atomic_write_text
+from fastmveb.views import view_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -300,8 +301,8 @@ def random_views(cfg, device: torch.device) -> tuple[list[torch.Tensor], torch.T
     n = cfg.data.global_batch_size
     dtype = torch.bfloat16 if cfg.views.dtype == "bfloat16" else torch.float32
     fmt = torch.channels_last if cfg.views.channels_last else torch.contiguous_format
-    sizes = [cfg.views.global_size] * 2 + [cfg.views.local_size] * cfg.views.n_local
-    v = [torch.randn(n, 3, s, s, device=device, generator=g).to(dtype).contiguous(memory_format=fmt) for s in sizes]
+    v = [torch.randn(n, 3, s, s, device=device, generator=g).to(dtype).contiguous(memory_format=fmt)
+         for s in view_sizes(cfg.views)]
     y = torch.randint(0, 1000, (n,), device=device, generator=g)
     return v, y
 

@@ -125,7 +125,7 @@ def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) ->
 def main(args) -> None:
     from fastmveb.bench.released.transforms import released_imagefolder_loader
     from fastmveb.config import ViewsConfig
-    from fastmveb.data import available_cores, train_loader
+    from fastmveb.data import TrainLoaderOptions, available_cores, train_loader
 
     device = pick_device(args.device)
     beton = Path(args.beton)
@@ -143,7 +143,7 @@ def main(args) -> None:
     n_photos = args.photos if args.photos is not None else (256 if args.short else 512)
 
     def ffcv(data, **kw):
-        loader = train_loader(data, bs, workers, device, seed=0, **kw)
+        loader = train_loader(data, bs, workers, device, TrainLoaderOptions(seed=0, **kw))
         return lambda: iter(loader)
 
     def pil(n_local):

@@ -274,7 +274,7 @@ def run(args) -> dict:
 
 def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, args, log):
     """MVEB protocol: shuffled whole-image squares from the train loader, RRC + flip cut on the device."""
-    from fastmveb.data import set_epoch, train_loader
+    from fastmveb.data import TrainLoaderOptions, set_epoch, train_loader
     from fastmveb.eval import linear
     _no_image_limits(args, "linear --mode full trains and validates on every image")
     _, val = _eval_loaders(cfg, bs, workers, device)
@@ -283,8 +283,9 @@ def _linear_full(cfg, backbone, device, amp, workers, bs, lbs, epochs, base_lr, 
         raise RunError(f"--val-every must be >= 1, got {args.val_every}")
     # The pretraining's decode-once batches: when they carry each image's (H, W) beside a whole-image canvas,
     # linear_full draws every RandomResizedCrop on the true extent (rrc_flip), as the released protocol does.
-    train = train_loader(cfg.data.train_beton, lbs, workers, device, decode="once", decode_size=cfg.data.decode_size,
-                         seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True)
+    options = TrainLoaderOptions(decode="once", decode_size=cfg.data.decode_size, seed=args.seed, order="random",
+                                 os_cache=cfg.data.os_cache, drop_last=True)
+    train = train_loader(cfg.data.train_beton, lbs, workers, device, options)
     if len(train) == 0:
         raise RunError(f"the linear batch {lbs} exceeds the training images of {cfg.data.train_beton}; "
                        "pass a smaller --linear-batch-size")
@@ -322,7 +323,7 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
     Several processes: the subset is drawn the same way on every rank (seeded, or the listed files); --batch is
     the global batch, split evenly over the processes; val is sharded and gathered (every sample once)."""
     from dataset_prep.writer import files_path
-    from fastmveb.data import eval_loader, labels, set_epoch, train_loader
+    from fastmveb.data import TrainLoaderOptions, eval_loader, labels, set_epoch, train_loader
     from fastmveb.eval import finetune as ft
     _no_image_limits(args, "finetune validates on every val image and trains on the subset --fraction or --subset "
                            "chooses")
@@ -374,9 +375,9 @@ def _finetune(cfg, backbone, device, amp, workers, bs, args, accelerator=None) -
                           crop_ratio=cfg.eval.crop_ratio, distributed=distributed)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
-    train = train_loader(beton, batch // world, workers, device, decode="once", decode_size=cfg.data.decode_size,
-                         seed=args.seed, order="random", os_cache=cfg.data.os_cache, drop_last=True, indices=idx,
-                         distributed=distributed)
+    options = TrainLoaderOptions(decode="once", decode_size=cfg.data.decode_size, seed=args.seed, order="random",
+                                 os_cache=cfg.data.os_cache, drop_last=True, distributed=distributed)
+    train = train_loader(beton, batch // world, workers, device, options, indices=idx)
     # One global order for any number of processes (DistributedSampler's draw; rank r reads positions r, r + world,
     # ...): optimizer step k consumes the same samples on 1 process as on N.
     train.shuffle = "torch"
