@@ -11,13 +11,14 @@ import sys
 
 from fastmveb.errors import print_error, run_cli
 
-from .writer import DEFAULT_MAX_SIDE, MAX_SIDE, MIN_SIDE, WRITE_MODES, PrepError
+from .options import DEFAULT_MAX_SIDE, MAX_SIDE, MIN_SIDE, WRITE_MODES, BetonOptions, PrepError
 
 
 def _common(p: argparse.ArgumentParser, max_side_default, max_side_help):
     p.add_argument("--out", required=True, help="output folder for train.beton and val.beton")
     p.add_argument("--max-side", type=int, default=max_side_default, help=max_side_help)
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+    p.add_argument("--jpeg-quality", type=int, default=BetonOptions.jpeg_quality,
+                   help=f"JPEG quality of stored images (default {BetonOptions.jpeg_quality})")
     p.add_argument("--num-workers", type=int, default=None,
                    help="processes for checking and writing (default and maximum: the core count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images / the shuffled write order")
@@ -26,13 +27,14 @@ def _common(p: argparse.ArgumentParser, max_side_default, max_side_help):
 
 
 def _write_options(p: argparse.ArgumentParser):
-    p.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
+    p.add_argument("--write-mode", choices=WRITE_MODES, default=BetonOptions.write_mode,
                    help="jpg: JPEG (small, decoded at load); raw: uint8 pixels (no decode, ~10x larger); smart: "
                         "JPEG only above --smart-threshold bytes; proportion: JPEG with --compress-probability")
-    p.add_argument("--compress-probability", type=float, default=0.5, help="JPEG share for --write-mode proportion")
-    p.add_argument("--smart-threshold", type=int, default=3 * 256 * 256,
+    p.add_argument("--compress-probability", type=float, default=BetonOptions.compress_probability,
+                   help="JPEG share for --write-mode proportion")
+    p.add_argument("--smart-threshold", type=int, default=BetonOptions.smart_threshold,
                    help="raw bytes above which --write-mode smart stores JPEG (default 3*256*256)")
-    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=BetonOptions.shuffle,
                    help="shuffled (seeded) write order so QUASI_RANDOM page reads mix classes (default on)")
     p.add_argument("--allow-label-mismatch", action="store_true",
                    help="write train and val even when val holds labels train has no image of (one warning line "
@@ -50,7 +52,7 @@ _IMAGES_EPILOG = (f"Images: 16/32-bit grey is scaled to 8 bits, alpha is dropped
 def auto_mode(data: str) -> list[str]:
     """The dataset_prep arguments `make beton DATA=...` runs for ``data``; PrepError naming the mode to give."""
     from pathlib import Path
-    from .writer import IMG_EXTENSIONS
+    from .scan import IMG_EXTENSIONS
     p = Path(data)
     if p.is_file():
         return ["folder", "--list", data]
@@ -141,6 +143,32 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def beton_options(args: argparse.Namespace) -> BetonOptions:
+    """The writing flags as the one BetonOptions every mode takes (synthetic has no --write-mode etc.: defaults)."""
+    more = {}
+    if hasattr(args, "write_mode"):
+        more = dict(write_mode=args.write_mode, compress_probability=args.compress_probability,
+                    smart_threshold=args.smart_threshold, shuffle=args.shuffle)
+    return BetonOptions(max_side=args.max_side or None, jpeg_quality=args.jpeg_quality, seed=args.seed,
+                        num_workers=args.num_workers, force=args.force, progress=not args.quiet, **more)
+
+
+def _imagefolder(args: argparse.Namespace) -> None:
+    from pathlib import Path
+    from .convert import convert_imagefolder
+    from .scan import list_classes, read_class_list
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    if not splits or any(s not in ("train", "val") for s in splits):
+        raise PrepError(f"--splits must list train and/or val, got {args.splits!r}")
+    classes = None
+    if args.classes:
+        classes = read_class_list(args.classes)
+    elif "train" not in splits:
+        classes = list_classes(Path(args.data) / "train")   # val's labels still come from train
+    convert_imagefolder(args.data, args.out, beton_options(args), splits=splits, classes=classes,
+                        subset=bool(args.classes), allow_label_mismatch=args.allow_label_mismatch)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input raises a PrepError (``cli`` prints it as one line and exits 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -158,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
                 print_error(str(e))
                 code = e.exit_code
         return code
-    max_side = getattr(args, "max_side", 0) or None
     try:                                 # a PrepError propagates to cli: one error line, exit 2
         if args.cmd == "grid":
             from .synthetic import write_grid
@@ -168,34 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.train_per_class < 1 or args.val_per_class < 1:
                 raise PrepError("--train-per-class and --val-per-class must be >= 1")
             try:
-                make_synthetic(args.out, classes=args.classes, train_per_class=args.train_per_class,
-                               val_per_class=args.val_per_class, seed=args.seed, quality=args.jpeg_quality,
-                               max_side=max_side, num_workers=args.num_workers, force=args.force,
-                               keep_jpeg=not args.no_keep_jpeg, progress=not args.quiet)
+                make_synthetic(args.out, beton_options(args), classes=args.classes,
+                               train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                               keep_jpeg=not args.no_keep_jpeg)
             except ValueError as e:
                 raise PrepError(str(e)) from None
+        elif args.cmd == "folder":
+            from .convert import convert_folder
+            convert_folder(args.out, beton_options(args), data=args.data, list_file=args.list_file,
+                           val_fraction=args.val_fraction, allow_label_mismatch=args.allow_label_mismatch)
         else:
-            write = dict(max_side=max_side, jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
-                         compress_probability=args.compress_probability, smart_threshold=args.smart_threshold,
-                         shuffle=args.shuffle, seed=args.seed, num_workers=args.num_workers, force=args.force,
-                         progress=not args.quiet, allow_label_mismatch=args.allow_label_mismatch)
-            if args.cmd == "folder":
-                from .writer import convert_folder
-                convert_folder(args.out, data=args.data, list_file=args.list_file, val_fraction=args.val_fraction,
-                               **write)
-                return 0
-            from .writer import convert_imagefolder, list_classes, read_class_list
-            from pathlib import Path
-            splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-            if not splits or any(s not in ("train", "val") for s in splits):
-                raise PrepError(f"--splits must list train and/or val, got {args.splits!r}")
-            classes = None
-            if args.classes:
-                classes = read_class_list(args.classes)
-            elif "train" not in splits:
-                classes = list_classes(Path(args.data) / "train")   # val's labels still come from train
-            convert_imagefolder(args.data, args.out, splits=splits, classes=classes, subset=bool(args.classes),
-                                **write)
+            _imagefolder(args)
     except KeyboardInterrupt:
         print_error("interrupted; no beton was left half-written")
         return 130

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from fastmveb.errors import UserError
+from fastmveb.fileio import write_json
 
 SIDECAR_SUFFIX = ".sha256.json"
 FIX = "rewrite it with 'make beton FORCE=1' (or dataset_prep ... --force)"
@@ -70,14 +71,8 @@ def make_sidecar(beton: str | Path, labelled: bool = True) -> dict:
 
 
 def write_sidecar(record: dict, path: str | Path) -> None:
-    """Atomic: a temp file renamed over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomic: written whole or not at all (fastmveb.fileio)."""
+    write_json(path, record, indent=1)
 
 
 def _read_sidecar(beton: Path) -> dict | None:

@@ -26,7 +26,7 @@ How it got here (kNN top-1 after the demo run, seed 0, each change measured on t
 Generation is deterministic: image (split, class, index) draws from its own generator seeded with
 (seed, split, class, index), so the JPEG bytes do not depend on worker count or scheduling.
 The JPEG tree is kept at OUT/jpeg/{train,val}/<class>/ (the loader benchmark reads it with PIL) and the
-betons are written from it by the ImageFolder writer (dataset_prep.writer).
+betons are written from it by the ImageFolder mode (dataset_prep.convert).
 """
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from fastmveb.fileio import atomic_path
+
+from .convert import convert_imagefolder
+from .options import BetonOptions, PrepError, check_options
 
 CLASSES = ("stripes", "checks", "dots", "rings", "grid", "zigzag", "arcs", "cells", "triangles", "crosses")
 SPLITS = {"train": 0, "val": 1}
@@ -201,26 +206,29 @@ def write_jpeg_tree(root: str | Path, *, classes: int = 10, train_per_class: int
     return root
 
 
-def make_synthetic(out: str | Path, *, classes: int = 10, train_per_class: int = 300, val_per_class: int = 50,
-                   seed: int = 0, quality: int = 90, max_side: int | None = None, num_workers: int | None = None,
-                   force: bool = False, keep_jpeg: bool = True, progress: bool = True) -> list[dict]:
-    """Generate the JPEG tree under OUT/jpeg and write OUT/train.beton + OUT/val.beton from it."""
-    from .writer import PrepError, convert_imagefolder
+# The synthetic images are 200-500 px a side already: stored as generated.
+SYNTHETIC_OPTIONS = BetonOptions(max_side=None)
+
+
+def make_synthetic(out: str | Path, options: BetonOptions = SYNTHETIC_OPTIONS, *, classes: int = 10,
+                   train_per_class: int = 300, val_per_class: int = 50, keep_jpeg: bool = True) -> list[dict]:
+    """Generate the JPEG tree under OUT/jpeg and write OUT/train.beton + OUT/val.beton from it.
+
+    ``options.seed`` and ``options.jpeg_quality`` also seed and encode the generated JPEGs.
+    """
     out = Path(out)
-    for name in ("train", "val"):
-        if (out / f"{name}.beton").exists() and not force:
-            raise PrepError(f"{out / f'{name}.beton'} exists; pass --force to overwrite it")
+    check_options(out, ("train", "val"), options)   # before minutes of generating, not after
     tree = out / "jpeg"
     if tree.exists():
         shutil.rmtree(tree)   # stale images from other settings would leak into the betons
     t0 = time.perf_counter()
     write_jpeg_tree(tree, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                    seed=seed, quality=quality, num_workers=num_workers, progress=progress)
+                    seed=options.seed, quality=options.jpeg_quality, num_workers=options.num_workers,
+                    progress=options.progress)
     t_gen = time.perf_counter() - t0
     print(f"generated {classes * (train_per_class + val_per_class):,} JPEGs in {tree} in {t_gen:.1f} s", flush=True)
     # The images were just written by us: skip nothing silently, but the decode check is cheap enough to keep.
-    summaries = convert_imagefolder(tree, out, max_side=max_side, jpeg_quality=quality, seed=seed,
-                                    num_workers=num_workers, force=force, progress=progress)
+    summaries = convert_imagefolder(tree, out, options)
     if not keep_jpeg:
         shutil.rmtree(tree)
     return summaries
@@ -251,7 +259,6 @@ def sample_grid(*, classes: int = len(CLASSES), per_class: int = 6, seed: int = 
 
 def write_grid(out: str | Path, **kw) -> Path:
     """sample_grid(**kw) as a PNG at ``out`` (written whole or not at all)."""
-    from .writer import PrepError
     out = Path(out)
     if not out.parent.is_dir():
         raise PrepError(f"output folder '{out.parent}' does not exist")
@@ -262,9 +269,8 @@ def write_grid(out: str | Path, **kw) -> Path:
     except ValueError as e:
         raise PrepError(str(e)) from None
     from PIL import Image
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    # A 256-colour palette keeps the README picture small (noisy gradients compress badly as RGB PNG).
-    Image.fromarray(grid).quantize(256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        # A 256-colour palette keeps the README picture small (noisy gradients compress badly as RGB PNG).
+        Image.fromarray(grid).quantize(256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
     print(f"grid -> {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return out

@@ -380,26 +380,38 @@ class Position:
     samples_in_epoch: int = 0
 
 
-def save_training(run_dir: str | Path, pos: Position, t, *, shuffle: str, global_batch: int, config: dict,
-                  git: str, keep_last: int, accelerator, epoch_done: bool = False, data: dict | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class SaveOptions:
+    """Where a run's checkpoints go and what each records beside the training state (save_training)."""
+    run_dir: str | Path
+    shuffle: str                       # the generator of the data order (data.ResumableLoader)
+    global_batch: int
+    config: dict                       # the resolved config tree (config.to_dict)
+    git: str
+    keep_last: int                     # checkpoints kept (train.keep_last)
+    data: dict | None = None           # the betons' identities (train.check_data)
+
+
+def save_training(opts: SaveOptions, pos: Position, t, accelerator, epoch_done: bool = False) -> None:
     """Every rank: its RNG states to the main process, which writes the checkpoint of ``pos`` (``t``: the
-    build.Training) atomically and prunes old ones; then all ranks wait for the write, so none runs ahead of a
-    checkpoint a restart would need. ``epoch_done``: the epoch's last batch is read, the position is the next
-    epoch's start. ``data``: the identities of the betons the run reads (train.check_data), which a resume compares
-    (fastmveb.rundir.check_data). A non-finite model is not saved (save_checkpoint); a failed write raises
-    CheckpointWriteError."""
+    build.Training) atomically into ``opts.run_dir`` and prunes old ones; then all ranks wait for the write, so none
+    runs ahead of a checkpoint a restart would need. ``epoch_done``: the epoch's last batch is read, the position is
+    the next epoch's start. ``opts.data``: the identities of the betons the run reads (train.check_data), which a
+    resume compares (fastmveb.rundir.check_data). A non-finite model is not saved (save_checkpoint); a failed write
+    raises CheckpointWriteError."""
     from accelerate.utils import gather_object
     epoch, samples = (pos.epoch + 1, 0) if epoch_done else (pos.epoch, pos.samples_in_epoch)
     rngs = gather_object([capture_rng_state()])                       # one entry per rank
     if accelerator.is_main_process:
         # batch_in_epoch: for readers that know only the batch index (same global batch only)
         state = {"model": t.model.state_dict(), "target": t.target.state_dict(), "optimizer": t.optimizer.state_dict(),
-                 "step": pos.step, "epoch": epoch, "samples_in_epoch": samples, "batch_in_epoch": samples // global_batch,
-                 "shuffle": shuffle, "rng": rngs, "config": config, "data": data, "git": git}
+                 "step": pos.step, "epoch": epoch, "samples_in_epoch": samples,
+                 "batch_in_epoch": samples // opts.global_batch, "shuffle": opts.shuffle, "rng": rngs,
+                 "config": opts.config, "data": opts.data, "git": opts.git}
         if t.probe is not None:
             state["probe"] = t.probe.state_dict()
-        if save_checkpoint(checkpoint_path(run_dir, pos.step), state):
-            prune_checkpoints(run_dir, keep_last)
+        if save_checkpoint(checkpoint_path(opts.run_dir, pos.step), state):
+            prune_checkpoints(opts.run_dir, opts.keep_last)
     accelerator.wait_for_everyone()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,32 +20,11 @@ from typing import Literal
 
 import yaml
 from fastmveb.errors import UserError
+from fastmveb.yamlio import yaml_load
 
 
 class ConfigError(UserError, ValueError):
     """A bad run configuration; the message is one line that names the key, the source and the fix."""
-
-
-class _Loader(yaml.SafeLoader):
-    """safe_load with YAML 1.2's float syntax: PyYAML (YAML 1.1) reads `1e-6` (no dot, unsigned exponent)
-    as a string, which would reject `optim.weight_decay=1e-6`. Tags stay the safe set (no Python objects)."""
-
-
-_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
-                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def yaml_load(text: str):
-    """yaml.safe_load, with `1e-6` read as a float (see _Loader)."""
-    return yaml.load(text, Loader=_Loader)
 
 
 # Keys that existed once: an old rc or command line gets told what each became instead of "unknown key".
@@ -188,6 +166,9 @@ class LossConfig:
     eta: float = opt(0.01, _POS)     # Stein estimator ridge
     min_tau: float = opt(0.1, _POS)  # bandwidth floor
     group: str = opt("128")          # entropy group: an int size >= 2 (released: 128 per GPU) | "local" | "global"
+    # kernel bandwidth rule: "median" = the paper's (upper median of the 1 - cosines, >= min_tau) | "fixed" = loss.tau
+    bandwidth: Literal["median", "fixed"] = opt("median")
+    tau: float = opt(0.0, _NONNEG)   # the fixed bandwidth, > 0 with loss.bandwidth=fixed (unset otherwise: 0)
 
 
 @dataclass
@@ -333,14 +314,10 @@ def _coerce(value, tp, key: str, source: str):
     raise ConfigError(f"{source}: '{key}' has an unsupported type {tp}")
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _apply(obj, tree: dict, source: str, prefix: str = ""):
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {tree!r}")
-    hints = _hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for k, v in tree.items():
         key = f"{prefix}{k}"
@@ -362,7 +339,7 @@ def _field_type(cfg, path: str):
         obj = getattr(obj, p, None)
         if not dataclasses.is_dataclass(obj):
             return None
-    return _hints(type(obj)).get(parts[-1]) if dataclasses.is_dataclass(obj) else None
+    return typing.get_type_hints(type(obj)).get(parts[-1]) if dataclasses.is_dataclass(obj) else None
 
 
 def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
@@ -430,6 +407,10 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where} must be in {rng}, got {v!r}")
         if isinstance(val, tuple) and len(val) == 2 and rng.ordered and val[0] > val[1]:
             raise ConfigError(f"{key} must be (low, high) with low <= high, got {list(val)}")
+    if (cfg.loss.bandwidth == "fixed") != (cfg.loss.tau > 0):     # tau is the fixed bandwidth, read by no other rule
+        raise ConfigError("loss.bandwidth=fixed needs the fixed bandwidth loss.tau > 0 (e.g. loss.tau=0.5)"
+                          if cfg.loss.bandwidth == "fixed" else f"loss.tau={cfg.loss.tau} is read only with "
+                          f"loss.bandwidth=fixed, not {cfg.loss.bandwidth}: set that, or leave loss.tau out")
     if cfg.optim.weight_decay_end < 0 and cfg.optim.weight_decay_end != -1:
         raise ConfigError(f"optim.weight_decay_end must be -1 (no schedule) or >= 0, got {cfg.optim.weight_decay_end}")
     v = cfg.views

@@ -1,6 +1,7 @@
 """FFCV loaders: uint8 train batches (decode once, or one FFCV crop per view) and centre-crop eval batches.
 
-    loader = train_loader("data/synthetic/train.beton", 128, num_workers=8, device=torch.device("cuda"))
+    loader = train_loader("data/synthetic/train.beton", 128, num_workers=8, device=torch.device("cuda"),
+                          options=TrainLoaderOptions(decode="once", decode_size=256, seed=0))
     for epoch in range(start_epoch, epochs):
         set_epoch(loader, epoch, skip_batches=resume_step_in_epoch if epoch == start_epoch else 0)
         set_output_sizes(loader, [size])           # optional: a new canvas side from the next epoch on
@@ -42,6 +43,7 @@ Per-view crops come from numba's unseeded RNG: the order is reproducible, the pe
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import replace
 import sys
@@ -64,6 +66,7 @@ from ffcv.traversal_order import Random
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from dataset_prep.integrity import check_beton
+from .config import ViewsConfig
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -248,63 +251,78 @@ def _check(beton, batch_size: int, num_workers: int) -> int:
     return max(1, min(num_workers, available_cores()))
 
 
-def train_loader(beton, batch_size: int, num_workers: int, device, *, decode: str = "once",
-                 decode_size: int = 256, views=None, seed: int = 0, distributed: bool = False,
-                 order: str = "random", os_cache: bool = True, drop_last: bool = True,
-                 channels_last: bool = True, batches_ahead: int = 3, indices=None) -> ResumableLoader:
+@dataclasses.dataclass(frozen=True)
+class TrainLoaderOptions:
+    """How the train loader reads, besides the beton, the batch, the workers and the device (train_loader).
+    train_loader_from_config builds it from a run config; eval and the benchmarks build their own."""
+    decode: str = "once"                   # "once" | "center" | "per_view" (module doc)
+    decode_size: int = 256                 # the canvas side S ("once", "center")
+    views: ViewsConfig | None = None       # "per_view": the views to cut (None: ViewsConfig())
+    seed: int = 0                          # the order's seed, the same on every rank
+    distributed: bool = False
+    order: str = "random"                  # a key of ORDERS
+    os_cache: bool = True
+    drop_last: bool = True
+    channels_last: bool = True
+    batches_ahead: int = 3
+
+
+def train_loader(beton, batch_size: int, num_workers: int, device,
+                 options: TrainLoaderOptions = TrainLoaderOptions(), indices=None) -> ResumableLoader:
     """FFCV train loader yielding (x, extent, y) ("once"), (x, y) ("center") or (x_1, ..., x_V, y)
     ("per_view"); see the module doc. unpack_train_batch turns any of them into (x, extent or None, y).
     ``indices``: read only these samples (a labelled subset: fastmveb.eval finetune)."""
+    o = options
     num_workers = _check(beton, batch_size, num_workers)
     device = torch.device(device)
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    if distributed and order == "quasi_random":
+    if o.order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {o.order!r}")
+    if o.distributed and o.order == "quasi_random":
         raise ValueError("order='quasi_random' does not work with distributed=True in ffcv 1.0.2; use 'random'")
-    if decode == "once":
+    return ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=o.os_cache,
+                           order=ORDERS[o.order], distributed=o.distributed, seed=o.seed,
+                           pipelines=_train_pipelines(o, device), drop_last=o.drop_last,
+                           batches_ahead=o.batches_ahead, indices=None if indices is None else np.asarray(indices))
+
+
+def _train_pipelines(o: TrainLoaderOptions, device: torch.device) -> dict:
+    """The FFCV pipelines of one decode mode (ValueError for an unknown one)."""
+    if o.decode == "once":
         # The extent is a second pipeline on the same field; the label moves last (as "target") so that
         # the outputs come as (x, extent, y).
-        pipelines = {
-            "image": [WholeImageDecoder(decode_size)] + _image_out(device, channels_last),
+        return {
+            "image": [WholeImageDecoder(o.decode_size)] + _image_out(device, o.channels_last),
             "extent": PipelineSpec("image", decoder=ImageExtent(),
                                    transforms=[ToTensor(), ToDevice(device, non_blocking=True)]),
             "label": None,
             "target": PipelineSpec("label", decoder=IntDecoder(), transforms=_label_pipeline(device)[1:]),
         }
-    elif decode == "center":
-        pipelines = {"image": [CenterCropRGBImageDecoder((decode_size, decode_size), ratio=1.0)]
-                              + _image_out(device, channels_last), "label": _label_pipeline(device)}
-    elif decode == "per_view":
-        if views is None:
-            from .config import ViewsConfig
-            views = ViewsConfig()
-        specs = [(views.global_size, views.global_scale)] * 2 + [(views.local_size, views.local_scale)] * views.n_local
-        # One PipelineSpec per view, all reading the 'image' field; view 0 keeps the name 'image' so that
-        # outputs come in view order and the label, registered last under another name, comes after them.
-        pipelines = {}
-        for v, (size, scale) in enumerate(specs):
-            dec = RandomResizedCropRGBImageDecoder((size, size), scale=tuple(scale), ratio=tuple(views.ratio))
-            pipelines["image" if v == 0 else f"view{v}"] = PipelineSpec(
-                "image", decoder=dec, transforms=_image_out(device, channels_last))
-        pipelines["label"] = None
-        pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(),
-                                           transforms=_label_pipeline(device)[1:])
-    else:
-        raise ValueError(f"decode must be 'once', 'center' or 'per_view', got {decode!r}")
-    loader = ResumableLoader(str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                             order=ORDERS[order], distributed=distributed, seed=seed, pipelines=pipelines,
-                             drop_last=drop_last, batches_ahead=batches_ahead,
-                             indices=None if indices is None else np.asarray(indices))
-    return loader
+    if o.decode == "center":
+        return {"image": [CenterCropRGBImageDecoder((o.decode_size, o.decode_size), ratio=1.0)]
+                         + _image_out(device, o.channels_last), "label": _label_pipeline(device)}
+    if o.decode != "per_view":
+        raise ValueError(f"decode must be 'once', 'center' or 'per_view', got {o.decode!r}")
+    from .views import view_specs     # (kornia: only this mode needs it)
+    views = ViewsConfig() if o.views is None else o.views
+    # One PipelineSpec per view, all reading the 'image' field; view 0 keeps the name 'image' so that
+    # outputs come in view order and the label, registered last under another name, comes after them.
+    pipelines = {}
+    for v, spec in enumerate(view_specs(views)):
+        dec = RandomResizedCropRGBImageDecoder((spec.size, spec.size), scale=spec.scale, ratio=tuple(views.ratio))
+        pipelines["image" if v == 0 else f"view{v}"] = PipelineSpec(
+            "image", decoder=dec, transforms=_image_out(device, o.channels_last))
+    pipelines["label"] = None
+    pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(), transforms=_label_pipeline(device)[1:])
+    return pipelines
 
 
 def train_loader_from_config(cfg, batch_size: int, device, distributed: bool = False) -> ResumableLoader:
     """The train loader of a run config (data.*, views.*, train.seed), ``batch_size`` rows per process: the one
     call training and the end-to-end benchmark share, so the benchmark reads what training reads."""
     d = cfg.data
-    return train_loader(d.train_beton, batch_size, d.num_workers, device, decode=d.decode, decode_size=d.decode_size,
-                        views=cfg.views, seed=cfg.train.seed, distributed=distributed, order=d.order,
-                        os_cache=d.os_cache, drop_last=d.drop_last)
+    options = TrainLoaderOptions(decode=d.decode, decode_size=d.decode_size, views=cfg.views, seed=cfg.train.seed,
+                                 distributed=distributed, order=d.order, os_cache=d.os_cache, drop_last=d.drop_last)
+    return train_loader(d.train_beton, batch_size, d.num_workers, device, options)
 
 
 def labels(beton) -> np.ndarray:

@@ -2,6 +2,8 @@
 
     score, tau = vmf_score(z)                       # z: (N, d) unit rows -> score (N, d), tau ()
     value, stats = entropy_surrogate(z, group=128)  # -(1/N) sum_i <sg(score_i), z_i>, per group of 128 rows
+    rule = bandwidth_rule("fixed", tau=0.5)         # loss.bandwidth: the kernel bandwidth as an argument
+    score, tau = vmf_score(z, bandwidth=rule)       # (default: upper_median_tau, the paper's rule)
 
 Numerics (why it is done this way):
 - Everything after the input cast runs in float64, outside autocast. Near collapse tau sits on its floor,
@@ -14,8 +16,10 @@ Numerics (why it is done this way):
   1e-3 at cond 2.5e4, 1e-1 at cond 2.4e6, and the float64 Cholesky of the perturbed K fails beyond that.
 - Memory is O(N^2 + N d): the Gram matrix is turned into K and then K + eta I in place, <grad, K> is the
   closed form rowsum(K) z / tau, and the solve is Cholesky (never an explicit inverse, never N x N x d).
-- tau is the exact upper median by torch.kthvalue on the flattened N^2 Gram entries (exact for any N that
-  fits in memory; no 2^24 limit as in torch.quantile; a copy of N^2 values is its only extra cost).
+- The bandwidth rule is an argument (``bandwidth``: S (..., N, N) -> tau (...)); bandwidth_rule makes the ones
+  loss.bandwidth names. The paper's, the default (upper_median_tau): tau is the exact upper median by
+  torch.kthvalue on the flattened N^2 Gram entries (exact for any N that fits in memory; no 2^24 limit as in
+  torch.quantile; a copy of N^2 values is its only extra cost), floored at min_tau.
 - Cholesky failure (possible only when eta is ~0 or the input is not normalised) is repaired by adding a
   jitter to the diagonal. On CPU, where reading the factorisation's status costs nothing, a growing jitter
   is retried only for the failing groups. On CUDA (and under torch.compile, so that the estimator stays one
@@ -35,6 +39,9 @@ Numerics (why it is done this way):
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -44,7 +51,7 @@ from fastmveb.hostsync import sync_free
 _EPS64 = torch.finfo(torch.float64).eps
 
 
-def upper_median_tau(S: torch.Tensor, min_tau: float) -> torch.Tensor:
+def upper_median_tau(S: torch.Tensor, min_tau: float = 0.1) -> torch.Tensor:
     """max(min_tau, (M//2)-th largest of 1 - S over all M = N^2 entries); S: (..., N, N) -> (...).
 
     (M//2)-th largest of 1 - S is 1 - (M//2)-th smallest of S, so no 1 - S copy is made. For even M this is the
@@ -56,6 +63,27 @@ def upper_median_tau(S: torch.Tensor, min_tau: float) -> torch.Tensor:
         raise ValueError("the vMF bandwidth needs a group of at least 2 embeddings")
     kth = torch.kthvalue(S.flatten(-2), k, dim=-1).values
     return (1.0 - kth).clamp_min(min_tau)
+
+
+def fixed_tau(S: torch.Tensor, tau: float) -> torch.Tensor:
+    """The same bandwidth ``tau`` for every group, whatever its cosines; S: (..., N, N) -> (...)."""
+    return S.new_full(S.shape[:-2], tau)
+
+
+def bandwidth_rule(name: str = "median", min_tau: float = 0.1,
+                   tau: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bandwidth rule loss.bandwidth names, bound to its value: "median" -> upper_median_tau floored at
+    ``min_tau`` (the paper's), "fixed" -> fixed_tau at ``tau``. A new rule is one function here (and its branch
+    below) and one choice of loss.bandwidth (fastmveb/config.py)."""
+    if name == "median":
+        if not min_tau > 0:
+            raise ValueError(f"min_tau must be > 0 (it keeps exp(S / tau) finite on collapsed input), got {min_tau}")
+        return functools.partial(upper_median_tau, min_tau=min_tau)
+    if name == "fixed":
+        if not tau > 0:
+            raise ValueError(f"the fixed bandwidth tau must be > 0, got {tau}")
+        return functools.partial(fixed_tau, tau=tau)
+    raise ValueError(f"unknown bandwidth rule {name!r} (median or fixed)")
 
 
 def _cholesky_jittered(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,20 +129,19 @@ def _cholesky_jittered(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return L, bad
 
 
-def _score64(z: torch.Tensor, eta: float, min_tau: float):
-    """Core estimator on a batch of groups z (..., N, d) -> (score float64 (..., N, d), tau (...), fallback (...))."""
+def _score64(z: torch.Tensor, eta: float, bandwidth: Callable = upper_median_tau):
+    """Core estimator on a batch of groups z (..., N, d) -> (score float64 (..., N, d), tau (...), fallback (...)).
+    ``bandwidth``: the rule S (..., N, N) -> tau (...)."""
     if z.dim() < 2:
         raise ValueError(f"vmf_score expects (..., N, d) embeddings, got shape {tuple(z.shape)}")
     if z.shape[-2] < 2:
         raise ValueError(f"vmf_score needs at least 2 embeddings per group, got {z.shape[-2]}")
-    if not min_tau > 0:
-        raise ValueError(f"min_tau must be > 0 (it keeps exp(S / tau) finite on collapsed input), got {min_tau}")
     # Both contexts, so that neither a CPU nor a CUDA autocast region reaches the kernel matrix (plain `with`
     # rather than an ExitStack: dynamo traces it).
     with torch.autocast("cpu", enabled=False), torch.autocast(z.device.type, enabled=False), torch.no_grad():
         z64 = z.detach().to(torch.float64)
         S = z64 @ z64.mT                                   # (..., N, N) cosines
-        tau = upper_median_tau(S, min_tau)                 # (...)
+        tau = bandwidth(S)                                 # (...)
         K = S.div_(tau[..., None, None]).exp_()            # vMF kernel, in place of S
         # <grad, K>_i = sum_j d k(z_i, z_j) / d z_j = sum_j K_ij z_i / tau, negated here (score = -A^-1 B)
         # so that no pass over the N x d result is spent on it.
@@ -128,13 +155,15 @@ def _score64(z: torch.Tensor, eta: float, min_tau: float):
     return score, tau, fallback
 
 
-def vmf_score(z: torch.Tensor, eta: float = 0.01, min_tau: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def vmf_score(z: torch.Tensor, eta: float = 0.01,
+              bandwidth: Callable = upper_median_tau) -> tuple[torch.Tensor, torch.Tensor]:
     """Stein estimate of grad_z log p(z) with a vMF kernel; z: (N, d) unit rows (or a batch (..., N, d) of groups).
+    ``bandwidth``: the rule S (..., N, N) -> tau (...) (bandwidth_rule); default the paper's, floored at 0.1.
 
     Returns (score, tau): score like z (same shape and dtype), tau the bandwidth with shape z.shape[:-2]
     (0-d for one group), float64 for float64 input and float32 otherwise. z is treated as detached.
     """
-    score, tau, _ = _score64(z, eta, min_tau)
+    score, tau, _ = _score64(z, eta, bandwidth)
     return score.to(z.dtype), tau.to(torch.promote_types(z.dtype, torch.float32))
 
 
@@ -170,7 +199,7 @@ def group_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _grouped_score64(z: torch.Tensor, size: int, eta: float, min_tau: float):
+def _grouped_score64(z: torch.Tensor, size: int, eta: float, bandwidth: Callable):
     """Score of z (..., N, d) estimated on each group of group_bounds(N, size) alone; equal groups run batched."""
     N = z.shape[-2]
     bounds = group_bounds(N, size)
@@ -178,12 +207,12 @@ def _grouped_score64(z: torch.Tensor, size: int, eta: float, min_tau: float):
     scores, taus, falls = [], [], []
     if n_even:
         zg = z[..., : n_even * size, :].unflatten(-2, (n_even, size))   # (..., G, size, d)
-        s, t, f = _score64(zg, eta, min_tau)
+        s, t, f = _score64(zg, eta, bandwidth)
         scores.append(s.flatten(-3, -2))
         taus.append(t)
         falls.append(f)
     for a, b in bounds[n_even:]:
-        s, t, f = _score64(z[..., a:b, :], eta, min_tau)
+        s, t, f = _score64(z[..., a:b, :], eta, bandwidth)
         scores.append(s)
         taus.append(t.reshape(*t.shape, 1))
         falls.append(f.reshape(*f.shape, 1))
@@ -191,13 +220,14 @@ def _grouped_score64(z: torch.Tensor, size: int, eta: float, min_tau: float):
 
 
 def entropy_surrogate(z: torch.Tensor, group: int | str = 128, eta: float = 0.01,
-                      min_tau: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      bandwidth: Callable = upper_median_tau) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """H_sur(z) = -(1/N) sum_i <sg(score_i), z_i>: its gradient w.r.t. z is -score / N, that of the entropy.
 
     z: (N, d) unit rows of one view, or (V, N, d) for V views estimated independently (value has shape (V,)).
     group: int size -> each run of `size` consecutive rows is its own estimate (group_bounds for the
     remainder; the released recipe is 128 per GPU); "local" -> the whole local batch; "global" -> the batch
     of all torch.distributed ranks (detached all_gather, this rank's rows kept; "local" when not distributed).
+    bandwidth: the kernel bandwidth rule, S (..., N, N) -> tau (...) (bandwidth_rule; default: the paper's).
     Returns (value float32 with shape z.shape[:-2], stats) with stats detached float32 0-d tensors:
     tau (mean over groups and views) and chol_fallback (fraction of groups whose Cholesky needed jitter).
     The value itself means nothing; only its gradient does (docs/method.md).
@@ -207,13 +237,13 @@ def entropy_surrogate(z: torch.Tensor, group: int | str = 128, eta: float = 0.01
     zd = z.detach()
     if group == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # all ranks' rows along N; no autograd needed: the score is detached anyway
-        score, tau, fallback = _score64(all_gather_rows(zd, dim=-2, same_shape=True), eta, min_tau)
+        score, tau, fallback = _score64(all_gather_rows(zd, dim=-2, same_shape=True), eta, bandwidth)
         start = dist.get_rank() * N
         score = score[..., start:start + N, :]
     elif group in ("global", "local"):
-        score, tau, fallback = _score64(zd, eta, min_tau)
+        score, tau, fallback = _score64(zd, eta, bandwidth)
     else:
-        score, tau, fallback = _grouped_score64(zd, group, eta, min_tau)
+        score, tau, fallback = _grouped_score64(zd, group, eta, bandwidth)
     value = -(score.to(torch.float32) * z.to(torch.float32)).sum((-2, -1)) / N
     stats = {"tau": tau.mean().to(torch.float32), "chol_fallback": fallback.to(torch.float32).mean()}
     return value, stats

@@ -10,17 +10,20 @@ computed in float32 whatever the input dtype; stats are detached 0-d tensors (no
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from fastmveb.entropy import entropy_surrogate
+from fastmveb.entropy import entropy_surrogate, upper_median_tau
 
 
 def mveb_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam: float | torch.Tensor = 0.01,
               group: int | str = 128, eta: float = 0.01,
-              min_tau: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              bandwidth: Callable = upper_median_tau) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """z_views: V >= 2 online embeddings (N, d), the two global views first; t_views: the 2 target embeddings
-    of the global views (treated as constants). group / eta / min_tau: see fastmveb.entropy.entropy_surrogate.
+    of the global views (treated as constants). group / eta / bandwidth (the kernel bandwidth rule): see
+    fastmveb.entropy.entropy_surrogate.
 
     Returns (loss 0-d float32, stats) with stats: align (sum of the pair means), entropy (mean surrogate
     per view, a trend only), tau (mean bandwidth), cos_global (mean cosine of the two global online views),
@@ -37,7 +40,7 @@ def mveb_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam: flo
 
     # One batched estimate for every view (each view still gets its own groups and bandwidths); alignment
     # has already required every view to be (N, d) like the targets.
-    H, est = entropy_surrogate(torch.stack(list(z_views)), group=group, eta=eta, min_tau=min_tau)   # H: (V,)
+    H, est = entropy_surrogate(torch.stack(list(z_views)), group=group, eta=eta, bandwidth=bandwidth)   # H: (V,)
     loss = -(align + lam * H.sum()) / V
     stats = {
         "align": align.detach(),

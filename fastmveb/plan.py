@@ -31,6 +31,7 @@ from .config import Config, ConfigError
 from .entropy import group_bounds, parse_group
 from .optim import lr_at, peak_lr
 from .resolution import schedule_lines
+from .views import view_sizes, view_specs
 
 IMAGENET_TRAIN = 1_281_167   # ImageNet-1k train images: the steps per epoch when the beton does not exist yet
 
@@ -194,9 +195,7 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
     o = cfg.optim
     total, warmup = o.epochs * spe, o.warmup_epochs * spe
     peak = peak_lr(o.base_lr, cfg.data.global_batch_size)
-    v = cfg.views
-    views = [("global 1", v.global_size, v.global_scale), ("global 2", v.global_size, v.global_scale)]
-    views += [(f"local x{v.n_local}", v.local_size, v.local_scale)] if v.n_local else []
+    views = view_rows(cfg)
     plan = Plan(world_size=world_size, global_batch=cfg.data.global_batch_size, per_process_batch=per_process,
                 micro_batch=micro, accum_steps=accum, dataset_len=dataset_len, dataset_source=source,
                 steps_per_epoch=spe, epochs=o.epochs, warmup_steps=warmup, total_steps=total,
@@ -211,6 +210,14 @@ def make_plan(cfg: Config, world_size: int, dataset_len: int | None = None, memo
         plan.memory = estimate_memory(cfg, micro, per_process, world_size)
     plan.cost, plan.cost_detail = gpu_hours(cfg, plan, throughput, device)
     return plan
+
+
+def view_rows(cfg: Config) -> list[tuple[str, int, tuple[float, float]]]:
+    """(name, size, crop scale) per view of the recipe, equal views counted once: "local x6"."""
+    specs = view_specs(cfg.views)
+    names = [s.name for s in specs]
+    by_name = {s.name: s for s in specs}
+    return [(n if names.count(n) == 1 else f"{n} x{names.count(n)}", s.size, s.scale) for n, s in by_name.items()]
 
 
 def resume_lines(old: Plan | None, new: Plan, step: int, changed: list[str], rng_kept: bool) -> list[str]:
@@ -270,14 +277,13 @@ def estimate_memory(cfg: Config, micro: int, per_process: int, world_size: int) 
     with torch.device("meta"):
         model = convert_batchnorm(MVEBModel.from_config(cfg.model), sync=False)   # the trainer's BatchNorm
     model.train()
-    v, bf16 = cfg.views, cfg.train.mixed_precision == "bf16"
-    act = 2 * saved_bytes_per_sample(model, v.global_size, bf16)
-    if v.n_local:
-        act += v.n_local * saved_bytes_per_sample(model, v.local_size, bf16)
+    v, bf16, sizes = cfg.views, cfg.train.mixed_precision == "bf16", view_sizes(cfg.views)
+    per_size = {s: saved_bytes_per_sample(model, s, bf16) for s in sizes}     # one meta forward per distinct size
+    act = sum(per_size[s] for s in sizes)
     n_params = sum(p.numel() for p in model.parameters())
     # weights, grads, LARS momentum (AdamW: two moments), EMA (+ DDP buckets)
     copies = 4 + (1 if cfg.optim.name == "adamw" else 0) + (1 if world_size > 1 else 0)
-    view_bytes = (2 if v.dtype == "bfloat16" else 4) * 3 * (2 * v.global_size ** 2 + v.n_local * v.local_size ** 2)
+    view_bytes = (2 if v.dtype == "bfloat16" else 4) * 3 * sum(s * s for s in sizes)
     gib = 2 ** 30
     parts = {"activations": micro * act / gib,
              "state": copies * 4 * n_params / gib,

@@ -118,7 +118,8 @@ def compiled_graphs() -> int:
 def decode_sizes(res: Resolution, cfg) -> list[int]:
     """The train loader's decoder output sides at ``res``: the one decode, or one per view (per_view mode)."""
     if cfg.data.decode == "per_view":
-        return [res.global_size] * 2 + [res.local_size] * cfg.views.n_local
+        from fastmveb.views import view_sizes      # (torch and kornia: not needed by the rest of this module)
+        return view_sizes(views_config(cfg, res))
     return [res.decode_size]
 
 

@@ -7,12 +7,13 @@ Trains a ResNet with the MVEB objective (alignment between views + the von Mises
 embeddings, docs/method.md): FFCV decodes each image once, the GPU cuts every view, the online network
 runs channels-last under bf16 autocast (compiled on CUDA), LARS steps it and an EMA copy gives the targets.
 Everything goes to runs/NAME/ (config.yaml, meta.json, metrics.jsonl, tb/, checkpoints/); running the same
-command again resumes from the newest checkpoint and reproduces the uninterrupted run.
+command again resumes from the newest checkpoint and reproduces the uninterrupted run. One optimisation step
+(views, forward, loss, backward, optimizer and EMA steps) is fastmveb/step.py's train_step.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -26,126 +27,27 @@ if __package__ in (None, ""):  # `python fastmveb/train.py` and `accelerate laun
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from dataset_prep.integrity import beton_identity, check_beton
 from fastmveb import checkpoint as ckpt
 from fastmveb import throughput
-from fastmveb.batchnorm import views
 from fastmveb.build import build_training, make_accelerator
 from fastmveb.compat import end_process, hold_process_group, skip_teardown
 from fastmveb.config import Config, ConfigError, dump_config, load_config, to_dict
 from fastmveb.data import num_classes, set_epoch, train_loader_from_config, unpack_train_batch
 from fastmveb.elastic import Preemption, lost_peer, stop_status
-from fastmveb.entropy import parse_group
 from fastmveb.errors import Interrupted, UserError, run_cli
 from fastmveb.eval.features import PixelStats, eval_loaders
 from fastmveb.eval.knn import KnnOptions, check_monitor_labels, distributed_knn
-from fastmveb.loss import mveb_loss
 from fastmveb.metrics import LogWindow, MetricsLogger, collapse_warning
-from fastmveb.model import MVEBModel, ema_momentum_table, ema_update, unwrap
-from fastmveb.optim import all_finite, clip_grad_norm_, lr_at, wd_at, where_
+from fastmveb.model import MVEBModel, ema_momentum_table
+from fastmveb.optim import lr_at, wd_at
 from fastmveb.plan import Plan, dataset_length, make_plan, resume_lines
 from fastmveb.resolution import ViewSwitch
 from fastmveb.rundir import git_revision, open_run_dir
-
-def train_step(net, target, view_maker, optimizer, x, y, lr: float, m: torch.Tensor, cfg: Config, accelerator,
-               micro_batch: int | None = None, extent: torch.Tensor | None = None, wd: float | None = None):
-    """One optimisation step over this process's batch, no host sync: returns detached stats (batch means),
-    the skip flag and z of global view 1 (first micro-batch).
-
-    Gradient accumulation: the batch runs as micro-batches of ``micro_batch`` rows (None: one), each with its
-    own views, forward, loss (entropy groups within it) and backward. Their gradients add up in .grad, each
-    loss weighted by its share of the rows, so .grad is the whole batch's mean gradient; DDP all-reduces only
-    on the last backward (no_sync before it). Then ONE optimizer step and ONE EMA step, skipped if any
-    micro-step's loss or the summed gradient is non-finite. BatchNorm sees each micro-batch on its own.
-    The networks inside are compiled; the step itself stays eager because the entropy solve (Cholesky,
-    float64) and the optimizer's skip logic gain nothing from compilation.
-    """
-    online = unwrap(net).model
-    # A skipped step must leave no trace, but its forward already moved the BN running statistics (maybe to
-    # NaN): keep a copy to put back. BN buffers are ~0.1% of the parameters, so this is cheap.
-    buffers = list(online.buffers())
-    saved = torch._foreach_mul(buffers, 1) if buffers else []      # the copy, batched (foreach) on CUDA
-    n = y.shape[0]
-    ext = [] if extent is None else [extent]                       # each image's (H, W) travels with its rows
-    micro = list(zip(*(t.split(micro_batch or n) for t in (x if isinstance(x, (list, tuple)) else [x])),
-                     *(e.split(micro_batch or n) for e in ext),
-                     y.split(micro_batch or n)))                     # [(x_1 .. or x, [extent], y) per micro-batch]
-    stats, finite, z0 = {}, None, None
-    for k, (*xk, yk) in enumerate(micro):
-        share = yk.shape[0] / n
-        ek = xk.pop() if ext else None
-        with contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(net):
-            loss, stats_k, z = _micro_step(net, target, view_maker, xk if len(xk) > 1 else xk[0], yk, cfg,
-                                           accelerator, share, ek)
-        stats = {key: stats.get(key, 0) + share * val for key, val in stats_k.items()}
-        finite = torch.isfinite(loss) if finite is None else finite & torch.isfinite(loss)
-        z0 = z if z0 is None else z0
-
-    with phase("optimizer"):
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        skip = ~(finite & torch.isfinite(grad_norm))                   # grads are all-reduced: every rank agrees
-        if cfg.optim.clip_grad:
-            clip_grad_norm_(grads, grad_norm, cfg.optim.clip_grad)     # on the device; grad_norm logs the unclipped
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-            if wd is not None and not g.get("lars_exclude"):            # the no-decay group stays at 0
-                g["weight_decay"] = wd
-        optimizer.step(skip=skip)
-        skip = optimizer.skipped                                       # also: an update that was not finite
-        optimizer.zero_grad(set_to_none=True)
-        # Also held back: BN statistics a finite step overflowed (huge activations); buffers only, so this
-        # rank-local verdict never reaches the shared weights. where_: a few launches, not one per buffer.
-        where_(skip | ~all_finite([b for b in buffers if b.is_floating_point()]), buffers, saved)
-    with phase("ema"):
-        ema_update(target, online, torch.where(skip, torch.ones_like(m), m))  # skipped: the target does not move
-    stats = dict(stats, grad_norm=grad_norm.detach())
-    return stats, skip, z0
-
-
-def _micro_step(net, target, view_maker, x, y, cfg: Config, accelerator, share: float, extent=None):
-    """Views, forward, loss and backward of one micro-batch; the loss is weighted by its share of the batch."""
-    with phase("views"), torch.no_grad():
-        v = view_maker(x, extent)                                      # V views, globals first
-    with accelerator.autocast():
-        with phase("forward"):
-            _, p_views, probe_out = net(v, y)
-        with phase("target"), torch.no_grad(), views(2):
-            _, t_p = target(torch.cat(v[:2]))                          # (2N, d): targets of the two globals
-    with phase("loss"):
-        z = [F.normalize(p.float(), dim=1) for p in p_views]
-        t = [F.normalize(tp.float(), dim=1) for tp in t_p.chunk(2)]
-        loss, stats = mveb_loss(z, t, lam=cfg.loss.lam, group=parse_group(cfg.loss.group), eta=cfg.loss.eta,
-                                min_tau=cfg.loss.min_tau)
-        total = loss
-        if probe_out is not None:
-            total = loss + probe_out[0]                                # the probe sees detached features
-            stats = dict(stats, probe_loss=probe_out[0].detach(), probe_top1=probe_out[1].detach())
-    with phase("backward"):
-        accelerator.backward(total * share if share != 1 else total)
-    return loss, dict(stats, loss=loss.detach()), z[0].detach()
-
-
-class phase(torch.profiler.record_function):
-    """A named profiler range around one phase of the step (a few microseconds; records only under a profiler).
-    ``phase.current`` names the phase running (bench profile's launch counter reads it)."""
-    current = "other"
-
-    def __init__(self, name: str):
-        super().__init__("fastmveb/" + name)
-        self.phase = name
-
-    def __enter__(self):
-        self.prev, phase.current = phase.current, self.phase
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        phase.current = self.prev
-        return super().__exit__(*exc)
+from fastmveb.step import StepParts, step_parts, train_step
 
 
 class NonFiniteStop(UserError):
@@ -166,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- accelerator and run dir -------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     hold_process_group()                  # never freed (torch 2.11's gloo can hang there): cli() ends the process
     main_proc = accelerator.is_main_process
     if world != plan.world_size:                                      # a launcher that left WORLD_SIZE unset
@@ -189,33 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     views = ViewSwitch(cfg, t.view_maker, loader)                     # one view maker per view size (views.res_*)
 
     # ---- resume (exact: weights, target, optimizer, position in the data, every RNG) ------------------------
-    # The position in the epoch is a count of samples of the epoch's global order, which every world size
-    # and batch reads in the same sequence (data.ResumableLoader): a resume on another number of processes,
-    # or under a changed global batch (train.allow_config_change), continues at the same sample.
-    pos, notes = ckpt.Position(), []
-    loader.shuffle = "torch" if world > 1 else "numpy"               # ffcv's own generator for a fresh run
-    if latest is not None:
-        pos, loader.shuffle = ckpt.restore_training(state, latest, t)  # the run's generator, whatever the world
-        notes = _resume_notes(state, cfg, plan, pos.step, world, data)
-        if pos.samples_in_epoch > plan.dataset_len:                   # other (smaller) train data, allowed
-            notes.append(f"the checkpoint's position, sample {pos.samples_in_epoch} of epoch {pos.epoch}, is past the "
-                         f"{plan.dataset_len} samples of {cfg.data.train_beton}: continuing at epoch {pos.epoch + 1}")
-            pos = ckpt.Position(pos.step, pos.epoch + 1, 0)
-    set_seed(cfg.train.seed + 1 + rank)                               # the view stream differs per rank
-    if latest is not None and len(state["rng"]) == world:
-        ckpt.restore_rng_state(state["rng"][rank])                    # (another world size: the notes say so)
+    pos, notes = resume(cfg, plan, t, loader, accelerator, latest, state, data)
     if main_proc:
         _start_run_dir(run_dir, cfg, plan, git, device, t.use_compile, latest, pos, notes, data)
     logger = MetricsLogger(run_dir, enabled=main_proc)
     logger.truncate_after(pos.step)
     preempt = Preemption()                                            # SIGTERM / SIGUSR1 / SIGINT -> a flag
-    save = functools.partial(ckpt.save_training, run_dir, t=t, shuffle=loader.shuffle, global_batch=plan.global_batch,
-                             config=to_dict(cfg), data=data, git=git, keep_last=cfg.train.keep_last,
-                             accelerator=accelerator)
+    save = functools.partial(ckpt.save_training, ckpt.SaveOptions(
+        run_dir, shuffle=loader.shuffle, global_batch=plan.global_batch, config=to_dict(cfg), git=git,
+        keep_last=cfg.train.keep_last, data=data), t=t, accelerator=accelerator)
+    parts = step_parts(t, accelerator, cfg, micro_batch=plan.micro_batch)   # the loss bound once; fit sets the views
 
     # ---- fit ---------------------------------------------------------------------------------------------
     try:
-        pos, epoch_done, preempted = fit(cfg, plan, t, loader, views, pos, logger, accelerator, save, preempt)
+        pos, epoch_done, preempted = fit(cfg, plan, t, parts, views, pos, logger, save, preempt)
         save(pos, epoch_done=epoch_done)
         preempted = preempted or preempt.agree(device, world)         # (a signal during the last steps or save)
         where = f"at step {pos.step}: checkpoint {ckpt.checkpoint_path(run_dir, pos.step)} written; rerun the same " \
@@ -247,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, logger: MetricsLogger, accelerator,
-        save, preempt: Preemption) -> tuple[ckpt.Position, bool, int]:
+def fit(cfg: Config, plan, t, parts: StepParts, views: ViewSwitch, pos: ckpt.Position, logger: MetricsLogger, save,
+        preempt: Preemption) -> tuple[ckpt.Position, bool, int]:
     """The loop: steps from ``pos`` to plan.last_step, logging every train.log_every steps (the only host syncs),
-    checkpoints and the kNN monitor at their intervals. -> (position, whether its epoch's batches are all read,
-    the preemption signal the ranks agreed on (0: none)). Raises NonFiniteStop after optim.max_bad_steps
-    consecutive skipped steps."""
+    checkpoints and the kNN monitor at their intervals. ``t``: the build.Training; ``parts``: what each step runs
+    (each epoch's view maker set here); ``views``: the view switch over the train loader. -> (position, whether
+    its epoch's batches are all read, the preemption signal the ranks agreed on (0: none)). Raises NonFiniteStop
+    after optim.max_bad_steps consecutive skipped steps."""
+    accelerator, loader = parts.accelerator, views.loader
     device, world, main_proc = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     step, epoch, samples = pos.step, pos.epoch, pos.samples_in_epoch
     bar = tqdm(total=plan.last_step, initial=step, unit="step", dynamic_ncols=True,
@@ -263,6 +154,7 @@ def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, log
     t.target.train()
     while step < plan.last_step and not preempted:
         views_c, change = views.enter_epoch(epoch)                    # sizes depend on the epoch only: resume-exact
+        parts = dataclasses.replace(parts, view_maker=views_c)
         if change and main_proc:
             tqdm.write(change)
         set_epoch(loader, epoch, skip_samples=samples)
@@ -276,8 +168,7 @@ def fit(cfg: Config, plan, t, loader, views: ViewSwitch, pos: ckpt.Position, log
                        cfg.optim.final_lr_ratio)
             wd = wd_at(step, plan.total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
             m = m_table[min(step, plan.total_steps)]
-            stats, skip, z0 = train_step(t.net_c, t.target_c, views_c, t.optimizer, x, y, lr, m, cfg, accelerator,
-                                         plan.micro_batch, extent, wd)
+            stats, skip, z0 = train_step(parts, x, y, lr, m, extent, wd)
             step, samples, left = step + 1, samples + plan.global_batch, left - 1
             window.add(stats, skip, wait)
             if step % cfg.train.log_every == 0 or step == plan.last_step:
@@ -441,6 +332,29 @@ def switch_off_label_parts(cfg: Config) -> str | None:
         return None
     return (f"note: {why}: {', '.join(off)} switched off; the label-free monitors (uniformity, effective rank) "
             "stay on")
+
+
+def resume(cfg: Config, plan, t, loader, accelerator, latest, state: dict | None, data: dict):
+    """The training state of checkpoint ``latest`` (None: a fresh run) put into ``t``, the loader's generator
+    and this rank's RNG: -> (the position to continue from, the notes a resume prints).
+
+    The position in the epoch is a count of samples of the epoch's global order, which every world size
+    and batch reads in the same sequence (data.ResumableLoader): a resume on another number of processes,
+    or under a changed global batch (train.allow_config_change), continues at the same sample."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pos, notes = ckpt.Position(), []
+    loader.shuffle = "torch" if world > 1 else "numpy"               # ffcv's own generator for a fresh run
+    if latest is not None:
+        pos, loader.shuffle = ckpt.restore_training(state, latest, t)  # the run's generator, whatever the world
+        notes = _resume_notes(state, cfg, plan, pos.step, world, data)
+        if pos.samples_in_epoch > plan.dataset_len:                   # other (smaller) train data, allowed
+            notes.append(f"the checkpoint's position, sample {pos.samples_in_epoch} of epoch {pos.epoch}, is past the "
+                         f"{plan.dataset_len} samples of {cfg.data.train_beton}: continuing at epoch {pos.epoch + 1}")
+            pos = ckpt.Position(pos.step, pos.epoch + 1, 0)
+    set_seed(cfg.train.seed + 1 + rank)                               # the view stream differs per rank
+    if latest is not None and len(state["rng"]) == world:
+        ckpt.restore_rng_state(state["rng"][rank])                    # (another world size: the notes say so)
+    return pos, notes
 
 
 def _resume_notes(state: dict, cfg: Config, plan, step: int, world: int, data: dict) -> list[str]:

@@ -44,8 +44,9 @@ def small_betons(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def unlabeled_betons(small_betons, tmp_path_factory) -> Path:
     """small_betons' 160 train JPEGs (class folders = any depth) written without labels: 128 train / 32 val."""
-    from dataset_prep.writer import convert_folder
+    from dataset_prep.convert import convert_folder
+    from dataset_prep.options import BetonOptions
     out = tmp_path_factory.mktemp("unlabeled")
-    convert_folder(out, data=small_betons / "jpeg" / "train", val_fraction=0.2, max_side=128, num_workers=1,
-                   progress=False)
+    convert_folder(out, BetonOptions(max_side=128, num_workers=1, progress=False), data=small_betons / "jpeg" / "train",
+                   val_fraction=0.2)
     return out

@@ -318,7 +318,7 @@ def test_compiled_vit_step_on_the_same_views_equals_the_eager_one(backend):
     # loaded cores, hence slow.
     from fastmveb.bench.common import bench_config, build, identity_views, make_accelerator, random_views, settings
     from fastmveb.bench.step import VIT_RC, VIT_TINY
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     cpu, got = torch.device("cpu"), {}
     for compiled in ("false", "true"):
         cfg = bench_config(settings(batch_size=8, rc=str(ROOT / VIT_RC)), cpu, 6, (
@@ -327,8 +327,8 @@ def test_compiled_vit_step_on_the_same_views_equals_the_eager_one(backend):
         acc = make_accelerator(cfg, cpu)
         b = build(cfg, cpu, acc)
         v, y = random_views(cfg, cpu)
-        step_losses = [float(train_step(b["net_c"], b["target_c"], identity_views, b["optimizer"], v, y, b["lr"],
-                                        b["m"], cfg, acc)[0]["loss"]) for _ in range(2)]
+        parts = step_parts(b["training"], acc, cfg, identity_views)
+        step_losses = [float(train_step(parts, v, y, b["lr"], b["m"])[0]["loss"]) for _ in range(2)]
         got[compiled] = step_losses, [p.detach().clone() for p in b["training"].net.parameters()]
     assert b["training"].use_compile and b["net_c"] is not b["training"].net          # the compiled callable ran
     assert got["true"][0] == pytest.approx(got["false"][0], rel=1e-4, abs=1e-5)

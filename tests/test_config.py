@@ -98,6 +98,18 @@ def test_train_cli_reports_config_error_in_one_line(tmp_path):
                    "embed_dim, depth, num_heads)"], r.stderr
 
 
+@pytest.mark.parametrize("overrides,line", [
+    (["loss.bandwidth=fixed"], "error: loss.bandwidth=fixed needs the fixed bandwidth loss.tau > 0 (e.g. loss.tau=0.5)"),
+    (["loss.bandwidth=fixed", "loss.tau=0"], "error: loss.bandwidth=fixed needs the fixed bandwidth loss.tau > 0"),
+    (["loss.tau=0.5"], "error: loss.tau=0.5 is read only with loss.bandwidth=fixed, not median: set that, or leave "
+                       "loss.tau out")])
+def test_fixed_bandwidth_needs_its_tau_and_only_it_reads_tau(overrides, line):
+    r = train_cli("--rc", ROOT / "rcs/tiny.yaml", *overrides, "--dry-run")
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith(line), r.stderr
+    assert load_config(ROOT / "rcs/tiny.yaml", ["loss.bandwidth=fixed", "loss.tau=0.5"]).loss.tau == 0.5
+
+
 def test_string_fields_take_override_text_verbatim(tmp_path):
     cfg = load_config(None, ["train.mixed_precision=no", "train.compile=false", "loss.group=128"])
     assert cfg.train.mixed_precision == "no" and cfg.train.compile == "false" and cfg.loss.group == "128"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from dataset_prep.options import BetonOptions
 from dataset_prep.synthetic import make_synthetic
 from fastmveb.config import ViewsConfig
-from fastmveb.data import (epoch_indices, eval_loader, set_epoch, set_output_sizes, train_loader,
-                           unpack_train_batch)
+from fastmveb.data import (TrainLoaderOptions, epoch_indices, eval_loader, set_epoch, set_output_sizes,
+                           train_loader, unpack_train_batch)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,15 +27,16 @@ N_TRAIN, N_VAL, S = 40, 20, 64   # 4 classes x 10 / 5 images; small decode side 
 @pytest.fixture(scope="module")
 def betons(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn")
-    make_synthetic(out, classes=4, train_per_class=N_TRAIN // 4, val_per_class=N_VAL // 4, seed=0,
-                   num_workers=2, progress=False, keep_jpeg=False)
+    make_synthetic(out, BetonOptions(max_side=None, seed=0, num_workers=2, progress=False), classes=4,
+                   train_per_class=N_TRAIN // 4, val_per_class=N_VAL // 4, keep_jpeg=False)
     return out / "train.beton", out / "val.beton"
 
 
 @pytest.fixture(scope="module")
 def reference(betons):
     """Every train image in file order, decoded exactly as decode-once does (the whole image at S x S), + labels."""
-    loader = train_loader(betons[0], 16, 2, "cpu", decode_size=S, order="sequential", drop_last=False)
+    loader = train_loader(betons[0], 16, 2, "cpu",
+                          TrainLoaderOptions(decode_size=S, order="sequential", drop_last=False))
     xs, es, ys = zip(*run_epoch3(loader))
     return torch.cat(xs), torch.cat(ys), torch.cat(es)
 
@@ -57,7 +59,7 @@ def test_train_batches_are_the_seeded_order_of_the_file(betons, reference):
     meta = Reader(str(betons[0])).metadata["f0"]
     assert torch.equal(ref_e, torch.from_numpy(np.stack([meta["height"], meta["width"]], 1).astype(np.int32)))
     assert (ref_e[:, 0] != ref_e[:, 1]).any()                # the synthetic images are not square
-    loader = train_loader(betons[0], 8, 2, "cpu", decode_size=S, seed=3)
+    loader = train_loader(betons[0], 8, 2, "cpu", TrainLoaderOptions(decode_size=S, seed=3))
     assert len(loader) == N_TRAIN // 8
     for epoch in (0, 1):
         set_epoch(loader, epoch)
@@ -72,21 +74,21 @@ def test_train_batches_are_the_seeded_order_of_the_file(betons, reference):
         if epoch == 0:
             first = idx.clone()
     assert not torch.equal(first, idx)                     # a new permutation each epoch
-    other = train_loader(betons[0], 8, 2, "cpu", decode_size=S, seed=4)
+    other = train_loader(betons[0], 8, 2, "cpu", TrainLoaderOptions(decode_size=S, seed=4))
     assert not np.array_equal(epoch_indices(other, 0), first.numpy())   # and per seed
 
 
 def test_drop_last(betons):
-    kept = train_loader(betons[0], 16, 2, "cpu", decode_size=S, drop_last=False)
+    kept = train_loader(betons[0], 16, 2, "cpu", TrainLoaderOptions(decode_size=S, drop_last=False))
     batches = run_epoch(kept)
     assert [len(y) for _, y in batches] == [16, 16, 8]
-    dropped = train_loader(betons[0], 16, 2, "cpu", decode_size=S, drop_last=True)
+    dropped = train_loader(betons[0], 16, 2, "cpu", TrainLoaderOptions(decode_size=S, drop_last=True))
     assert [len(y) for _, y in run_epoch(dropped)] == [16, 16]
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_set_epoch_skip_reproduces_the_tail(betons, reference, drop_last):
-    loader = train_loader(betons[0], 6, 2, "cpu", decode_size=S, seed=1, drop_last=drop_last)
+    loader = train_loader(betons[0], 6, 2, "cpu", TrainLoaderOptions(decode_size=S, seed=1, drop_last=drop_last))
     set_epoch(loader, 2)
     full = run_epoch(loader)
     assert len(full) == (6 if drop_last else 7)
@@ -118,7 +120,7 @@ def test_eval_loader_order_and_count(betons):
 
 def test_per_view_shapes(betons):
     views = ViewsConfig(global_size=48, local_size=24, n_local=1)   # every view is one more numba compile
-    loader = train_loader(betons[0], 8, 2, "cpu", decode="per_view", views=views)
+    loader = train_loader(betons[0], 8, 2, "cpu", TrainLoaderOptions(decode="per_view", views=views))
     batch = next(iter(loader))
     assert len(batch) == 2 + 1 + 1
     xs, extent, y = unpack_train_batch(batch)
@@ -145,6 +147,7 @@ def _edge_image(h, w, band=4):
 def raw_beton(tmp_path_factory):
     """Exact pixels (PNG sources, raw storage, no resizing): a wide and a tall edge-banded image, a plain square."""
     from PIL import Image
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     out = tmp_path_factory.mktemp("raw")
     imgs = [_edge_image(40, 80), _edge_image(90, 30), np.full((50, 50, 3), 200, np.uint8)]
@@ -152,15 +155,15 @@ def raw_beton(tmp_path_factory):
     for i, a in enumerate(imgs):
         Image.fromarray(a).save(out / f"{i}.png")
         samples.append((str(out / f"{i}.png"), i))
-    write_beton(samples, out / "raw.beton", max_side=None, write_mode="raw", shuffle=False, num_workers=1,
-                progress=False, max_pixels=90 * 30)
+    write_beton(samples, out / "raw.beton", BetonOptions(max_side=None, write_mode="raw", shuffle=False, num_workers=1,
+                                                       progress=False), max_pixels=90 * 30)
     return out / "raw.beton", imgs
 
 
 def test_whole_image_canvas_is_the_resized_image_and_follows_set_output_sizes(raw_beton):
     import cv2
     beton, imgs = raw_beton
-    loader = train_loader(beton, 3, 1, "cpu", decode_size=S, order="sequential", drop_last=False)
+    loader = train_loader(beton, 3, 1, "cpu", TrainLoaderOptions(decode_size=S, order="sequential", drop_last=False))
     for size in (S, 48):                                      # progressive resizing: a new side between epochs
         set_output_sizes(loader, [size])
         x, extent, y = unpack_train_batch(next(iter(loader)))
@@ -170,8 +173,8 @@ def test_whole_image_canvas_is_the_resized_image_and_follows_set_output_sizes(ra
             ref = torch.from_numpy(cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)
             assert (x[i].int() - ref.int()).abs().max() <= 1, (size, i)
     with pytest.raises(ValueError):
-        set_output_sizes(train_loader(beton, 3, 1, "cpu", decode="per_view",
-                                      views=ViewsConfig(global_size=16, local_size=8, n_local=0)), [32])
+        per_view = TrainLoaderOptions(decode="per_view", views=ViewsConfig(global_size=16, local_size=8, n_local=0))
+        set_output_sizes(train_loader(beton, 3, 1, "cpu", per_view), [32])
 
 
 def _edges_seen(x, extent, n_draws=60):
@@ -195,11 +198,12 @@ def _edges_seen(x, extent, n_draws=60):
 
 def test_crops_reach_all_four_edges_of_non_square_images(raw_beton):
     beton, _ = raw_beton
-    once = train_loader(beton, 3, 1, "cpu", decode_size=S, order="sequential", drop_last=False)
+    once = train_loader(beton, 3, 1, "cpu", TrainLoaderOptions(decode_size=S, order="sequential", drop_last=False))
     x, extent, _ = unpack_train_batch(next(iter(once)))
     assert _edges_seen(x, extent) == {k: [True, True] for k in EDGE}
     # The previous centre-square decode never shows the wide image's left/right or the tall image's top/bottom.
-    center = train_loader(beton, 3, 1, "cpu", decode="center", decode_size=S, order="sequential", drop_last=False)
+    center = train_loader(beton, 3, 1, "cpu",
+                          TrainLoaderOptions(decode="center", decode_size=S, order="sequential", drop_last=False))
     x, extent, _ = unpack_train_batch(next(iter(center)))
     assert extent is None
     assert _edges_seen(x, None) == {"top": [True, False], "bottom": [True, False], "left": [False, True],
@@ -216,7 +220,7 @@ def test_two_rank_shards_in_process(betons, monkeypatch):
     shards = []
     for rank in (0, 1):
         monkeypatch.setattr(dist, "get_rank", lambda *a, r=rank: r)
-        loader = train_loader(betons[0], 4, 2, "cpu", decode_size=32, seed=7, distributed=True)
+        loader = train_loader(betons[0], 4, 2, "cpu", TrainLoaderOptions(decode_size=32, seed=7, distributed=True))
         assert len(loader) == N_TRAIN // 2 // 4
         shards.append([epoch_indices(loader, e).tolist() for e in (0, 1)])
         if rank == 1:
@@ -237,8 +241,8 @@ def _rank_loaders(beton, monkeypatch, world: int, batch: int, shuffle=None, drop
     loaders = []
     for rank in range(world):
         monkeypatch.setattr(dist, "get_rank", lambda *a, r=rank: r)
-        loader = train_loader(beton, batch, 1, "cpu", decode_size=32, seed=5, distributed=world > 1,
-                              drop_last=drop_last)
+        loader = train_loader(beton, batch, 1, "cpu",
+                              TrainLoaderOptions(decode_size=32, seed=5, distributed=world > 1, drop_last=drop_last))
         loader.shuffle = shuffle
         loader.rank_world = lambda r=rank: (r, world)       # fixed now: the patch moves on to the next rank
         loaders.append(loader)
@@ -294,7 +298,7 @@ def _rank_main(rank, world, port, beton, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        loader = train_loader(beton, 4, 1, "cpu", decode_size=32, seed=7, distributed=True)
+        loader = train_loader(beton, 4, 1, "cpu", TrainLoaderOptions(decode_size=32, seed=7, distributed=True))
         res = {}
         for epoch in (0, 1):
             set_epoch(loader, epoch)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_prep import synthetic, writer
+from dataset_prep import convert, synthetic
 from dataset_prep.__main__ import cli
+from dataset_prep.options import BetonOptions, PrepError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +80,8 @@ def test_jpeg_tree_bytes_do_not_depend_on_workers(tmp_path):
 
 def test_synthetic_beton_roundtrip(tmp_path):
     out = tmp_path / "syn"
-    s = synthetic.make_synthetic(out, classes=3, train_per_class=6, val_per_class=2, seed=0, num_workers=2,
-                                 progress=False)
+    s = synthetic.make_synthetic(out, BetonOptions(max_side=None, seed=0, num_workers=2, progress=False), classes=3,
+                                 train_per_class=6, val_per_class=2)
     assert [x["images"] for x in s] == [18, 6]
     n, meta = read_meta(out / "train.beton")
     assert n == 18
@@ -143,11 +144,53 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     data = make_tree(tmp_path / "data", per_class=2)
     (data / "train" / "cat" / "bad.jpg").write_bytes(b"garbage")
     # Let the bad file through the check, as if it broke between check and write: the write must abort cleanly.
-    monkeypatch.setattr(writer, "validate", lambda split, *a, **k: split)
+    monkeypatch.setattr(convert, "validate", lambda split, *a, **k: split)
     out = tmp_path / "out"
-    with pytest.raises(writer.PrepError, match="bad.jpg"):
-        writer.convert_imagefolder(data, out, num_workers=2, progress=False)
+    with pytest.raises(PrepError, match="bad.jpg"):
+        convert.convert_imagefolder(data, out, BetonOptions(num_workers=2, progress=False))
     assert not out.exists() or list(out.iterdir()) == []
+
+
+
+def test_a_failure_after_the_rename_leaves_the_beton_with_its_file_list(tmp_path, monkeypatch):
+    """The finishing order: file list, beton, integrity record. A record that cannot be written (disk full) is one
+    line naming the beton; the beton in place still has its file list, and no temporary is left."""
+    import errno
+    from dataset_prep import writer
+    from dataset_prep.integrity import sidecar_path
+    data = make_tree(tmp_path / "data", per_class=2, splits=("train",))
+    samples = [(str(p), 0) for p in sorted((data / "train" / "cat").iterdir())]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer, "write_sidecar", full)
+    out = tmp_path / "out" / "x.beton"
+    with pytest.raises(PrepError, match=r"^disk full while writing .*x\.beton .*free space or choose another --out$"):
+        writer.write_beton(samples, out, BetonOptions(num_workers=1, progress=False))
+    assert out.is_file() and not sidecar_path(out).exists()
+    assert sorted(writer.files_path(out).read_text().splitlines()) == sorted(os.path.abspath(p) for p, _ in samples)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.beton", "x.beton.files.txt"]
+
+
+def test_the_cli_builds_one_beton_options_from_its_flags():
+    """Every writing flag reaches BetonOptions, and an absent flag means BetonOptions' own default."""
+    from dataclasses import asdict
+    from dataset_prep.__main__ import beton_options, parser
+    from dataset_prep.synthetic import SYNTHETIC_OPTIONS
+    flags = ["--max-side", "300", "--jpeg-quality", "75", "--write-mode", "proportion", "--compress-probability",
+             "0.25", "--smart-threshold", "1000", "--no-shuffle", "--seed", "3", "--num-workers", "1", "--force",
+             "--quiet"]
+    want = BetonOptions(max_side=300, jpeg_quality=75, write_mode="proportion", compress_probability=0.25,
+                        smart_threshold=1000, shuffle=False, seed=3, num_workers=1, force=True, progress=False)
+    assert beton_options(parser().parse_args(["imagefolder", "--data", "d", "--out", "o", *flags])) == want
+    assert beton_options(parser().parse_args(["folder", "--data", "d", "--out", "o", *flags])) == want
+    assert beton_options(parser().parse_args(["imagefolder", "--data", "d", "--out", "o"])) == BetonOptions()
+    assert beton_options(parser().parse_args(["folder", "--list", "f", "--out", "o", "--max-side", "0"])) == \
+        BetonOptions(max_side=None)
+    # synthetic has no --write-mode etc.; its --max-side 0 default stores the images as generated
+    assert beton_options(parser().parse_args(["synthetic", "--out", "o"])) == SYNTHETIC_OPTIONS
+    syn = beton_options(parser().parse_args(["synthetic", "--out", "o", "--jpeg-quality", "80", "--seed", "2"]))
+    assert asdict(syn) == dict(asdict(SYNTHETIC_OPTIONS), jpeg_quality=80, seed=2)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -187,6 +230,23 @@ def test_fatal_problems_are_one_line_errors(tmp_path, case, message):
     if case == "too_large":
         assert "wide.png" in lines[0] and "--max-side" in lines[0]
     assert not (out / "train.beton").exists() and not (out / "val.beton").exists()
+
+
+def test_synthetic_option_errors_come_before_generating(tmp_path, capsys):
+    """The checks every mode runs (quality, max side, an existing beton) stop synthetic before minutes of
+    generating, and an existing JPEG tree is left as it was."""
+    out = tmp_path / "syn"
+    (out / "jpeg").mkdir(parents=True)
+    (out / "jpeg" / "keep").write_text("x")
+    for flags, message in ((["--jpeg-quality", "0"], "--jpeg-quality must be in 1..100"),
+                           (["--max-side", "8"], "--max-side must be in 16..65500")):
+        assert cli(["synthetic", "--out", str(out), "--quiet", "--classes", "2", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    (out / "val.beton").write_bytes(b"old")
+    assert cli(["synthetic", "--out", str(out), "--quiet", "--classes", "2"]) == 2
+    assert "val.beton exists; pass --force" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "jpeg").iterdir()) == ["keep"]
 
 
 def _without_root_override(cmd: list[str]) -> list[str]:
@@ -278,6 +338,19 @@ def test_grid_command_writes_a_class_per_row_png(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error:"), bad
     assert not list(tmp_path.glob("*g.*")) and not list(tmp_path.glob(".*tmp"))
 
+
+
+def test_a_grid_that_fails_half_written_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"the previous picture")
+
+    def half(self, fp, *a, **k):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", half)
+    with pytest.raises(OSError, match="No space left"):
+        synthetic.write_grid(out, per_class=1, thumb=16)
+    assert out.read_bytes() == b"the previous picture" and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 # ---------------------------------------------------------------------------------------------- unlabeled data
 def test_folder_mode_writes_unlabeled_betons_with_a_seeded_val_split(tmp_path, capsys):

@@ -27,6 +27,7 @@ N = 96                     # samples; global batch 16 -> 6 steps per epoch on 1 
 def indexed_beton(tmp_path_factory) -> Path:
     """N small random JPEGs whose label is their index in the beton (written in order, not shuffled)."""
     from PIL import Image
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     d = tmp_path_factory.mktemp("indexed")
     rng = np.random.default_rng(0)
@@ -35,7 +36,8 @@ def indexed_beton(tmp_path_factory) -> Path:
         path = d / f"{i:03d}.jpg"
         Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(path, quality=90)
         samples.append((str(path), i))
-    write_beton(samples, d / "train.beton", shuffle=False, num_workers=1, progress=False, max_pixels=24 * 32)
+    write_beton(samples, d / "train.beton", BetonOptions(shuffle=False, num_workers=1, progress=False),
+                max_pixels=24 * 32)
     shutil.copy(d / "train.beton", d / "val.beton")                   # (knn is off; the trainer checks it exists)
     shutil.copy(d / "train.beton.sha256.json", d / "val.beton.sha256.json")
     return d

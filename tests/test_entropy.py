@@ -11,17 +11,18 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from fastmveb.entropy import (_score64, entropy_surrogate, group_bounds, parse_group, upper_median_tau,
-                              vmf_score)
+from fastmveb.entropy import (_score64, bandwidth_rule, entropy_surrogate, group_bounds, parse_group,
+                              upper_median_tau, vmf_score)
 
 
-def naive_score(z: torch.Tensor, eta: float = 0.01, min_tau: float = 0.1):
+def naive_score(z: torch.Tensor, eta: float = 0.01, min_tau: float = 0.1, fixed_tau: float | None = None):
     """The released algorithm, written out as plainly as possible in float64: top-k median over all N^2
-    distances, the N x N x d kernel-gradient tensor, an explicit inverse. Returns (score, tau, cond)."""
+    distances (or the bandwidth ``fixed_tau``), the N x N x d kernel-gradient tensor, an explicit inverse.
+    Returns (score, tau, cond)."""
     z = z.detach().to(torch.float64)
     N = z.shape[0]
     S = z @ z.T
-    tau = max(min_tau, torch.topk((1 - S).flatten(), N * N // 2).values[-1].item())
+    tau = fixed_tau or max(min_tau, torch.topk((1 - S).flatten(), N * N // 2).values[-1].item())
     K = torch.exp(S / tau)
     # grad_K[i, j] = d k(z_i, z_j) / d z_j = K_ij z_i / tau  (vMF kernel k(x, y) = exp(x.y / tau))
     grad_K = K[:, :, None] * z[:, None, :] / tau
@@ -80,8 +81,8 @@ def test_upper_median_not_lower():
     # N = 2: 1 - S = [[0, 1-c], [1-c, 0]]; upper median (2nd largest of 4) is 1 - c, the lower one 0.
     c = 0.3
     z = torch.tensor([[1.0, 0.0], [c, (1 - c * c) ** 0.5]])
-    assert vmf_score(z, min_tau=0.01)[1].item() == pytest.approx(1 - c, rel=1e-6)
-    assert vmf_score(z, min_tau=0.9)[1].item() == pytest.approx(0.9)
+    assert vmf_score(z, bandwidth=bandwidth_rule(min_tau=0.01))[1].item() == pytest.approx(1 - c, rel=1e-6)
+    assert vmf_score(z, bandwidth=bandwidth_rule(min_tau=0.9))[1].item() == pytest.approx(0.9)
 
 
 def test_upper_median_exact_beyond_quantile_limit():
@@ -124,7 +125,7 @@ def test_finite_on_collapse_duplicates_and_pairs(eta):
         assert torch.isfinite(score).all() and torch.isfinite(tau)
     if eta == 0.0:
         # K of identical rows is rank one: only the jitter makes it factorisable, and stats report it.
-        _, _, fallback = _score64(identical, eta, 0.1)
+        _, _, fallback = _score64(identical, eta, upper_median_tau)
         assert bool(fallback)
         _, stats = entropy_surrogate(torch.stack([identical, cluster(16, 32, 1.0)]), group="local", eta=eta)
         assert stats["chol_fallback"].item() == 0.5
@@ -137,7 +138,7 @@ def test_errors():
     with pytest.raises(ValueError):
         vmf_score(torch.ones(1, 4))
     with pytest.raises(ValueError):
-        vmf_score(cluster(4, 4, 1.0), min_tau=0.0)
+        vmf_score(cluster(4, 4, 1.0), bandwidth=bandwidth_rule("median", min_tau=0.0))
     with pytest.raises(ValueError):
         parse_group(1)
     with pytest.raises(ValueError):
@@ -241,9 +242,9 @@ def test_sync_free_fallback_path_under_compile():
     # K (eta = 0, identical rows) and leave healthy groups untouched.
     torch._dynamo.reset()
     zs = torch.stack([F.normalize(torch.randn(1, 16), dim=1).repeat(12, 1), cluster(12, 16, 1.0, seed=9)])
-    compiled = torch.compile(lambda z: _score64(z, 0.0, 0.1), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(lambda z: _score64(z, 0.0, upper_median_tau), backend="aot_eager", fullgraph=True)
     score, tau, fallback = compiled(zs)
-    eager, _, eager_fallback = _score64(zs, 0.0, 0.1)
+    eager, _, eager_fallback = _score64(zs, 0.0, upper_median_tau)
     assert fallback.tolist() == [True, False] == eager_fallback.tolist()
     assert torch.isfinite(score).all()
     assert torch.allclose(score[1], eager[1], rtol=1e-10)
@@ -259,3 +260,21 @@ def test_identical_rows_closed_form(N, eta, tol):
     a = math.exp(1 / 0.1)
     assert tau.item() == 0.1
     assert rel_err(score, (-(N * a / 0.1) / (N * a + eta) * v).expand(N, -1)) < tol
+
+
+def test_fixed_bandwidth_is_the_estimator_at_that_tau():
+    # loss.bandwidth=fixed: every group's kernel at the given tau, whatever its cosines (here the upper median
+    # would be ~1: random directions); the score is the direct float64 computation at that tau.
+    z = F.normalize(torch.randn(24, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64), dim=1)
+    rule = bandwidth_rule("fixed", tau=0.5)
+    score, tau = vmf_score(z, bandwidth=rule)
+    ref, _, _ = naive_score(z, fixed_tau=0.5)
+    assert tau.item() == 0.5 and rel_err(score, ref) < 1e-10
+    assert vmf_score(z)[1].item() != 0.5                          # the default rule is the paper's median
+    value, stats = entropy_surrogate(z, group=8, bandwidth=rule)    # 3 groups, each at 0.5
+    expect = sum(-(naive_score(z[a:a + 8], fixed_tau=0.5)[0] * z[a:a + 8]).sum() for a in (0, 8, 16)) / 24
+    assert stats["tau"].item() == 0.5 and value.item() == pytest.approx(expect.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="must be > 0"):
+        bandwidth_rule("fixed", tau=0.0)
+    with pytest.raises(ValueError, match="unknown bandwidth rule"):
+        bandwidth_rule("mean")

@@ -502,11 +502,12 @@ def test_cli_finetune_on_a_listed_subset_and_its_errors(small_betons, tmp_path, 
 def _odd_val_beton(small_betons: Path, root: Path, n: int = 39) -> Path:
     """A labelled beton of the first ``n`` val JPEGs (dataset_prep's list mode): an odd count, so a 2-rank
     distributed sampler pads rank 1's shard with a repeat of sample 0."""
-    from dataset_prep.writer import convert_folder
+    from dataset_prep.convert import convert_folder
+    from dataset_prep.options import BetonOptions
     jpegs = sorted((small_betons / "jpeg" / "val").glob("*/*.jpg"))[:n]
     lst = root / "val_list.txt"
     lst.write_text("".join(f"{p}\t{int(p.parent.name.split('_')[0])}\n" for p in jpegs))
-    convert_folder(root / "odd", list_file=lst, max_side=128, num_workers=1, progress=False)
+    convert_folder(root / "odd", BetonOptions(max_side=128, num_workers=1, progress=False), list_file=lst)
     return root / "odd" / "train.beton"
 
 
@@ -550,12 +551,13 @@ def test_finetune_on_two_processes_counts_every_val_sample_once(small_betons, tm
 def mismatched_betons(small_betons, tmp_path_factory) -> Path:
     """train.beton with labels 0, 1 (8 images each) beside val.beton with 0, 1, 2 (4 each): what dataset_prep
     wrote with exit 0 when every train image of a class was unreadable (now: only with --allow-label-mismatch)."""
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     out = tmp_path_factory.mktemp("mismatched")
     for name, classes, n in (("train", (0, 1), 8), ("val", (0, 1, 2), 4)):
         folders = sorted((small_betons / "jpeg" / name).iterdir())
         write_beton([(str(f), c) for c in classes for f in sorted(folders[c].iterdir())[:n]], out / f"{name}.beton",
-                    max_side=64, num_workers=1, progress=False)
+                    BetonOptions(max_side=64, num_workers=1, progress=False))
     return out
 
 

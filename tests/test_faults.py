@@ -128,7 +128,8 @@ def _raw_images(beton: Path) -> list:
 
 # Case 1: `ln -s .. train/00_stripes/loop` gave 656 samples from 16 images, 320 under the wrong label.
 def test_symlink_loops_and_links_into_other_classes_are_not_followed(tmp_path):
-    from dataset_prep.writer import convert_imagefolder
+    from dataset_prep.convert import convert_imagefolder
+    from dataset_prep.options import BetonOptions
     data = _tree(tmp_path / "data")
     (data / "train" / "a_stripes" / "loop").symlink_to("..")                   # the split folder: a loop
     (data / "train" / "a_stripes" / "self").symlink_to(".")                    # its own folder
@@ -138,7 +139,7 @@ def test_symlink_loops_and_links_into_other_classes_are_not_followed(tmp_path):
     (data / "train" / "b_dots" / "more").symlink_to(extra / "train" / "x")     # outside: followed, once
     (data / "train" / "b_dots" / "more2").symlink_to(extra / "train" / "x")
     out = tmp_path / "out"
-    s = convert_imagefolder(data, out, splits=("train",), num_workers=1, progress=False, max_side=None)
+    s = convert_imagefolder(data, out, BetonOptions(num_workers=1, progress=False, max_side=None), splits=("train",))
     assert s[0]["images"] == 3 + 5
     assert _labels(out / "train.beton") == [3, 5]
     listed = (out / "skipped-train.txt").read_text()
@@ -150,7 +151,8 @@ def test_symlink_loops_and_links_into_other_classes_are_not_followed(tmp_path):
 def test_high_bit_depth_and_alpha_images_are_converted_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
-    from dataset_prep.writer import convert_imagefolder
+    from dataset_prep.convert import convert_imagefolder
+    from dataset_prep.options import BetonOptions
     d = tmp_path / "data" / "train" / "c"
     d.mkdir(parents=True)
     g16 = (np.arange(32 * 48, dtype=np.int64).reshape(32, 48) * 43).astype(np.uint16)   # 0 .. 66,005 -> wraps? no
@@ -167,8 +169,8 @@ def test_high_bit_depth_and_alpha_images_are_converted_not_clipped(tmp_path):
     Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), "F").save(d / "f01.tif")
     Image.fromarray(np.full((32, 32), 1000.0, np.float32), "F").save(d / "fbig.tif")
     out = tmp_path / "out"
-    convert_imagefolder(tmp_path / "data", out, splits=("train",), num_workers=1, progress=False, max_side=None,
-                        write_mode="raw", shuffle=False)
+    convert_imagefolder(tmp_path / "data", out, BetonOptions(num_workers=1, progress=False, max_side=None,
+                                                          write_mode="raw", shuffle=False), splits=("train",))
     imgs = {im.shape: im for im in _raw_images(out / "train.beton")}
     assert len(_raw_images(out / "train.beton")) == 5
     got = imgs[(32, 48, 3)]
@@ -183,7 +185,8 @@ def test_high_bit_depth_and_alpha_images_are_converted_not_clipped(tmp_path):
 def test_images_under_the_minimum_side_are_skipped_and_listed(tmp_path):
     import numpy as np
     from PIL import Image
-    from dataset_prep.writer import MIN_SIDE, convert_imagefolder
+    from dataset_prep.convert import convert_imagefolder
+    from dataset_prep.options import MIN_SIDE, BetonOptions
     data = _tree(tmp_path / "data", per_class=2)
     c = data / "train" / "a_stripes"
     Image.new("RGB", (1, 1), (9, 9, 9)).save(c / "one.png")
@@ -191,7 +194,7 @@ def test_images_under_the_minimum_side_are_skipped_and_listed(tmp_path):
     Image.new("RGB", (2000, 40), (9, 9, 9)).save(c / "panorama.png")   # 384 x 7 as stored at --max-side 384
     Image.new("RGB", (MIN_SIDE, MIN_SIDE), (9, 9, 9)).save(c / "ok.png")
     out = tmp_path / "out"
-    s = convert_imagefolder(data, out, splits=("train",), num_workers=1, progress=False, max_side=384)
+    s = convert_imagefolder(data, out, BetonOptions(num_workers=1, progress=False, max_side=384), splits=("train",))
     assert s[0]["images"] == 4 + 1
     listed = (out / "skipped-train.txt").read_text()
     assert all(n in listed for n in ("one.png", "thin.png", "panorama.png")) and "ok.png" not in listed
@@ -201,9 +204,11 @@ def test_images_under_the_minimum_side_are_skipped_and_listed(tmp_path):
 
 # Case 5: a beton with 1 MiB overwritten in the middle trained with 36 images silently altered.
 def _small_beton(tmp_path: Path) -> Path:
-    from dataset_prep.writer import convert_imagefolder
+    from dataset_prep.convert import convert_imagefolder
+    from dataset_prep.options import BetonOptions
     data = _tree(tmp_path / "data", per_class=4, side=64)
-    convert_imagefolder(data, tmp_path / "b", splits=("train",), num_workers=1, progress=False, max_side=None)
+    convert_imagefolder(data, tmp_path / "b", BetonOptions(num_workers=1, progress=False, max_side=None),
+                        splits=("train",))
     return tmp_path / "b" / "train.beton"
 
 

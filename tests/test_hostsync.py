@@ -1,5 +1,7 @@
 """Host syncs: the dispatch-level detector catches each kind of sync, and the REAL train_step, on the code path
 CUDA takes (fastmveb.hostsync.device_path), runs several steps without one."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -60,7 +62,7 @@ def test_train_step_has_no_host_sync_on_the_device_path():
     from fastmveb.bench.common import build, make_accelerator
     from fastmveb.config import load_config
     from fastmveb.model import ema_momentum_table
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     torch.set_num_threads(1)
     # group 4: the batched grouped estimator with a remainder group (10 = 4 + 4 + 2); locals included;
     # the online probe on; the model with per-view BatchNorm.
@@ -75,17 +77,18 @@ def test_train_step_has_no_host_sync_on_the_device_path():
     x = torch.randint(0, 256, (10, 3, 40, 40), dtype=torch.uint8, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (10,), generator=g)
     m_table = ema_momentum_table(8, cfg.model.ema_momentum, device)
+    parts = step_parts(b["training"], acc, cfg, b["views_c"])
     with device_path():
-        train_step(b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y, 0.1, m_table[0], cfg, acc)  # state
+        train_step(parts, x, y, 0.1, m_table[0])                          # state
         with HostSyncDetector() as det:
             for step in range(1, 4):
-                stats, skip, z0 = train_step(b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y,
-                                             0.1, m_table[step], cfg, acc, 5 if step == 3 else None)  # 3: 2 micro-batches
+                stats, skip, z0 = train_step(dataclasses.replace(parts, micro_batch=5 if step == 3 else None), x, y,
+                                             0.1, m_table[step])          # 3: 2 micro-batches
     assert not det.syncs, det.report()
     assert torch.isfinite(stats["loss"]) and not bool(skip)
     # The same steps off the device path do sync (the CPU's cheap Cholesky status read): the detector sees it.
     with HostSyncDetector() as det:
-        train_step(b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y, 0.1, m_table[4], cfg, acc)
+        train_step(parts, x, y, 0.1, m_table[4])
     assert det.syncs
 
 
@@ -97,7 +100,7 @@ def test_train_step_has_no_cuda_sync():
     from fastmveb.bench.common import build, make_accelerator
     from fastmveb.config import load_config
     from fastmveb.model import ema_momentum_table
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     cfg = load_config(None, ["data.global_batch_size=16", "data.decode_size=64", "views.global_size=48",
                              "views.n_local=2", "views.local_size=24", "model.arch=resnet18",
                              "model.proj_hidden=256", "model.proj_out=256", "loss.group=8",
@@ -108,13 +111,13 @@ def test_train_step_has_no_cuda_sync():
     x = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,), device=device)
     m_table = ema_momentum_table(8, cfg.model.ema_momentum, device)
-    args = (b["net_c"], b["target_c"], b["views_c"], b["optimizer"], x, y, 0.1)
-    train_step(*args, m_table[0], cfg, acc)                               # state creation, cudnn autotune
+    args = (step_parts(b["training"], acc, cfg, b["views_c"]), x, y, 0.1)
+    train_step(*args, m_table[0])                                         # state creation, cudnn autotune
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 4):
-            stats, skip, _ = train_step(*args, m_table[step], cfg, acc)
+            stats, skip, _ = train_step(*args, m_table[step])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(stats["loss"]).item() and not skip.item()

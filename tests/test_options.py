@@ -28,6 +28,7 @@ RUNS = {
         "eval.knn_at_end": "true", "eval.knn_every_epochs": 1, "train.deterministic": "false", "views.interpolation": "bicubic",
         "views.dtype": "bfloat16", "views.jitter_order": "random", "data.decode": "once",
     },
+    "fixed_bandwidth": {"loss.bandwidth": "fixed", "loss.tau": 0.5, "train.max_steps": 2},
 }
 # (key, value) pairs run by other tests, and values training never reads.
 ELSEWHERE = {
@@ -87,6 +88,8 @@ def test_option_run(run, small_betons, tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(torch.isfinite(torch.tensor([r["loss"] for r in steps])))
+    if RUNS[run].get("loss.bandwidth") == "fixed":
+        assert all(r["tau"] == pytest.approx(RUNS[run]["loss.tau"]) for r in steps)   # every group's kernel at it
     if RUNS[run].get("eval.online_linear") == "true":
         assert "probe_loss" in steps[-1]
         assert "probe" in load_checkpoint(latest_checkpoint(tmp_path / run))

@@ -94,8 +94,9 @@ def test_old_eval_size_key_names_the_new_one(tmp_path):
 
 
 def test_loader_decode_size_follows_between_epochs(small_betons):
-    from fastmveb.data import set_epoch, set_output_sizes, train_loader
-    loader = train_loader(small_betons / "train.beton", 16, 1, torch.device("cpu"), decode="once", decode_size=48)
+    from fastmveb.data import TrainLoaderOptions, set_epoch, set_output_sizes, train_loader
+    loader = train_loader(small_betons / "train.beton", 16, 1, torch.device("cpu"),
+                          TrainLoaderOptions(decode="once", decode_size=48))
     for epoch, size in enumerate([48, 24, 40]):
         set_output_sizes(loader, [size])
         set_epoch(loader, epoch)
@@ -103,8 +104,8 @@ def test_loader_decode_size_follows_between_epochs(small_betons):
     with pytest.raises(ValueError, match="2 sizes given for the loader's 1 image decoders"):
         set_output_sizes(loader, [32, 32])
     from fastmveb.config import ViewsConfig
-    per_view = train_loader(small_betons / "train.beton", 16, 1, torch.device("cpu"), decode="per_view",
-                            views=ViewsConfig(global_size=32, n_local=1, local_size=16))
+    per_view = train_loader(small_betons / "train.beton", 16, 1, torch.device("cpu"), TrainLoaderOptions(
+        decode="per_view", views=ViewsConfig(global_size=32, n_local=1, local_size=16)))
     set_output_sizes(per_view, [24, 24, 8])
     x = next(iter(per_view))
     assert [tuple(t.shape[2:]) for t in x[:3]] == [(24, 24), (24, 24), (8, 8)]

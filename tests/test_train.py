@@ -155,13 +155,14 @@ def test_nan_guard_skips_and_stops(small_betons, tmp_path):
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
+import fastmveb.step as S
 import fastmveb.train as T
-real, calls = T.mveb_loss, [0]
+real, calls = S.mveb_loss, [0]
 def poisoned(*a, **k):
     loss, stats = real(*a, **k)
     calls[0] += 1
     return (loss * float('nan') if calls[0] >= 5 else loss), stats
-T.mveb_loss = poisoned
+S.mveb_loss = poisoned
 sys.exit(T.cli(sys.argv[1:]))
 """
     args = tiny_overrides(small_betons, tmp_path, "nan", **{"optim.max_bad_steps": 3, "train.ckpt_every_steps": 1})
@@ -265,7 +266,7 @@ def _step_with_micro_batches(micro, train_bn: bool, poison_second: bool = False)
     LARS momenta and BN buffers before and after, and the step's stats."""
     from fastmveb.bench.common import make_accelerator
     from fastmveb.build import build_training
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     cfg = load_config(ROOT / "rcs/tiny.yaml", ["model.proj_hidden=32", "model.proj_out=32", "loss.group=8",
                                                "views.n_local=2", "views.global_size=32", "views.local_size=16"])
     acc = make_accelerator(cfg, torch.device("cpu"))
@@ -288,8 +289,8 @@ def _step_with_micro_batches(micro, train_bn: bool, poison_second: bool = False)
 
     model = t.model
     before = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
-    stats, skip, _ = train_step(net, target, views, opt, x, torch.zeros(16, dtype=torch.long), 1.5,
-                                torch.tensor(0.9), cfg, acc, micro)
+    stats, skip, _ = train_step(step_parts(t, acc, cfg, views, micro), x, torch.zeros(16, dtype=torch.long), 1.5,
+                                torch.tensor(0.9))
     after = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
     momenta = [opt.state[p]["momentum_buffer"].clone() for g in opt.param_groups for p in g["params"]
                if p in opt.state]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 
 from fastmveb.config import ViewsConfig
 from fastmveb.views import (ViewMaker, blur_kernels, color_jitter, gaussian_blur, resized_crop,
-                            sample_crop_boxes, shift_hue)
+                            sample_crop_boxes, shift_hue, view_sizes)
 
 SMALL = dict(global_size=24, local_size=12)
 IN = 32
@@ -52,6 +54,7 @@ def test_shapes_dtype_memory_format():
     v = vm(images())
     assert vm.n_views == len(v) == 2 + cfg.n_local
     assert [tuple(t.shape) for t in v] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * cfg.n_local
+    assert view_sizes(cfg) == [t.shape[-1] for t in v]            # the one home of the sizes says the same
     for t in v:
         assert t.dtype == torch.float32
         assert t.is_contiguous(memory_format=torch.channels_last)
@@ -82,7 +85,7 @@ def test_per_view_mode():
     xs = [images(size=24, seed=1), images(size=24, seed=2), images(size=12, seed=3), images(size=12, seed=4)]
     v, params = vm(xs, return_params=True)
     assert [tuple(t.shape) for t in v] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * 2
-    assert torch.equal(params[0]["box"][0], torch.tensor([0.0, 0.0, 24.0, 24.0]))
+    assert torch.equal(params[0].box[0], torch.tensor([0.0, 0.0, 24.0, 24.0]))
     # No crop in this mode: with every effect off a view is the input, normalised (flip aside).
     q = ViewMaker(quiet_cfg(n_local=2))
     out = q(xs)
@@ -98,25 +101,25 @@ def test_rates_match_probabilities():
     blur_p = [cfg.blur_p[0], cfg.blur_p[1], cfg.blur_p[2], cfg.blur_p[2]]
     sol_p = [cfg.solarize_p[0], cfg.solarize_p[1], cfg.solarize_p[2], cfg.solarize_p[2]]
     for i, p in enumerate(params):
-        assert within_binomial(p["flip"], cfg.flip_p), i
-        assert within_binomial(p["jitter"], cfg.jitter_p), i
-        assert within_binomial(p["gray"], cfg.gray_p), i
-        assert within_binomial(p["blur"], blur_p[i]), i
-        assert within_binomial(p["solarize"], sol_p[i]), i
-        j = p["jitter"]
-        assert (p["brightness"][~j] == 1).all() and (p["hue"][~j] == 0).all()
-        b, c, s, h = p["brightness"][j], p["contrast"][j], p["saturation"][j], p["hue"][j]
+        assert within_binomial(p.flip, cfg.flip_p), i
+        assert within_binomial(p.jitter, cfg.jitter_p), i
+        assert within_binomial(p.gray, cfg.gray_p), i
+        assert within_binomial(p.blur, blur_p[i]), i
+        assert within_binomial(p.solarize, sol_p[i]), i
+        j = p.jitter
+        assert (p.brightness[~j] == 1).all() and (p.hue[~j] == 0).all()
+        b, c, s, h = p.brightness[j], p.contrast[j], p.saturation[j], p.hue[j]
         assert b.min() >= 1 - cfg.brightness and b.max() <= 1 + cfg.brightness
         assert c.min() >= 1 - cfg.contrast and c.max() <= 1 + cfg.contrast
         assert s.min() >= 1 - cfg.saturation and s.max() <= 1 + cfg.saturation
         assert h.abs().max() <= cfg.hue and h.abs().max() > 0.9 * cfg.hue
         assert abs(b.mean().item() - 1) < 0.02
-        assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(n, 4))
-        assert len({tuple(r) for r in p["order"].tolist()}) == 24           # every permutation occurs
-        sig = p["sigma"]
+        assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(n, 4))
+        assert len({tuple(r) for r in p.order.tolist()}) == 24           # every permutation occurs
+        sig = p.sigma
         assert sig.min() >= cfg.blur_sigma[0] and sig.max() <= cfg.blur_sigma[1]
     # Draws are independent across views of the same image.
-    assert not torch.equal(params[0]["flip"], params[1]["flip"])
+    assert not torch.equal(params[0].flip, params[1].flip)
 
 
 def test_crop_boxes_in_range_and_like_torchvision():
@@ -163,7 +166,7 @@ def test_crop_scale_relative_to_whole_image_matches_torchvision(hw, scale):
     torch.manual_seed(0)
     extent = torch.tensor([h, w], dtype=torch.int32).expand(n, 2)
     p = ViewMaker(cfg).sample_params(n, (IN, IN), torch.device("cpu"), extent=extent)[0]
-    top, left, bh, bw = p["image_box"].unbind(1)
+    top, left, bh, bw = p.image_box.unbind(1)
     img = torch.zeros(1, h, w)
     ref = torch.tensor([T.RandomResizedCrop.get_params(img, list(scale), list(cfg.ratio)) for _ in range(n)],
                        dtype=torch.float32)
@@ -174,7 +177,7 @@ def test_crop_scale_relative_to_whole_image_matches_torchvision(hw, scale):
     assert _ks((left + bw / 2) / w, (rl + rw / 2) / w) < 0.045
     assert _ks((top + bh / 2) / h, (rt + rh / 2) / h) < 0.045
     # The canvas box is the same box, scaled per axis to the canvas.
-    assert torch.allclose(p["box"], p["image_box"] * torch.tensor([IN / h, IN / w, IN / h, IN / w]))
+    assert torch.allclose(p.box, p.image_box * torch.tensor([IN / h, IN / w, IN / h, IN / w]))
 
 
 def test_crops_reach_the_four_edges_of_the_true_extent():
@@ -183,11 +186,11 @@ def test_crops_reach_the_four_edges_of_the_true_extent():
     torch.manual_seed(0)
     p = ViewMaker(small_cfg(n_local=0)).sample_params(n, (IN, IN), torch.device("cpu"), extent=extent)[0]
     for k in (0, 1):
-        top, left, bh, bw = p["image_box"][k::2].unbind(1)
+        top, left, bh, bw = p.image_box[k::2].unbind(1)
         h, w = extent[k].tolist()
         assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
         assert (top == 0).any() and (left == 0).any() and (top + bh == h).any() and (left + bw == w).any()
-        c = p["box"][k::2]
+        c = p.box[k::2]
         assert c[:, 0].min() == 0 and c[:, 1].min() == 0
         assert torch.isclose((c[:, 0] + c[:, 2]).max(), torch.tensor(float(IN)))
         assert torch.isclose((c[:, 1] + c[:, 3]).max(), torch.tensor(float(IN)))
@@ -205,11 +208,11 @@ def test_views_from_the_squeezed_canvas_match_crops_of_the_full_image():
     extent = torch.tensor([[h, w]] * 4)
     v, params = vm(x, extent, return_params=True)
     for view, p, size in zip(v, params, (24, 24, 12)):
-        ref = resized_crop(full, p["image_box"], size)
+        ref = resized_crop(full, p.image_box, size)
         got = unnormalise(view, vm.cfg)
         assert (got - ref).abs().mean() < 0.01
         # Treating the canvas as the image (no extent) would cut another region of the photo.
-        wrong = resized_crop(full, p["box"], size)
+        wrong = resized_crop(full, p.box, size)
         assert (got - wrong).abs().mean() > 3 * (got - ref).abs().mean()
     with pytest.raises(ValueError):
         vm(x, extent[:3])
@@ -235,9 +238,9 @@ def test_seed_reproducible_and_samples_differ():
     assert all(torch.equal(u, v) for u, v in zip(c, d))
     assert not torch.equal(a[0], c[0])
     assert not torch.equal(a[0], a[1])                        # the two global views differ
-    boxes = pc[0]["box"]
+    boxes = pc[0].box
     assert len({tuple(r) for r in boxes.tolist()}) > 1        # samples get their own crops
-    assert pc[0]["hue"].unique().numel() > 1
+    assert pc[0].hue.unique().numel() > 1
 
 
 # ------------------------------------------------------------------------------------------- pixel effects
@@ -247,13 +250,13 @@ def test_flip_mirrors():
     x = images(3)
     params = vm.sample_params(3, (IN, IN), torch.device("cpu"))
     plain = vm.render(x, params)
-    flipped = vm.render(x, [{**p, "flip": torch.ones(3, dtype=torch.bool)} for p in params])
+    flipped = vm.render(x, [replace(p, flip=torch.ones(3, dtype=torch.bool)) for p in params])
     assert torch.allclose(flipped[0], plain[0].flip(3), atol=1e-5)
     # And in per-view mode.
     xs = [images(3, 24), images(3, 24, seed=1)]
     pv = vm.sample_params(3, None, torch.device("cpu"))
-    on = vm.render(xs, [{**p, "flip": torch.tensor([True, False, True])} for p in pv])
-    off = vm.render(xs, [{**p, "flip": torch.zeros(3, dtype=torch.bool)} for p in pv])
+    on = vm.render(xs, [replace(p, flip=torch.tensor([True, False, True])) for p in pv])
+    off = vm.render(xs, [replace(p, flip=torch.zeros(3, dtype=torch.bool)) for p in pv])
     assert torch.allclose(on[1][0], off[1][0].flip(2)) and torch.allclose(on[1][1], off[1][1])
 
 
@@ -264,12 +267,12 @@ def test_grayscale_equal_channels_and_solarize_inverts():
     torch.manual_seed(0)
     v, params = vm(x, return_params=True)
     u = unnormalise(v[0], cfg)
-    gray = params[0]["gray"]
+    gray = params[0].gray
     assert 0 < gray.sum() < 64
     spread = (u.amax(1) - u.amin(1)).flatten(1).amax(1)
     assert (spread[gray] < 1e-5).all() and (spread[~gray] > 0.1).all()
     # View 2 always solarizes: compare with the same parameters, solarize off.
-    off = vm.render(x, [params[0], {**params[1], "solarize": torch.zeros(64, dtype=torch.bool)}])
+    off = vm.render(x, [params[0], replace(params[1], solarize=torch.zeros(64, dtype=torch.bool))])
     a, b = unnormalise(v[1], cfg), unnormalise(off[1], cfg)
     hi = b >= cfg.solarize_threshold
     assert hi.any() and (~hi).any()
@@ -310,16 +313,16 @@ def test_jitter_matches_torchvision(order):
     torch.manual_seed(0)
     n = 24
     x = torch.rand(n, 3, 8, 8)
-    p = {"brightness": 0.6 + 0.8 * torch.rand(n), "contrast": 0.6 + 0.8 * torch.rand(n),
-         "saturation": 0.8 + 0.4 * torch.rand(n), "hue": 0.2 * torch.rand(n) - 0.1,
-         "order": torch.argsort(torch.rand(n, 4), 1)}
+    p = SimpleNamespace(brightness=0.6 + 0.8 * torch.rand(n), contrast=0.6 + 0.8 * torch.rand(n),
+                        saturation=0.8 + 0.4 * torch.rand(n), hue=0.2 * torch.rand(n) - 0.1,
+                        order=torch.argsort(torch.rand(n, 4), 1))
     out = color_jitter(x, p, order)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     keys = ["brightness", "contrast", "saturation", "hue"]
     for i in range(n):
         y = x[i]
-        for op in (p["order"][i].tolist() if order == "random" else range(4)):
-            y = fns[op](y, p[keys[op]][i].item())
+        for op in (p.order[i].tolist() if order == "random" else range(4)):
+            y = fns[op](y, getattr(p, keys[op])[i].item())
         assert torch.allclose(out[i], y, atol=1e-4), i
 
 

@@ -16,11 +16,11 @@ import fastmveb.train as T  # noqa: E402
 _real = T.train_step
 
 
-def _traced(net, target, view_maker, optimizer, x, y, lr, *rest, **kw):
+def _traced(parts, x, y, lr, *rest, **kw):
     out = Path(os.environ["TRACE_DIR"]) / f"rank{os.environ.get('RANK', '0')}.jsonl"
     with open(out, "a") as f:
         f.write(json.dumps({"y": y.tolist(), "lr": lr}) + "\n")
-    return _real(net, target, view_maker, optimizer, x, y, lr, *rest, **kw)
+    return _real(parts, x, y, lr, *rest, **kw)
 
 
 T.train_step = _traced

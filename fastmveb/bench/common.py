@@ -26,6 +26,7 @@ import torch
 
 from fastmveb.rundir import git_revision
 from fastmveb.report import atomic_write_text
+from fastmveb.views import view_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -300,8 +301,8 @@ def random_views(cfg, device: torch.device) -> tuple[list[torch.Tensor], torch.T
     n = cfg.data.global_batch_size
     dtype = torch.bfloat16 if cfg.views.dtype == "bfloat16" else torch.float32
     fmt = torch.channels_last if cfg.views.channels_last else torch.contiguous_format
-    sizes = [cfg.views.global_size] * 2 + [cfg.views.local_size] * cfg.views.n_local
-    v = [torch.randn(n, 3, s, s, device=device, generator=g).to(dtype).contiguous(memory_format=fmt) for s in sizes]
+    v = [torch.randn(n, 3, s, s, device=device, generator=g).to(dtype).contiguous(memory_format=fmt)
+         for s in view_sizes(cfg.views)]
     y = torch.randint(0, 1000, (n,), device=device, generator=g)
     return v, y
 
@@ -356,12 +357,13 @@ def free(device: torch.device, compiled: bool) -> None:
 def ensure_data(beton: Path, jpeg_root: Path) -> None:
     """The default synthetic beton and the JPEG tree it was written from, generated when missing (another
     missing path is an error)."""
-    from dataset_prep.synthetic import make_synthetic, write_jpeg_tree
+    from dataclasses import replace
+    from dataset_prep.synthetic import SYNTHETIC_OPTIONS, make_synthetic, write_jpeg_tree
     if not beton.exists():
         if beton.parent.resolve() != DEFAULT_DATA.resolve():
             raise SystemExit(f"error: {beton} not found")
         print(f"{beton} missing: generating the synthetic dataset", flush=True)
-        make_synthetic(DEFAULT_DATA, force=True)
+        make_synthetic(DEFAULT_DATA, replace(SYNTHETIC_OPTIONS, force=True))
     if not jpeg_root.is_dir():
         if jpeg_root.resolve() != (DEFAULT_DATA / "jpeg" / "train").resolve():
             raise SystemExit(f"error: JPEG tree {jpeg_root} not found")

@@ -217,6 +217,7 @@ def _photos(ctx, need: bool = True) -> tuple[Path, Path]:
 
 def stage_data(ctx, res) -> None:
     """N photo-sized JPEGs in one ImageFolder class (the released pipeline reads the tree) and their beton."""
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     from fastmveb.bench.common import write_photos
     n = 96 if ctx.cpu_short else 5000          # rn50: one 4096-sample step per epoch; CPU: 6 steps of 16
@@ -225,8 +226,8 @@ def stage_data(ctx, res) -> None:
     t0 = time.perf_counter()
     paths = write_photos(jpeg / "c0", n, workers)
     gen_s = time.perf_counter() - t0
-    write_beton([(p, 0) for p in paths], beton, max_side=512, num_workers=workers, progress=False,
-                max_pixels=500 * 500, force=True)
+    write_beton([(p, 0) for p in paths], beton, BetonOptions(max_side=512, num_workers=workers, progress=False,
+                                                             force=True), max_pixels=500 * 500)
     dt = time.perf_counter() - t0
     res.set(beton=str(beton), jpeg_root=str(jpeg), images=n, workers=workers, generate_s=gen_s,
             write_s=dt - gen_s, beton_mib=beton.stat().st_size / 2**20)

@@ -52,6 +52,7 @@ GLOBAL, LOCAL = (224, (0.4, 1.0)), (96, (0.05, 0.4))
 
 def ensure_photos(root: Path, n: int) -> dict[int, Path]:
     """N photo-sized JPEGs under root/jpeg and one beton per stored max side; reused when present."""
+    from dataset_prep.options import BetonOptions
     from dataset_prep.writer import write_beton
     from fastmveb.data import available_cores
     jpeg = root / f"jpeg{n}"
@@ -63,7 +64,8 @@ def ensure_photos(root: Path, n: int) -> dict[int, Path]:
     for m in PHOTO_MAX_SIDES:
         beton = root / f"photos{n}-max{m}.beton"
         if not beton.exists():
-            write_beton(samples, beton, max_side=m, num_workers=2, progress=False, max_pixels=500 * 500)
+            write_beton(samples, beton, BetonOptions(max_side=m, num_workers=2, progress=False),
+                        max_pixels=500 * 500)
         out[m] = beton
     return out
 
@@ -123,7 +125,7 @@ def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) ->
 def main(args) -> None:
     from fastmveb.bench.released.transforms import released_imagefolder_loader
     from fastmveb.config import ViewsConfig
-    from fastmveb.data import available_cores, train_loader
+    from fastmveb.data import TrainLoaderOptions, available_cores, train_loader
 
     device = pick_device(args.device)
     beton = Path(args.beton)
@@ -141,7 +143,7 @@ def main(args) -> None:
     n_photos = args.photos if args.photos is not None else (256 if args.short else 512)
 
     def ffcv(data, **kw):
-        loader = train_loader(data, bs, workers, device, seed=0, **kw)
+        loader = train_loader(data, bs, workers, device, TrainLoaderOptions(seed=0, **kw))
         return lambda: iter(loader)
 
     def pil(n_local):

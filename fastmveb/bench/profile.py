@@ -1,6 +1,6 @@
 """Where the step time goes: ``python -m fastmveb.bench profile [--short] [--device cpu|cuda]``.
 
-Runs fastmveb.train.train_step with the real view maker (a random uint8 batch at the decode size already on
+Runs fastmveb.step.train_step with the real view maker (a random uint8 batch at the decode size already on
 the device stands in for the FFCV output; loading is timed by the ``train`` stage) under torch.profiler, with
 the same construction and settings as the ``step`` stage, and splits the time of the profiled steps by phase:
 
@@ -110,7 +110,7 @@ class LaunchCounter(TorchDispatchMode):
         self.counts: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from fastmveb.train import phase
+        from fastmveb.step import phase
         n = self.launches(func, args)
         if n:
             self.counts[phase.current] = self.counts.get(phase.current, 0) + n
@@ -133,7 +133,7 @@ class LaunchCounter(TorchDispatchMode):
 def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int, top: int,
                    threads: int | None, trace: str | None) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     threads = pin_threads(threads)
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
@@ -143,10 +143,10 @@ def profile_recipe(cfg, device: torch.device, name: str, warmup: int, steps: int
     x = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (n,), device=device, generator=g)
+    parts = step_parts(b["training"], accelerator, cfg, views_c)
 
     def step():
-        return train_step(b["net_c"], b["target_c"], views_c, b["optimizer"], x, y, b["lr"], b["m"], cfg,
-                          accelerator)
+        return train_step(parts, x, y, b["lr"], b["m"])
 
     t0 = time.perf_counter()
     stats = step()[0]                     # compiles when compiled

@@ -2,7 +2,7 @@
 ``[--set section.key=value ...]`` (applied to every config). Not part of ``all`` (on a CPU with --compile true
 each size compiles for minutes).
 
-Times ``fastmveb.train.train_step`` (as the step benchmark does: random views already on the device, so no
+Times ``fastmveb.step.train_step`` (as the step benchmark does: random views already on the device, so no
 loading or augmentation) at every size of each run config's resolution schedule (fastmveb/resolution.py),
 in schedule order on ONE network per config, as training meets them: the first step at each size includes
 whatever it compiles, and ``graphs_added`` counts the torch.compile graphs it added (dynamo's counter).
@@ -77,7 +77,7 @@ def ramp_config(args, device: torch.device, rc: str):
 def measure_schedule(cfg, device: torch.device, warmup: int, iters: int, threads: int | None) -> list[dict]:
     """One row per epoch range of the schedule: samples/s at its sizes, on one network built once."""
     from fastmveb.resolution import compiled_graphs, schedule, views_config
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     threads = pin_threads(threads)
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
@@ -85,10 +85,10 @@ def measure_schedule(cfg, device: torch.device, warmup: int, iters: int, threads
     for first, last, res in schedule(cfg):
         scfg = dataclasses.replace(cfg, views=views_config(cfg, res))
         v, y = random_views(scfg, device)
+        parts = step_parts(b["training"], accelerator, scfg, identity_views)
 
         def step():
-            return train_step(b["net_c"], b["target_c"], identity_views, b["optimizer"], v, y, b["lr"], b["m"], scfg,
-                              accelerator)
+            return train_step(parts, v, y, b["lr"], b["m"])
         graphs = compiled_graphs()
         t0 = time.perf_counter()
         stats, _, _ = step()                      # compiles when compiled and the shape is new

@@ -1,6 +1,6 @@
 """Model-step benchmark (the compute bound): ``python -m fastmveb.bench step [--short] [--device cpu|cuda]``.
 
-Times ``fastmveb.train.train_step`` -- online forward of every view, EMA-target forward of the globals, MVEB
+Times ``fastmveb.step.train_step`` -- online forward of every view, EMA-target forward of the globals, MVEB
 loss with the Stein entropy estimate, backward, LARS, EMA update -- on views that are random tensors already
 on the device (the view maker is the identity), so no loading, decoding or augmentation is timed. The
 network, optimizer, Accelerator, precision, memory format and compilation are built exactly as
@@ -38,16 +38,16 @@ COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "channels
 
 def measure_step(cfg, device: torch.device, warmup: int, iters: int, threads: int | None = None) -> dict:
     """Samples/s of train_step on device-resident random views with the settings of ``cfg``."""
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     threads = pin_threads(threads)
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
     v, y = random_views(cfg, device)
     n = cfg.data.global_batch_size
+    parts = step_parts(b["training"], accelerator, cfg, identity_views)
 
     def step():
-        return train_step(b["net_c"], b["target_c"], identity_views, b["optimizer"], v, y, b["lr"], b["m"], cfg,
-                          accelerator)
+        return train_step(parts, v, y, b["lr"], b["m"])
 
     t0 = time.perf_counter()
     stats, skip, _ = step()                       # compiles when compiled

@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark: ``python -m fastmveb.bench train [--short] [--device cpu|cuda]``.
 
 For each recipe (two-view 2 x G, multi-crop 2 x G + 6 x L) and in one run on the same data, it times:
-  fastmveb   FFCV loader (decode once) -> ViewMaker -> fastmveb.train.train_step, built as fastmveb/train.py
+  fastmveb   FFCV loader (decode once) -> ViewMaker -> fastmveb.step.train_step, built as fastmveb/train.py
              builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/common.py)
   step       the same step on random device-resident views (bench/step.py with identical settings): the
              compute bound; ``e2e_over_step`` = fastmveb / step says how much of it the input side leaves
@@ -102,12 +102,13 @@ def measure_fastmveb(cfg, device, warmup: int, steps: int, threads: int | None) 
     view switch (one view maker per size, compiled as training compiles). Reads cfg.data.train_beton."""
     from fastmveb.data import train_loader_from_config, unpack_train_batch
     from fastmveb.resolution import ViewSwitch
-    from fastmveb.train import train_step
+    from fastmveb.step import step_parts, train_step
     accelerator = make_accelerator(cfg, device)
     b = build(cfg, device, accelerator)
     loader = train_loader_from_config(cfg, cfg.data.global_batch_size, device)
     views_c, _ = ViewSwitch(cfg, b["training"].view_maker, loader).enter_epoch(0)
     threads = pin_threads(threads)             # the Loader has just set torch's threads to its worker count
+    parts = step_parts(b["training"], accelerator, cfg, views_c)
     batches = _Batches(loader)
     out = {}
 
@@ -116,8 +117,7 @@ def measure_fastmveb(cfg, device, warmup: int, steps: int, threads: int | None) 
         # 2 inside the step although 1 was pinned), which made end to end beat the 1-thread step bound.
         torch.set_num_threads(threads)
         x, extent, y = unpack_train_batch(batch)
-        out["stats"] = train_step(b["net_c"], b["target_c"], views_c, b["optimizer"], x, y, b["lr"], b["m"], cfg,
-                                  accelerator, extent=extent)[0]
+        out["stats"] = train_step(parts, x, y, b["lr"], b["m"], extent=extent)[0]
 
     try:
         # + the loader's batches_ahead (3): timing starts once the prefetched batches are consumed.
@@ -127,7 +127,7 @@ def measure_fastmveb(cfg, device, warmup: int, steps: int, threads: int | None) 
     r["samples_per_s"] = steps * cfg.data.global_batch_size / r["seconds"]
     r["loss"] = float(out["stats"]["loss"])
     r["torch_threads"] = threads
-    del b, views_c, loader, batches, out
+    del b, views_c, parts, loader, batches, out
     free(device, uses_compile(cfg, device))
     return r
 

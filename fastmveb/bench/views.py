@@ -14,6 +14,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,8 @@ def _own_vs_kornia(v, p, radius):
     import kornia.filters as KF
     n = v.shape[0]
     one, zero = torch.ones(n, device=v.device), torch.zeros(n, device=v.device)
-    b, c, s_, h = p["brightness"], p["contrast"], p["saturation"], p["hue"]
-    kern = blur_kernels(p["sigma"], torch.ones_like(p["blur"]), radius)
+    b, c, s_, h = p.brightness, p.contrast, p.saturation, p.hue
+    kern = blur_kernels(p.sigma, torch.ones_like(p.blur), radius)
     mean = torch.tensor([0.485, 0.456, 0.406], device=v.device)
     std = torch.tensor([0.229, 0.224, 0.225], device=v.device)
     inv, shift = (1 / std).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
@@ -183,16 +184,16 @@ def main(args) -> None:
         v = resized_crop(xf, sample_crop_boxes(n, DECODE, DECODE, cfg.global_scale, cfg.ratio, device), 224)
         vm = ViewMaker(cfg).to(device)
         p = vm.sample_params(n, (DECODE, DECODE), device)[0]
-        p = {**p, "jitter": torch.ones_like(p["jitter"])}
+        p = replace(p, jitter=torch.ones_like(p.jitter))
         add("jitter@224 ours, per-sample random order", lambda: color_jitter(v, p, "random"), n, "op")
         add("jitter@224 ours, fixed order", lambda: color_jitter(v, p, "fixed"), n, "op")
-        add("  of which one blend (b/c/s)", lambda: blend_toward(v, p["contrast"], p["contrast"] * 0,
-                                                                 p["contrast"] * 0 + 1), n, "op")
-        add("  of which one hue shift", lambda: shift_hue(v, p["hue"]), n, "op")
+        add("  of which one blend (b/c/s)", lambda: blend_toward(v, p.contrast, p.contrast * 0,
+                                                                 p.contrast * 0 + 1), n, "op")
+        add("  of which one hue shift", lambda: shift_hue(v, p.hue), n, "op")
         ops = _kornia_ops(224, cfg.global_scale, radius)
         jit_k, blur_k = ops["jitter (kornia ColorJitter p=0.8)"], ops["blur (kornia RandomGaussianBlur p=1)"]
         add("jitter@224 kornia ColorJitter p=0.8 (batch order)", lambda: jit_k(v), n, "kornia")
-        kern = blur_kernels(p["sigma"], torch.ones_like(p["blur"]), radius)
+        kern = blur_kernels(p.sigma, torch.ones_like(p.blur), radius)
         add(f"blur@224 ours grouped conv ({2 * radius + 1} taps, per-sample sigma)",
             lambda: gaussian_blur(v, kern), n, "op")
         add("blur@224 shifted multiply-adds", lambda: _shifted_sum_blur(v, kern), n, "alt")

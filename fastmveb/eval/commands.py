@@ -157,7 +157,7 @@ def _linear(ev: EvalSetup) -> dict:
 
 def _linear_full(ev: EvalSetup, batch: int, epochs: int, base_lr: float) -> dict:
     """MVEB protocol: shuffled whole-image squares from the train loader, RRC + flip cut on the device."""
-    from fastmveb.data import set_epoch, train_loader
+    from fastmveb.data import TrainLoaderOptions, set_epoch, train_loader
     from fastmveb.eval import linear
     args, cfg = ev.args, ev.cfg
     _no_image_limits(args, "linear --mode full trains and validates on every image")
@@ -167,9 +167,9 @@ def _linear_full(ev: EvalSetup, batch: int, epochs: int, base_lr: float) -> dict
         raise RunError(f"--val-every must be >= 1, got {val_every}")
     # The pretraining's decode-once batches: when they carry each image's (H, W) beside a whole-image canvas,
     # linear_full draws every RandomResizedCrop on the true extent (rrc_flip), as the released protocol does.
-    train = train_loader(cfg.data.train_beton, batch, ev.workers, ev.device, decode="once",
-                         decode_size=cfg.data.decode_size, seed=args.seed, order="random", os_cache=cfg.data.os_cache,
-                         drop_last=True)
+    options = TrainLoaderOptions(decode="once", decode_size=cfg.data.decode_size, seed=args.seed, order="random",
+                                 os_cache=cfg.data.os_cache, drop_last=True)
+    train = train_loader(cfg.data.train_beton, batch, ev.workers, ev.device, options)
     if len(train) == 0:
         raise RunError(f"the linear batch {batch} exceeds the training images of {cfg.data.train_beton}; "
                        "pass a smaller --linear-batch-size")
@@ -270,7 +270,7 @@ def _finetune(ev: EvalSetup) -> dict:
 
     Several processes: the subset is drawn the same way on every rank (seeded, or the listed files); --batch is
     the global batch, split evenly over the processes; val is sharded and gathered (every sample once)."""
-    from fastmveb.data import train_loader
+    from fastmveb.data import TrainLoaderOptions, train_loader
     from fastmveb.eval import finetune as ft
     args, cfg, accelerator = ev.args, ev.cfg, ev.accelerator
     _no_image_limits(args, "finetune validates on every val image and trains on the subset --fraction or --subset "
@@ -290,9 +290,9 @@ def _finetune(ev: EvalSetup) -> dict:
         raise RunError(f"the subset has {len(idx)} images, fewer than the {world} processes; raise --fraction")
     distributed = world > 1
     (val,) = ev.loaders(distributed=distributed, betons=("val",))
-    train = train_loader(cfg.data.train_beton, batch // world, ev.workers, ev.device, decode="once",
-                         decode_size=cfg.data.decode_size, seed=args.seed, order="random", os_cache=cfg.data.os_cache,
-                         drop_last=True, indices=idx, distributed=distributed)
+    options = TrainLoaderOptions(decode="once", decode_size=cfg.data.decode_size, seed=args.seed, order="random",
+                                 os_cache=cfg.data.os_cache, drop_last=True, distributed=distributed)
+    train = train_loader(cfg.data.train_beton, batch // world, ev.workers, ev.device, options, indices=idx)
     # One global order for any number of processes (DistributedSampler's draw; rank r reads positions r, r + world,
     # ...): optimizer step k consumes the same samples on 1 process as on N.
     train.shuffle = "torch"
