@@ -113,7 +113,7 @@ def fit_mode(compiled: bool, left_s: float, compile_s: float | None, steps_s: fl
 def stage_step(ctx, res) -> int:
     import torch
     from fastmveb.bench.common import bench_config, default_threads, environment, free, step_iters, write_results
-    from fastmveb.bench.step import COLUMNS, VIT_RC, flips, measure_step, vit_rows
+    from fastmveb.bench.stage_step import COLUMNS, VIT_RC, flips, measure_step, vit_rows
     from fastmveb.build import uses_compile
     device, cuda = torch.device(ctx.device), ctx.device == "cuda"
     s = _settings(ctx)
@@ -198,7 +198,7 @@ def stage_step(ctx, res) -> int:
 
 def stage_profile(ctx, res) -> None:
     import torch
-    from fastmveb.bench import profile
+    from fastmveb.bench import stage_profile as profile
     rows = (got := profile.run(_settings(ctx, recipes="multi-crop"), torch.device(ctx.device), top=12,
                                out_dir=ctx.work))["rows"]
     wall = next(r for r in rows if r["kind"] == "wall")
@@ -235,7 +235,7 @@ def stage_data(ctx, res) -> None:
 
 def stage_train(ctx, res) -> None:
     import torch
-    from fastmveb.bench import train
+    from fastmveb.bench import stage_train as train
     cuda = ctx.device == "cuda"
     step = {r["recipe"]: r for r in Result(ctx.work, "step").read()["result"].get("rows", [])
             if r["variant"] == "training setting"}        # the step stage's rows: no second compile and timing
@@ -247,7 +247,7 @@ def stage_train(ctx, res) -> None:
 
 
 def stage_entropy(ctx, res) -> None:
-    from fastmveb.bench import entropy
+    from fastmveb.bench import stage_entropy as entropy
     got = entropy.run(ctx.device, [128] if ctx.cpu_short else entropy.NS, short=ctx.short, out_dir=ctx.work)
     keys = ("N", "d", "method", "ms", "peak_mib", "speedup", "rel_diff", "note")
     res.set(file=_copy(got["path"], ctx), rows=[{k: r.get(k) for k in keys} for r in got["rows"]])
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(after a {args.install_s:.0f}-s install), results in {args.out}, scratch in {args.work}, compile cache "
           f"{os.environ['TORCHINDUCTOR_CACHE_DIR']}\n")
     ctx = Ctx("fastmveb.bench.gpu_check", args.work, args.out, args.device, args.short)
-    from fastmveb.bench.report import write_check_summary
+    from fastmveb.bench.stage_report import write_check_summary
     meta = {"short": args.short, "budget_s": args.budget_s, "install_s": args.install_s, "t_start": t_start,
             "cuda": args.device == "cuda", "reserve_s": SUMMARY_RESERVE_S}
     stages = run_stages(ctx, [st for st in STAGES if st.name in only], write, args.budget_s, SUMMARY_RESERVE_S,

@@ -2,14 +2,14 @@
 
 Written from the description in docs/method.md (not copied from the released code). One training step is:
   1. a torch DataLoader (worker processes) reads JPEGs with PIL and makes every view on the CPU, per sample
-     (fastmveb/bench/released/transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
+     (fastmveb/bench/reference/released_transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
   2. the views are copied to the device;
   3. the model (the same backbone + projector as fastmveb) runs eagerly, contiguous (NCHW) memory format, under
      fp16 autocast with a GradScaler on CUDA; the target (EMA copy) sees the two global views;
-  4. the MVEB loss with the released estimator (fastmveb/bench/released/entropy.py: N x N x d kernel-gradient tensor,
-     explicit inverse) on each view's whole per-process batch;
+  4. the MVEB loss with the released estimator (fastmveb/bench/reference/released_entropy.py: N x N x d
+     kernel-gradient tensor, explicit inverse) on each view's whole per-process batch;
   5. a host read of the loss for the NaN check and logging (the released code does this every step);
-  6. backward, per-parameter LARS (fastmveb/bench/released/lars.py), per-parameter EMA update.
+  6. backward, per-parameter LARS (fastmveb/bench/reference/released_lars.py), per-parameter EMA update.
 
     loader = released_loader("data/synthetic/jpeg/train", global_size=224, local_size=96, n_local=6,
                              batch_size=128, num_workers=12)
@@ -28,9 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastmveb.bench.released.entropy import released_score
-from fastmveb.bench.released.lars import ReleasedLARS
-from fastmveb.bench.released.transforms import GLOBAL_SCALE, LOCAL_SCALE, ReleasedViews, released_imagefolder_loader
+from fastmveb.bench.reference.released_entropy import released_score
+from fastmveb.bench.reference.released_lars import ReleasedLARS
+from fastmveb.bench.reference.released_transforms import (GLOBAL_SCALE, LOCAL_SCALE, ReleasedViews,
+                                                          released_imagefolder_loader)
 
 
 def released_loader(root, global_size: int, local_size: int, n_local: int, batch_size: int, num_workers: int,

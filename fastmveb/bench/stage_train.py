@@ -3,10 +3,10 @@
 For each recipe (two-view 2 x G, multi-crop 2 x G + 6 x L) and in one run on the same data, it times:
   fastmveb   FFCV loader (decode once) -> ViewMaker -> fastmveb.train.train_step, built as fastmveb/train.py
              builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/common.py)
-  step       the same step on random device-resident views (bench/step.py with identical settings): the
+  step       the same step on random device-resident views (bench/stage_step.py with identical settings): the
              compute bound; ``e2e_over_step`` = fastmveb / step says how much of it the input side leaves
-  released   the released pipeline re-implemented (fastmveb/bench/released/pipeline.py): PIL views in a torch
-             DataLoader with as many worker processes as FFCV has threads, eager NCHW model under fp16
+  released   the released pipeline re-implemented (fastmveb/bench/reference/released_pipeline.py): PIL views in
+             a torch DataLoader with as many worker processes as FFCV has threads, eager NCHW model under fp16
              autocast (CUDA; on CPU at fastmveb's precision, see --baseline-precision), N x N x d estimator
              with an explicit inverse, per-parameter LARS and EMA, a host sync per step; same model and sizes.
              ``x_vs_released`` = fastmveb / released.
@@ -29,7 +29,7 @@ from fastmveb.bench.common import (DEFAULT_DATA, RECIPES, add_settings_args, ben
                                    default_threads, ensure_data, environment, free, loadavg, make_accelerator,
                                    markdown_table, pick_device, pin_threads, recipe_names, settings_of, step_iters,
                                    sync, write_results)
-from fastmveb.bench.step import measure_step
+from fastmveb.bench.stage_step import measure_step
 from fastmveb.build import uses_compile
 
 COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "fastmveb_samples_per_s", "first_step_s",
@@ -141,7 +141,7 @@ def baseline_precision(arg: str, cfg, device) -> str:
 def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str, warmup: int, steps: int,
                      threads: int | None) -> dict:
     from accelerate.utils import set_seed
-    from fastmveb.bench.released.pipeline import ReleasedStep, released_loader
+    from fastmveb.bench.reference.released_pipeline import ReleasedStep, released_loader
     from fastmveb.model import MVEBModel, make_target
     from fastmveb.optim import lr_at, peak_lr
     threads = pin_threads(threads)

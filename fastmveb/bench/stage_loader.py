@@ -6,7 +6,7 @@ Measures samples/s of, in one run on the same JPEG images and with the same numb
   ffcv once S       decode each WHOLE image once to an S x S canvas + its (H, W) (the GPU cuts the views)
   ffcv center S     the previous decode-once: the largest centred square of each image at S x S
   ffcv per_view     one FFCV RandomResizedCrop decode per view: 2x224, and 2x224 + 6x96 (multi-crop)
-  pil released      torchvision ImageFolder + PIL decode + fastmveb/bench/released/transforms.py views
+  pil released      torchvision ImageFolder + PIL decode + fastmveb/bench/reference/released_transforms.py views
                     (crop, flip, jitter, grayscale, blur, solarize, normalise on the CPU), 2x224 and 2x224 + 6x96
 and, beside each, what the decode does to the crops: glob_up / loc_up = the fraction of global (224 px,
 scale 0.4-1) / local (96 px, scale 0.05-0.4) crops that are upsampled, i.e. whose box covers fewer decoded
@@ -121,7 +121,7 @@ def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) ->
 
 
 def main(args) -> None:
-    from fastmveb.bench.released.transforms import released_imagefolder_loader
+    from fastmveb.bench.reference.released_transforms import released_imagefolder_loader
     from fastmveb.config import ViewsConfig
     from fastmveb.data import available_cores, train_loader
 

@@ -4,9 +4,9 @@ Images per second through each op of fastmveb.views (beside the Kornia augmentat
 each Kornia functional op the views use or could use beside the same maths in own code (kinds "own" /
 "kornia", timed in interleaved rounds; kornia_over_own below 1: Kornia is faster), and through the whole
 recipe, two-view (2x224) and multi-crop (2x224 + 6x96), from a uint8 batch of decoded 256x256 images; beside
-the released recipe's per-sample PIL transforms (fastmveb/bench/released/transforms.py) on the same images, in one
-process and in a pool of one process per core. Rows report images/s: for an op, samples through that op for
-one view; for a recipe, source images turned into all their views.
+the released recipe's per-sample PIL transforms (fastmveb/bench/reference/released_transforms.py) on the same
+images, in one process and in a pool of one process per core. Rows report images/s: for an op, samples through
+that op for one view; for a recipe, source images turned into all their views.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def _own_vs_kornia(v, p, radius):
 # ------------------------------------------------------------------------------------------- PIL baseline
 def _pil_worker(args):
     from PIL import Image
-    from fastmveb.bench.released.transforms import released_transform
+    from fastmveb.bench.reference.released_transforms import released_transform
     arr, n_local, seed = args
     torch.manual_seed(seed)
     torch.set_num_threads(1)
