@@ -141,7 +141,7 @@ def baseline_precision(arg: str, cfg, device) -> str:
 def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str, warmup: int, steps: int,
                      threads: int | None) -> dict:
     from accelerate.utils import set_seed
-    from fastmveb.bench.reference.released_pipeline import ReleasedStep, released_loader
+    from fastmveb.bench.reference.released_pipeline import ReleasedHyper, ReleasedStep, released_loader
     from fastmveb.model import MVEBModel, make_target
     from fastmveb.optim import lr_at, peak_lr
     threads = pin_threads(threads)
@@ -151,10 +151,10 @@ def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str,
     model.train()
     lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.global_batch_size)
     lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
-    step_fn = ReleasedStep(model, target, device, precision, lr=lr, weight_decay=cfg.optim.weight_decay,
-                           momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef,
-                           ema_momentum=cfg.model.ema_momentum, lam=cfg.loss.lam, eta=cfg.loss.eta,
-                           min_tau=cfg.loss.min_tau)
+    hyper = ReleasedHyper(lr=lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                          trust_coef=cfg.optim.trust_coef, ema_momentum=cfg.model.ema_momentum, lam=cfg.loss.lam,
+                          eta=cfg.loss.eta, min_tau=cfg.loss.min_tau)
+    step_fn = ReleasedStep(model, target, device, precision, hyper)
     v = cfg.views
     loader = released_loader(jpeg_root, v.global_size, v.local_size, v.n_local, cfg.data.global_batch_size, workers,
                              v.global_scale, v.local_scale)

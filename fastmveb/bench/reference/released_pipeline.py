@@ -13,7 +13,7 @@ Written from the description in docs/method.md (not copied from the released cod
 
     loader = released_loader("data/synthetic/jpeg/train", global_size=224, local_size=96, n_local=6,
                              batch_size=128, num_workers=12)
-    step = ReleasedStep(model, device, precision="fp16", lr=0.3, ...)
+    step = ReleasedStep(model, target, device, precision="fp16", hyper=ReleasedHyper(lr=0.3, ...))
     for views, _ in loader:
         loss = step(views)            # a Python float (the per-step host sync of the released loop)
 
@@ -23,6 +23,7 @@ say which.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -53,21 +54,35 @@ def released_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam:
     return -(align + lam * H) / len(z)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReleasedHyper:
+    """The hyperparameters of one released-style step: LARS (lr ... trust_coef), the EMA target's momentum and the
+    loss's (lam, eta, min_tau)."""
+    lr: float = 0.3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coef: float = 0.001
+    ema_momentum: float = 0.996
+    lam: float = 0.01
+    eta: float = 0.01
+    min_tau: float = 0.1
+
+
 class ReleasedStep:
     """One released-style optimisation step on a list of CPU views; returns the loss as a Python float."""
 
     def __init__(self, model: torch.nn.Module, target: torch.nn.Module, device, precision: str = "fp16",
-                 lr: float = 0.3, weight_decay: float = 1e-6, momentum: float = 0.9, trust_coef: float = 0.001,
-                 ema_momentum: float = 0.996, lam: float = 0.01, eta: float = 0.01, min_tau: float = 0.1):
+                 hyper: ReleasedHyper = ReleasedHyper()):
         if precision not in ("fp16", "bf16", "no"):
             raise ValueError(f"precision must be fp16, bf16 or no, got {precision!r}")
         self.model, self.target, self.device = model, target, torch.device(device)
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and self.device.type == "cuda" \
             else None
-        self.opt = ReleasedLARS(model.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                trust_coef=trust_coef)
-        self.m, self.lam, self.eta, self.min_tau = ema_momentum, lam, eta, min_tau
+        h = hyper
+        self.opt = ReleasedLARS(model.parameters(), lr=h.lr, weight_decay=h.weight_decay, momentum=h.momentum,
+                                trust_coef=h.trust_coef)
+        self.m, self.lam, self.eta, self.min_tau = h.ema_momentum, h.lam, h.eta, h.min_tau
 
     def _forward(self, v: list[torch.Tensor]):
         # Views of one size share a backbone call (DINO-style multi-crop wrapper).
