@@ -6,7 +6,6 @@ Fatal problems print one line ``error: ...`` and exit with status 2; nothing par
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from fastmveb.errors import print_error, run_cli
@@ -218,8 +217,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = cli()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # numba's finalizers can print harmless KeyError tracebacks at interpreter exit (docs/notes.md); skip them.
-    os._exit(code)
+    sys.exit(cli())

@@ -46,8 +46,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import replace
-import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -67,20 +65,13 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from dataset_prep.integrity import check_beton
 from .config import ViewsConfig
+from fastmveb.errors import quiet_numba_finalizers
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
 
 
-def _drop_numba_finalizer_noise(unraisable, _previous=sys.unraisablehook):
-    """numba's dispatcher finalizer raises a harmless KeyError whenever FFCV's compiled pipelines are garbage
-    collected (docs/notes.md); it would print a traceback mid-run. Only that exact case is dropped."""
-    if unraisable.exc_type is KeyError and "numba" in "".join(traceback.format_tb(unraisable.exc_traceback)):
-        return
-    _previous(unraisable)
-
-
-sys.unraisablehook = _drop_numba_finalizer_noise
+quiet_numba_finalizers()          # a pipeline garbage-collected mid-run: no KeyError traceback (fastmveb/errors.py)
 
 
 def available_cores() -> int:

@@ -181,9 +181,9 @@ def run(seeds: list[int], rc: Path, overrides: list[str], out: Path, readme: Pat
     payload["jobs"] = jobs
     payload["load_end"] = _load()
     payload.update(_kept_from(out, payload["fingerprint"]))
-    from fastmveb.report import atomic_write_text
+    from fastmveb.fileio import write_text
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    write_text(out, json.dumps(payload, indent=2) + "\n")
     if embedding is not None:
         from fastmveb.report import make_embedding
         make_embedding(run_dir / f"demo-seed{seeds[0]}", embedding)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fastmveb.fileio import write_text
 
 
 @torch.no_grad()
@@ -126,9 +127,7 @@ class MetricsLogger:
                 keep.append(ln)
         if bad:
             print(f"warning: {self.path}: dropped {bad} incomplete line(s) (a write cut by a kill)", file=sys.stderr)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def log(self, step: int, epoch: float, values: dict) -> None:
         if not self.enabled:

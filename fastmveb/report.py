@@ -25,13 +25,7 @@ import sys
 from pathlib import Path
 
 from fastmveb.errors import RunError, run_cli
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a results file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from fastmveb.fileio import atomic_path, write_text
 
 
 def replace_block(path: Path, begin: str, end: str, body: str) -> bool:
@@ -47,7 +41,7 @@ def replace_block(path: Path, begin: str, end: str, body: str) -> bool:
     _, tail = rest.split(end, 1)
     new = f"{head}{begin}\n{body}{end}{tail}"
     if new != text:
-        atomic_write_text(path, new)
+        write_text(path, new)
     return True
 
 
@@ -141,9 +135,8 @@ def _time_panel(ax, rows):
     return None
 
 
-def make_report(run: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the report of ``run`` into ``out`` (default run_dir/report.png); returns the PNG path."""
-    run_dir = Path(run)
+def _read_metrics(run_dir: Path) -> tuple[list[dict], int]:
+    """(metric rows, unreadable lines) of a run directory; a RunError when it has none."""
     if not run_dir.is_dir():
         raise RunError(f"run directory '{run_dir}' not found")
     mpath = run_dir / "metrics.jsonl"
@@ -152,14 +145,11 @@ def make_report(run: str | Path, out: str | Path | None = None) -> Path:
     rows, bad = read_jsonl(mpath)
     if not rows:
         raise RunError(f"'{mpath}' has no metric lines")
-    out = Path(out) if out is not None else run_dir / "report.png"
-    if not out.parent.is_dir():
-        raise RunError(f"output directory '{out.parent}' does not exist")
+    return rows, bad
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _read_extras(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(meta.json or {}, offline evaluation records with a top-1) of a run directory."""
     meta = {}
     if (run_dir / "meta.json").is_file():
         try:
@@ -168,59 +158,67 @@ def make_report(run: str | Path, out: str | Path | None = None) -> Path:
             pass
     evals = read_jsonl(run_dir / "eval.jsonl")[0] if (run_dir / "eval.jsonl").is_file() else []
     evals = [e for e in evals if "top1" in e]  # read_jsonl needs "step"; eval lines carry it (may be None)
+    return meta, evals
 
-    fig, axes = plt.subplots(3, 4, figsize=(20, 12))
-    for ax, (title, keys, opt) in zip(axes.flat, PANELS):
-        ax.set_title(title, fontsize=10)
-        if opt.get("time_shares"):
-            _time_panel(ax, rows)
-            continue
-        drawn = 0
-        for key, label in keys:
-            xs, ys = series(rows, key)
-            if not xs:
-                continue
-            style = dict(marker="o", ms=3) if opt.get("markers") or len(xs) < 3 else {}
-            ax.plot(xs, ys, label=f"{label} ({ys[-1]:.3g})", lw=1.2, **style)
+
+def _accuracy_marks(ax, rows: list[dict], evals: list[dict]) -> int:
+    """The accuracy panel's single points (end-of-training kNN, offline evaluations); returns how many drawn."""
+    drawn = 0
+    # End-of-training kNN of the trained and of the randomly initialised encoder: the gain from training.
+    last = rows[-1]["step"]
+    for key, label, mk in (("final_knn_top1", "final kNN top-1", "*"), ("random_knn_top1", "random-init kNN top-1", "x")):
+        xs, ys = series(rows, key)
+        if xs:
+            ax.plot(xs[-1:], ys[-1:], mk, ms=11, label=f"{label} ({ys[-1]:.2f})")
             drawn += 1
-        if opt.get("markers"):
-            # End-of-training kNN of the trained and of the randomly initialised encoder: the gain from training.
-            last = rows[-1]["step"]
-            for key, label, mk in (("final_knn_top1", "final kNN top-1", "*"), ("random_knn_top1", "random-init kNN top-1", "x")):
-                xs, ys = series(rows, key)
-                if xs:
-                    ax.plot(xs[-1:], ys[-1:], mk, ms=11, label=f"{label} ({ys[-1]:.2f})")
-                    drawn += 1
-            for e in evals:
-                if e.get("ckpt") == "random-init":
-                    continue
-                x = e.get("step") if isinstance(e.get("step"), (int, float)) else last
-                name = "kNN" if e.get("kind") == "knn" else f"linear {e.get('mode', '')}"
-                ax.plot([x], [e["top1"]], "D", ms=6, label=f"offline {name} top-1 ({e['top1']:.2f})")
-                drawn += 1
-        if not drawn:
-            _empty(ax)
+    for e in evals:
+        if e.get("ckpt") == "random-init":
             continue
-        if opt.get("log") and all(y > 0 for k, _ in keys for y in series(rows, k)[1]):
-            ax.set_yscale("log")
-        if "twin" in opt:
-            k2, lab2 = opt["twin"]
-            xs, ys = series(rows, k2)
-            if xs:
-                ax2 = ax.twinx()
-                ax2.plot(xs, ys, color="tab:orange", lw=1, ls="--", label=f"{lab2} ({ys[-1]:.5g})")
-                ax2.tick_params(labelsize=8)
-                # One legend for both axes: two separate ones land on top of each other.
-                h1, l1 = ax.get_legend_handles_labels()
-                h2, l2 = ax2.get_legend_handles_labels()
-                ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
-        if not ax.get_legend() and not ("twin" in opt and series(rows, opt["twin"][0])[0]):
-            ax.legend(fontsize=7, loc="best")
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("step", fontsize=9)
+        x = e.get("step") if isinstance(e.get("step"), (int, float)) else last
+        name = "kNN" if e.get("kind") == "knn" else f"linear {e.get('mode', '')}"
+        ax.plot([x], [e["top1"]], "D", ms=6, label=f"offline {name} top-1 ({e['top1']:.2f})")
+        drawn += 1
+    return drawn
 
+
+def _twin_axis(ax, rows: list[dict], key: str, label: str) -> None:
+    xs, ys = series(rows, key)
+    if xs:
+        ax2 = ax.twinx()
+        ax2.plot(xs, ys, color="tab:orange", lw=1, ls="--", label=f"{label} ({ys[-1]:.5g})")
+        ax2.tick_params(labelsize=8)
+        # One legend for both axes: two separate ones land on top of each other.
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+
+
+def _panel(ax, rows: list[dict], keys: list, opt: dict, evals: list[dict]) -> None:
+    """One PANELS entry: its series against the step, or the empty panel that says it was not logged."""
+    drawn = 0
+    for key, label in keys:
+        xs, ys = series(rows, key)
+        if not xs:
+            continue
+        style = dict(marker="o", ms=3) if opt.get("markers") or len(xs) < 3 else {}
+        ax.plot(xs, ys, label=f"{label} ({ys[-1]:.3g})", lw=1.2, **style)
+        drawn += 1
+    if opt.get("markers"):
+        drawn += _accuracy_marks(ax, rows, evals)
+    if not drawn:
+        _empty(ax)
+        return
+    if opt.get("log") and all(y > 0 for k, _ in keys for y in series(rows, k)[1]):
+        ax.set_yscale("log")
+    if "twin" in opt:
+        _twin_axis(ax, rows, *opt["twin"])
+    if not ax.get_legend() and not ("twin" in opt and series(rows, opt["twin"][0])[0]):
+        ax.legend(fontsize=7, loc="best")
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _headline(run_dir: Path, rows: list[dict], bad: int, meta: dict) -> str:
     last = rows[-1]
     head = [f"run {run_dir.resolve().name}", f"step {last['step']}", f"epoch {last.get('epoch', '?')}"]
     if meta.get("git"):
@@ -234,22 +232,46 @@ def make_report(run: str | Path, out: str | Path | None = None) -> Path:
                     (f" (random init {f['random_knn_top1']:.2f}%)" if "random_knn_top1" in f else ""))
     if bad:
         head.append(f"{bad} unreadable line(s) skipped")
-    fig.suptitle("   |   ".join(head), fontsize=12)
+    return "   |   ".join(head)
+
+
+def make_report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the report of ``run`` into ``out`` (default run_dir/report.png); returns the PNG path."""
+    run_dir = Path(run)
+    rows, bad = _read_metrics(run_dir)
+    out = Path(out) if out is not None else run_dir / "report.png"
+    if not out.parent.is_dir():
+        raise RunError(f"output directory '{out.parent}' does not exist")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, evals = _read_extras(run_dir)
+    fig, axes = plt.subplots(3, 4, figsize=(20, 12))
+    for ax, (title, keys, opt) in zip(axes.flat, PANELS):
+        ax.set_title(title, fontsize=10)
+        if opt.get("time_shares"):
+            _time_panel(ax, rows)
+        else:
+            _panel(ax, rows, keys, opt, evals)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=9)
+    fig.suptitle(_headline(run_dir, rows, bad, meta), fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     _save_figure(fig, out, dpi=80)
     return out
 
 
 def _save_figure(fig, out: Path, dpi: int) -> None:
-    """Save via a temporary file and a rename (an interrupted save never leaves a half PNG under the name)."""
+    """Save via a temporary file and a rename (an interrupted save never leaves a half PNG under the name); the
+    temporary ends in .png, the suffix savefig picks the format from."""
     import matplotlib.pyplot as plt
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp.png"
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def pca_2d(x):

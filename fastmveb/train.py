@@ -429,7 +429,7 @@ def cli(argv: list[str] | None = None) -> int:
     """The command (fastmveb-train, python -m fastmveb.train, accelerate launch [-m] fastmveb[/.]train): main()
     with bad input, a failed checkpoint save (a full disk) or a lost peer as one line instead of a traceback."""
     try:
-        return end_process(run_cli(main, argv))
+        return run_cli(main, argv, end=end_process)
     except Exception as e:                                           # noqa: BLE001 -- only a lost peer is caught
         line = lost_peer(e)
         if line is None:

@@ -317,7 +317,7 @@ def test_compiled_vit_step_on_the_same_views_equals_the_eager_one(backend):
     # on fixed random views. Inductor builds its C++ kernels for forward and backward: 77 s with a cold cache on 2
     # loaded cores, hence slow.
     from fastmveb.bench.common import bench_config, build, identity_views, make_accelerator, random_views, settings
-    from fastmveb.bench.step import VIT_RC, VIT_TINY
+    from fastmveb.bench.stage_step import VIT_RC, VIT_TINY
     from fastmveb.step import step_parts, train_step
     cpu, got = torch.device("cpu"), {}
     for compiled in ("false", "true"):

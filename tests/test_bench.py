@@ -121,12 +121,12 @@ def test_profile_short_splits_the_step_by_phase(tmp_path):
     assert len(ops) == 8 and all(r["ms_per_step"] >= ops[i + 1]["ms_per_step"] for i, r in enumerate(ops[:-1]))
     assert any(r["name"].startswith("backward: aten::convolution_backward") for r in ops), [r["name"] for r in ops]
     assert any(r["name"].startswith("forward: ") and "convolution" in r["name"] for r in ops)
-    text = __import__("fastmveb.bench.report", fromlist=["build"]).build(tmp_path).read_text()
+    text = __import__("fastmveb.bench.stage_report", fromlist=["build"]).build(tmp_path).read_text()
     assert "step split" in text and "backward" in text
 
 
 def test_report_takes_the_newest_json_per_stage_and_device(tmp_path):
-    from fastmveb.bench import report
+    from fastmveb.bench import stage_report as report
     from fastmveb.bench.common import write_results
     env = {"device": "cpu (x86_64, 2 cores)", "torch": "t", "date": "2026-01-01T00:00:00+00:00", "git": "g"}
     write_results("step", env, {"short": True}, [{"recipe": "two-view", "samples_per_s": 1.5}], out_dir=tmp_path)
@@ -142,7 +142,7 @@ def test_report_takes_the_newest_json_per_stage_and_device(tmp_path):
 
 def test_readme_speed_block_is_generated_from_the_committed_results():
     """The README's figures are the committed JSON's, rendered by report.speed_block: none typed by hand."""
-    from fastmveb.bench import report
+    from fastmveb.bench import stage_report as report
     text = (ROOT / "README.md").read_text()
     block = text.split(report.BEGIN, 1)[1].split(report.END, 1)[0]
     newest = report.load_newest(ROOT / "benchmarks" / "results")
@@ -213,23 +213,22 @@ def test_ramp_times_every_size_and_projects_the_saving(tmp_path):
     assert proj["mean_epoch_time_vs_base"] == pytest.approx(mean / base)
     assert proj["ramp_saving"] == pytest.approx(1 - mean * sized[3]["samples_per_s"])
     assert rows[1]["mean_epoch_time_vs_base"] == pytest.approx(1.0) and rows[1]["ramp_saving"] == pytest.approx(0.0)
-    from fastmveb.bench import report
+    from fastmveb.bench import stage_report as report
     text = report.build(tmp_path).read_text()
     assert "ramp projected over all 4 epochs" in text and "the ramp saves" in text
 
 
 def _args(stage: str, *argv):
     """The namespace `python -m fastmveb.bench STAGE argv...` builds (same parser, same defaults)."""
-    import importlib
-    from fastmveb.bench.__main__ import _parser
-    return _parser(stage, importlib.import_module(f"fastmveb.bench.{stage}")).parse_known_args(list(argv))
+    from fastmveb.bench.__main__ import _parser, stage_module
+    return _parser(stage, stage_module(stage)).parse_known_args(list(argv))
 
 
 def test_ramp_flags_reach_every_config():
     """`bench ramp`'s defaults (CPU: ResNet-10 under --short, batch 8, fp32, 512-d projector) and each flag that
     changes a config; `step --ramp` is gone (the ramp is its own stage)."""
     import torch
-    from fastmveb.bench import ramp
+    from fastmveb.bench import stage_ramp as ramp
     cpu = torch.device("cpu")
     args, _ = _args("ramp", "--short")
     assert args.rcs == "rcs/rn50.yaml,rcs/rn50_fast.yaml" and args.warmup is None and args.iters is None
@@ -276,7 +275,7 @@ def test_benchmarks_set_no_backend_flags_and_build_as_training_does():
     setters = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in bench_dir.rglob("*.py")
                for m in re.finditer(r"torch\.backends\.[\w.]+\s*=(?!=)", p.read_text())]
     assert not setters, setters
-    source = (bench_dir / "train.py").read_text()
+    source = (bench_dir / "stage_train.py").read_text()
     assert "train_loader_from_config(cfg," in source and 'ViewSwitch(cfg, b["training"].view_maker, loader)' in source
 
 

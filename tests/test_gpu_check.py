@@ -235,7 +235,7 @@ def test_junit_counts(tmp_path):
 def test_the_vit_rows_come_from_the_vit_recipe_and_shrink_on_a_cpu():
     import torch
     from fastmveb.bench.common import bench_config, settings
-    from fastmveb.bench.step import VIT_RC, measure_step, vit_rows
+    from fastmveb.bench.stage_step import VIT_RC, measure_step, vit_rows
     (recipe, n_local, extra, label), = vit_rows(True)         # CUDA: rcs/vit_s16.yaml's setting as it is
     cfg = bench_config(settings(rc=str(ROOT / VIT_RC)), torch.device("cuda"), n_local, extra)
     assert (recipe, label, cfg.model.arch, cfg.views.global_size, cfg.views.local_size, cfg.views.n_local) == (
@@ -251,7 +251,7 @@ def test_the_vit_rows_come_from_the_vit_recipe_and_shrink_on_a_cpu():
 
 
 def test_a_vit_row_beside_the_resnet_rows_leaves_the_targets_judged():
-    from fastmveb.bench.report import check_targets
+    from fastmveb.bench.stage_report import check_targets
     rn = {"arch": "resnet50", "views": "2x224", "samples_per_s": 1e6}
     rows = [{**rn, "recipe": "multi-crop", "variant": "training setting"},
             {**rn, "recipe": "two-view", "variant": "training setting"},

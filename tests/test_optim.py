@@ -99,7 +99,7 @@ def test_lars_matches_per_parameter_reference(lr_as_tensor):
 
 
 def test_released_baseline_has_the_same_semantics():
-    from fastmveb.bench.released import lars as mod
+    from fastmveb.bench.reference import released_lars as mod
     a, b = tiny_net(), tiny_net()
     opt_a = LARS(param_groups(a, 0.05), lr=0.1, weight_decay=0.05, trust_coef=0.02)
     opt_b = mod.ReleasedLARS(param_groups(b, 0.05), lr=0.1, weight_decay=0.05, trust_coef=0.02)

@@ -362,7 +362,7 @@ def test_end_to_end_benchmark_reads_the_training_loader_of_the_config(small_beto
     # bench train built its own loader (drop_last hard-coded True, never distributed): it now makes the one call
     # training makes, so a config change reaches both. data.drop_last=false is visible in the loader it times.
     from fastmveb import data
-    from fastmveb.bench.train import measure_fastmveb
+    from fastmveb.bench.stage_train import measure_fastmveb
     seen, real = [], data.train_loader_from_config
 
     def spy(cfg, batch_size, device, distributed=False):

@@ -32,9 +32,14 @@ def _parser(name: str, mod) -> argparse.ArgumentParser:
     return parser
 
 
+def stage_module(name: str):
+    """The module of the stage (or ``report``) a user names: fastmveb/bench/stage_NAME.py."""
+    return importlib.import_module(f"fastmveb.bench.stage_{name}")
+
+
 def run_stage(name: str, rest: list[str], lenient: bool = False):
     """One stage from its command line; ``lenient``: options it does not know are ignored (``all``)."""
-    mod = importlib.import_module(f"fastmveb.bench.{name}")
+    mod = stage_module(name)
     parser = _parser(name, mod)
     args, unknown = parser.parse_known_args(rest)
     if unknown and not lenient:
@@ -58,7 +63,7 @@ def run_all(rest: list[str]) -> int:
                              lambda text: print(text, end="", flush=True))
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--out-dir", default=None)
-    from fastmveb.bench import report
+    from fastmveb.bench import stage_report as report
     print(f"wrote {report.build(out.parse_known_args(rest)[0].out_dir)}")
     failed = [k for k, v in entries.items() if v["status"] != "ok"]
     if failed:                     # not bad input: the run could not finish (exit 1, each stage said why)

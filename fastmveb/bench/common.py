@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fastmveb.rundir import git_revision
-from fastmveb.report import atomic_write_text
+from fastmveb.fileio import write_text
 from fastmveb.views import view_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def write_results(name: str, env: dict, settings: dict, rows: list[dict], column
     stem = f"{name}-{dev}-{env['date'][:10]}"
     payload = {"benchmark": name, "env": env, "settings": settings, "rows": rows}
     path = out_dir / f"{stem}.json"
-    atomic_write_text(path, json.dumps(payload, indent=2))
+    write_text(path, json.dumps(payload, indent=2))
     table = markdown_table(rows, columns)
     md = (f"### {name}\n\n{env['device']}, torch {env['torch']}, {env['date']}, git {env['git']}\n\n"
           f"settings: `{json.dumps(settings)}`\n\n{table}\n")

@@ -110,10 +110,43 @@ def fit_mode(compiled: bool, left_s: float, compile_s: float | None, steps_s: fl
     return "eager" if left_s >= steps_s + MARGIN_S else ""
 
 
+def _largest_batch_rows(add, s, device, ref: dict) -> None:
+    """Each recipe at the largest per-device batch expected to fit the card (``add``: stage_step's row maker)."""
+    import torch
+    from fastmveb.bench.common import bench_config
+    from fastmveb.plan import estimate_memory
+    capacity = torch.cuda.get_device_properties(device).total_memory / 2**30
+    for recipe, n_local in [(r, n) for r, n in (("multi-crop", 6), ("two-view", 0)) if ref[r]]:
+        cfg = bench_config(s, device, n_local)
+        b0 = cfg.data.global_batch_size
+        per_sample = (estimate_memory(cfg, 2 * b0, 2 * b0, 1)["activations"] -
+                      estimate_memory(cfg, b0, b0, 1)["activations"]) / b0
+        b = largest_batch(capacity, ref[recipe]["peak_mem_gb"], b0, per_sample)
+        for _ in range(3):                              # an estimate: step down when it does not fit
+            if b <= b0 or add(recipe, n_local, (("data", "global_batch_size", b),
+                                                ("data", "per_device_batch_size", 0)),
+                              f"largest batch that fits ({b})"):
+                break
+            b = max(b0, int(b * 0.8) // 64 * 64)
+
+
+def _rn50_fast_rows(add, ctx) -> None:
+    """rcs/rn50_fast.yaml's sizes: its cost can only be projected from rows measured at every size it trains at."""
+    from fastmveb.config import load_config
+    from fastmveb.resolution import schedule
+    fast_rc = str(ROOT / "rcs" / "rn50_fast.yaml")
+    fast = load_config(fast_rc)
+    for _, _, r in reversed(schedule(fast)):
+        add("rn50_fast", fast.views.n_local, (("views", "global_size", r.global_size),
+                                              ("views", "local_size", r.local_size), ("views", "res_start_size", 0),
+                                              ("data", "decode_size", r.decode_size)),
+            f"rn50_fast {r.global_size}/{r.local_size}", st=_settings(ctx, rc=fast_rc))
+
+
 def stage_step(ctx, res) -> int:
     import torch
     from fastmveb.bench.common import bench_config, default_threads, environment, free, step_iters, write_results
-    from fastmveb.bench.step import COLUMNS, VIT_RC, flips, measure_step, vit_rows
+    from fastmveb.bench.stage_step import COLUMNS, VIT_RC, flips, measure_step, vit_rows
     from fastmveb.build import uses_compile
     device, cuda = torch.device(ctx.device), ctx.device == "cuda"
     s = _settings(ctx)
@@ -158,30 +191,8 @@ def stage_step(ctx, res) -> int:
             skipped.append({"recipe": "two-view", "variant": label,
                             "reason": "skipped: no CUDA (inductor's compile takes minutes on this CPU)"})
     if cuda:
-        from fastmveb.plan import estimate_memory
-        capacity = torch.cuda.get_device_properties(device).total_memory / 2**30
-        for recipe, n_local in [(r, n) for r, n in (("multi-crop", 6), ("two-view", 0)) if ref[r]]:
-            cfg = bench_config(s, device, n_local)
-            b0 = cfg.data.global_batch_size
-            per_sample = (estimate_memory(cfg, 2 * b0, 2 * b0, 1)["activations"] -
-                          estimate_memory(cfg, b0, b0, 1)["activations"]) / b0
-            b = largest_batch(capacity, ref[recipe]["peak_mem_gb"], b0, per_sample)
-            for _ in range(3):                              # an estimate: step down when it does not fit
-                if b <= b0 or add(recipe, n_local, (("data", "global_batch_size", b),
-                                                    ("data", "per_device_batch_size", 0)),
-                                  f"largest batch that fits ({b})"):
-                    break
-                b = max(b0, int(b * 0.8) // 64 * 64)
-        # rcs/rn50_fast.yaml's sizes: its cost can only be projected from rows measured at every size it trains at.
-        from fastmveb.config import load_config
-        from fastmveb.resolution import schedule
-        fast_rc = str(ROOT / "rcs" / "rn50_fast.yaml")
-        fast = load_config(fast_rc)
-        for _, _, r in reversed(schedule(fast)):
-            add("rn50_fast", fast.views.n_local, (("views", "global_size", r.global_size),
-                                                  ("views", "local_size", r.local_size), ("views", "res_start_size", 0),
-                                                  ("data", "decode_size", r.decode_size)),
-                f"rn50_fast {r.global_size}/{r.local_size}", st=_settings(ctx, rc=fast_rc))
+        _largest_batch_rows(add, s, device, ref)
+        _rn50_fast_rows(add, ctx)
     else:
         skipped += [{"recipe": "two-view, multi-crop", "variant": "largest batch that fits",
                      "reason": "skipped: no CUDA (the search sizes the batch to the GPU's memory)"},
@@ -198,7 +209,7 @@ def stage_step(ctx, res) -> int:
 
 def stage_profile(ctx, res) -> None:
     import torch
-    from fastmveb.bench import profile
+    from fastmveb.bench import stage_profile as profile
     rows = (got := profile.run(_settings(ctx, recipes="multi-crop"), torch.device(ctx.device), top=12,
                                out_dir=ctx.work))["rows"]
     wall = next(r for r in rows if r["kind"] == "wall")
@@ -236,7 +247,7 @@ def stage_data(ctx, res) -> None:
 
 def stage_train(ctx, res) -> None:
     import torch
-    from fastmveb.bench import train
+    from fastmveb.bench import stage_train as train
     cuda = ctx.device == "cuda"
     step = {r["recipe"]: r for r in Result(ctx.work, "step").read()["result"].get("rows", [])
             if r["variant"] == "training setting"}        # the step stage's rows: no second compile and timing
@@ -248,7 +259,7 @@ def stage_train(ctx, res) -> None:
 
 
 def stage_entropy(ctx, res) -> None:
-    from fastmveb.bench import entropy
+    from fastmveb.bench import stage_entropy as entropy
     got = entropy.run(ctx.device, [128] if ctx.cpu_short else entropy.NS, short=ctx.short, out_dir=ctx.work)
     keys = ("N", "d", "method", "ms", "peak_mib", "speedup", "rel_diff", "note")
     res.set(file=_copy(got["path"], ctx), rows=[{k: r.get(k) for k in keys} for r in got["rows"]])
@@ -431,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(after a {args.install_s:.0f}-s install), results in {args.out}, scratch in {args.work}, compile cache "
           f"{os.environ['TORCHINDUCTOR_CACHE_DIR']}\n")
     ctx = Ctx("fastmveb.bench.gpu_check", args.work, args.out, args.device, args.short)
-    from fastmveb.bench.report import write_check_summary
+    from fastmveb.bench.stage_report import write_check_summary
     meta = {"short": args.short, "budget_s": args.budget_s, "install_s": args.install_s, "t_start": t_start,
             "cuda": args.device == "cuda", "reserve_s": SUMMARY_RESERVE_S}
     stages = run_stages(ctx, [st for st in STAGES if st.name in only], write, args.budget_s, SUMMARY_RESERVE_S,

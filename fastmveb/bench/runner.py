@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from fastmveb.fileio import write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,10 +56,9 @@ class Ctx:
         return self.box_s - (time.time() - self.started) if self.box_s else float("inf")
 
 
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def write_result(path: Path, data: dict) -> None:
+    """A stage's result file replaced whole (the runner may read it while the stage process writes it)."""
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 class Result:
@@ -68,11 +69,11 @@ class Result:
 
     def set(self, **kw) -> None:
         self.data["result"].update(kw)
-        atomic_json(self.path, self.data)
+        write_result(self.path, self.data)
 
     def skip(self, reason: str) -> None:
         self.data["skipped"] = reason
-        atomic_json(self.path, self.data)
+        write_result(self.path, self.data)
 
     def read(self) -> dict:
         try:
@@ -170,7 +171,7 @@ def child(name: str, ctx_json: str) -> int:
     ctx.started = time.time()
     stage = {s.name: s for s in importlib.import_module(ctx.registry).STAGES}[name]
     res = Result(ctx.work, name)
-    atomic_json(res.path, res.data)
+    write_result(res.path, res.data)
     if ctx.device == "cuda":
         import torch
         if not torch.cuda.is_available():

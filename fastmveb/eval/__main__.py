@@ -222,15 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """``fastmveb-eval``: main with a UserError as one ``error: ...`` line and exit status 2."""
-    return end_process(run_cli(main, argv))
+    return run_cli(main, argv, end=end_process)
 
 
 if __name__ == "__main__":
-    rc = cli()
-    if "numba" in sys.modules:
-        # numba's finalizers print harmless KeyError tracebacks at interpreter exit (docs/notes.md); every file
-        # is closed by now, so skip them rather than bury the result line under noise.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    sys.exit(rc)
+    sys.exit(cli())

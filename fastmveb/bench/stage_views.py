@@ -4,9 +4,9 @@ Images per second through each op of fastmveb.views (beside the Kornia augmentat
 each Kornia functional op the views use or could use beside the same maths in own code (kinds "own" /
 "kornia", timed in interleaved rounds; kornia_over_own below 1: Kornia is faster), and through the whole
 recipe, two-view (2x224) and multi-crop (2x224 + 6x96), from a uint8 batch of decoded 256x256 images; beside
-the released recipe's per-sample PIL transforms (fastmveb/bench/released/transforms.py) on the same images, in one
-process and in a pool of one process per core. Rows report images/s: for an op, samples through that op for
-one view; for a recipe, source images turned into all their views.
+the released recipe's per-sample PIL transforms (fastmveb/bench/reference/released_transforms.py) on the same
+images, in one process and in a pool of one process per core. Rows report images/s: for an op, samples through
+that op for one view; for a recipe, source images turned into all their views.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def _own_vs_kornia(v, p, radius):
 # ------------------------------------------------------------------------------------------- PIL baseline
 def _pil_worker(args):
     from PIL import Image
-    from fastmveb.bench.released.transforms import released_transform
+    from fastmveb.bench.reference.released_transforms import released_transform
     arr, n_local, seed = args
     torch.manual_seed(seed)
     torch.set_num_threads(1)
@@ -146,6 +146,101 @@ def _pil_rate(x_cpu: torch.Tensor, n_local: int, procs: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ main
+class _Rows:
+    """The rows of one run; ``add`` times ``fn`` (images through it per call) and prints its rate."""
+
+    def __init__(self, device, iters: int):
+        self.device, self.iters, self.rows = device, iters, []
+
+    def add(self, name, fn, per_call_images, kind):
+        t = time_fn(fn, self.device, warmup=1, iters=self.iters)
+        self.rows.append({"what": name, "kind": kind, "images_per_s": per_call_images / t, "ms_per_call": 1e3 * t})
+        print(f"{name:58s} {per_call_images / t:10,.0f} img/s")
+
+
+def _crop_rows(out: _Rows, xf, n: int, cfg: ViewsConfig, radius: int) -> None:
+    """Per-op rows: one view's worth of work, ours beside the alternatives measured for each choice."""
+    for size, scale in ((cfg.global_size, cfg.global_scale), (cfg.local_size, cfg.local_scale)):
+        boxes = sample_crop_boxes(n, DECODE, DECODE, scale, cfg.ratio, out.device)
+        tag = f"@{size}"
+        out.add(f"crop{tag} ours separable bilinear+AA (PIL BILINEAR)",
+                lambda: resized_crop(xf, boxes, size, "bilinear", True), n, "op")
+        out.add(f"crop{tag} ours separable bicubic+AA (PIL BICUBIC)",
+                lambda: resized_crop(xf, boxes, size, "bicubic", True), n, "op")
+        out.add(f"crop{tag} ours antialias=False (grid_sample bilinear)",
+                lambda: resized_crop(xf, boxes, size, "bilinear", False), n, "op")
+        out.add(f"crop{tag} grid_sample 2x supersample + avgpool",
+                lambda: _supersampled_crop(xf, boxes, size), n, "alt")
+        ops = _kornia_ops(size, scale, radius)
+        crop_k = ops.pop("crop (kornia RandomResizedCrop, resample)")
+        out.add(f"crop{tag} kornia RandomResizedCrop resample, no AA", lambda: crop_k(xf), n, "kornia")
+
+
+def _jitter_blur_rows(out: _Rows, v, p: dict, n: int, cfg: ViewsConfig, radius: int) -> None:
+    out.add("jitter@224 ours, per-sample random order", lambda: color_jitter(v, p, "random"), n, "op")
+    out.add("jitter@224 ours, fixed order", lambda: color_jitter(v, p, "fixed"), n, "op")
+    out.add("  of which one blend (b/c/s)", lambda: blend_toward(v, p.contrast, p.contrast * 0,
+                                                                 p.contrast * 0 + 1), n, "op")
+    out.add("  of which one hue shift", lambda: shift_hue(v, p.hue), n, "op")
+    ops = _kornia_ops(224, cfg.global_scale, radius)
+    jit_k, blur_k = ops["jitter (kornia ColorJitter p=0.8)"], ops["blur (kornia RandomGaussianBlur p=1)"]
+    out.add("jitter@224 kornia ColorJitter p=0.8 (batch order)", lambda: jit_k(v), n, "kornia")
+    kern = blur_kernels(p.sigma, torch.ones_like(p.blur), radius)
+    out.add(f"blur@224 ours grouped conv ({2 * radius + 1} taps, per-sample sigma)",
+            lambda: gaussian_blur(v, kern), n, "op")
+    out.add("blur@224 shifted multiply-adds", lambda: _shifted_sum_blur(v, kern), n, "alt")
+    out.add("blur@224 kornia RandomGaussianBlur p=1", lambda: blur_k(v), n, "kornia")
+
+
+def _own_vs_kornia_rows(out: _Rows, v, p: dict, n: int, radius: int) -> None:
+    """Own code vs Kornia's functional op, same maths: interleaved rounds, median of each."""
+    for op, own, kor in _own_vs_kornia(v, p, radius):
+        t_own, t_kor = [], []
+        for _ in range(3):
+            t_own.append(time_fn(own, out.device, warmup=1, iters=out.iters))
+            t_kor.append(time_fn(kor, out.device, warmup=1, iters=out.iters))
+        t_own, t_kor = sorted(t_own)[1], sorted(t_kor)[1]
+        out.rows.append({"what": f"{op}@224 own code", "kind": "own", "images_per_s": n / t_own,
+                         "ms_per_call": 1e3 * t_own})
+        out.rows.append({"what": f"{op}@224 kornia functional", "kind": "kornia", "images_per_s": n / t_kor,
+                         "ms_per_call": 1e3 * t_kor, "kornia_over_own": t_kor / t_own})
+        print(f"{op:40s} own {1e3 * t_own:8.2f} ms  kornia {1e3 * t_kor:8.2f} ms  ratio {t_kor / t_own:.2f}")
+
+
+RECIPES = (("two-view 2x224", 0), ("multi-crop 2x224+6x96", 6))
+
+
+def _recipe_rows(out: _Rows, x8, n: int, compile_: bool) -> None:
+    """The whole recipe, uint8 batch in, every view out."""
+    for name, n_local in RECIPES:
+        rcfg = ViewsConfig(n_local=n_local)
+        for order in ("random", "fixed"):
+            vm = ViewMaker(ViewsConfig(n_local=n_local, jitter_order=order)).to(out.device)
+            out.add(f"recipe {name} ours (jitter {order})", lambda: vm(x8), n, "recipe")
+        vmb = ViewMaker(ViewsConfig(n_local=n_local, dtype="bfloat16", interpolation="bicubic")).to(out.device)
+        out.add(f"recipe {name} ours (bicubic, bf16 out)", lambda: vmb(x8), n, "recipe")
+        if compile_:
+            vmc = torch.compile(ViewMaker(rcfg).to(out.device))
+            out.add(f"recipe {name} ours compiled (inductor)", lambda: vmc(x8), n, "recipe")
+
+
+def _pil_rows(out: _Rows, x8, n: int, short: bool) -> None:
+    """The released per-sample PIL transforms on the same images, in one process and one process per core."""
+    x_cpu = x8.cpu()
+    pil_n = min(n, 8 if short else 48)
+    procs = os.cpu_count() or 1
+    for name, n_local in RECIPES:
+        r1 = _pil_rate(x_cpu[:pil_n], n_local, 1)
+        out.rows.append({"what": f"recipe {name} released PIL, 1 process", "kind": "pil-cpu",
+                         "images_per_s": r1, "ms_per_call": None})
+        print(f"recipe {name} released PIL, 1 process: {r1:,.1f} img/s")
+        if procs > 1:
+            rp = _pil_rate(x_cpu[:max(pil_n, 2 * procs)], n_local, procs)
+            out.rows.append({"what": f"recipe {name} released PIL, {procs} processes", "kind": "pil-cpu",
+                             "images_per_s": rp, "ms_per_call": None})
+            print(f"recipe {name} released PIL, {procs} processes: {rp:,.1f} img/s")
+
+
 def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,97 +250,31 @@ def main(args) -> None:
     iters = 2 if args.short else 5
     x8 = _images(n, device)
     xf = x8.float() / 255
-    rows: list[dict] = []
-
-    def add(name, fn, per_call_images, kind):
-        t = time_fn(fn, device, warmup=1, iters=iters)
-        rows.append({"what": name, "kind": kind, "images_per_s": per_call_images / t, "ms_per_call": 1e3 * t})
-        print(f"{name:58s} {per_call_images / t:10,.0f} img/s")
+    out = _Rows(device, iters)
 
     torch.manual_seed(0)
     cfg = ViewsConfig()
     radius = int(math.ceil(3 * cfg.blur_sigma[1]))
     with torch.no_grad():
-        # Per-op rows: one view's worth of work, ours beside the alternatives measured for each choice.
-        for size, scale in ((cfg.global_size, cfg.global_scale), (cfg.local_size, cfg.local_scale)):
-            boxes = sample_crop_boxes(n, DECODE, DECODE, scale, cfg.ratio, device)
-            tag = f"@{size}"
-            add(f"crop{tag} ours separable bilinear+AA (PIL BILINEAR)",
-                lambda: resized_crop(xf, boxes, size, "bilinear", True), n, "op")
-            add(f"crop{tag} ours separable bicubic+AA (PIL BICUBIC)",
-                lambda: resized_crop(xf, boxes, size, "bicubic", True), n, "op")
-            add(f"crop{tag} ours antialias=False (grid_sample bilinear)",
-                lambda: resized_crop(xf, boxes, size, "bilinear", False), n, "op")
-            add(f"crop{tag} grid_sample 2x supersample + avgpool",
-                lambda: _supersampled_crop(xf, boxes, size), n, "alt")
-            ops = _kornia_ops(size, scale, radius)
-            crop_k = ops.pop("crop (kornia RandomResizedCrop, resample)")
-            add(f"crop{tag} kornia RandomResizedCrop resample, no AA", lambda: crop_k(xf), n, "kornia")
+        _crop_rows(out, xf, n, cfg, radius)
         v = resized_crop(xf, sample_crop_boxes(n, DECODE, DECODE, cfg.global_scale, cfg.ratio, device), 224)
         vm = ViewMaker(cfg).to(device)
         p = vm.sample_params(n, (DECODE, DECODE), device)[0]
         p = replace(p, jitter=torch.ones_like(p.jitter))
-        add("jitter@224 ours, per-sample random order", lambda: color_jitter(v, p, "random"), n, "op")
-        add("jitter@224 ours, fixed order", lambda: color_jitter(v, p, "fixed"), n, "op")
-        add("  of which one blend (b/c/s)", lambda: blend_toward(v, p.contrast, p.contrast * 0,
-                                                                 p.contrast * 0 + 1), n, "op")
-        add("  of which one hue shift", lambda: shift_hue(v, p.hue), n, "op")
-        ops = _kornia_ops(224, cfg.global_scale, radius)
-        jit_k, blur_k = ops["jitter (kornia ColorJitter p=0.8)"], ops["blur (kornia RandomGaussianBlur p=1)"]
-        add("jitter@224 kornia ColorJitter p=0.8 (batch order)", lambda: jit_k(v), n, "kornia")
-        kern = blur_kernels(p.sigma, torch.ones_like(p.blur), radius)
-        add(f"blur@224 ours grouped conv ({2 * radius + 1} taps, per-sample sigma)",
-            lambda: gaussian_blur(v, kern), n, "op")
-        add("blur@224 shifted multiply-adds", lambda: _shifted_sum_blur(v, kern), n, "alt")
-        add("blur@224 kornia RandomGaussianBlur p=1", lambda: blur_k(v), n, "kornia")
-        # Own code vs Kornia's functional op, same maths: interleaved rounds, median of each.
-        for op, own, kor in _own_vs_kornia(v, p, radius):
-            t_own, t_kor = [], []
-            for _ in range(3):
-                t_own.append(time_fn(own, device, warmup=1, iters=iters))
-                t_kor.append(time_fn(kor, device, warmup=1, iters=iters))
-            t_own, t_kor = sorted(t_own)[1], sorted(t_kor)[1]
-            rows.append({"what": f"{op}@224 own code", "kind": "own", "images_per_s": n / t_own,
-                         "ms_per_call": 1e3 * t_own})
-            rows.append({"what": f"{op}@224 kornia functional", "kind": "kornia", "images_per_s": n / t_kor,
-                         "ms_per_call": 1e3 * t_kor, "kornia_over_own": t_kor / t_own})
-            print(f"{op:40s} own {1e3 * t_own:8.2f} ms  kornia {1e3 * t_kor:8.2f} ms  ratio {t_kor / t_own:.2f}")
+        _jitter_blur_rows(out, v, p, n, cfg, radius)
+        _own_vs_kornia_rows(out, v, p, n, radius)
         tail = ViewMaker(ViewsConfig(jitter_p=0.0, blur_p=(0.0, 0.0, 0.0))).to(device)
-        add("flip+gray+solarize+normalise+cast@224 ours", lambda: tail.render_view(
+        out.add("flip+gray+solarize+normalise+cast@224 ours", lambda: tail.render_view(
             v, tail.specs[1], p, crop=False), n, "op")
-
-        # Whole recipe.
-        recipes = (("two-view 2x224", 0), ("multi-crop 2x224+6x96", 6))
-        for name, n_local in recipes:
-            rcfg = ViewsConfig(n_local=n_local)
-            for order in ("random", "fixed"):
-                vm = ViewMaker(ViewsConfig(n_local=n_local, jitter_order=order)).to(device)
-                add(f"recipe {name} ours (jitter {order})", lambda: vm(x8), n, "recipe")
-            vmb = ViewMaker(ViewsConfig(n_local=n_local, dtype="bfloat16", interpolation="bicubic")).to(device)
-            add(f"recipe {name} ours (bicubic, bf16 out)", lambda: vmb(x8), n, "recipe")
-            if args.compile:
-                vmc = torch.compile(ViewMaker(rcfg).to(device))
-                add(f"recipe {name} ours compiled (inductor)", lambda: vmc(x8), n, "recipe")
+        _recipe_rows(out, x8, n, args.compile)
     if not args.no_pil:
-        x_cpu = x8.cpu()
-        pil_n = min(n, 8 if args.short else 48)
-        procs = os.cpu_count() or 1
-        for name, n_local in recipes:
-            r1 = _pil_rate(x_cpu[:pil_n], n_local, 1)
-            rows.append({"what": f"recipe {name} released PIL, 1 process", "kind": "pil-cpu",
-                         "images_per_s": r1, "ms_per_call": None})
-            print(f"recipe {name} released PIL, 1 process: {r1:,.1f} img/s")
-            if procs > 1:
-                rp = _pil_rate(x_cpu[:max(pil_n, 2 * procs)], n_local, procs)
-                rows.append({"what": f"recipe {name} released PIL, {procs} processes", "kind": "pil-cpu",
-                             "images_per_s": rp, "ms_per_call": None})
-                print(f"recipe {name} released PIL, {procs} processes: {rp:,.1f} img/s")
+        _pil_rows(out, x8, n, args.short)
     env = environment(device)
     settings = {"batch": n, "decode": DECODE, "iters": iters, "short": bool(args.short),
                 "threads": torch.get_num_threads(), "device": str(device),
                 # The CPU box is shared: a load above the core count makes every CPU number pessimistic.
                 "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}
     columns = ["what", "kind", "images_per_s", "ms_per_call", "kornia_over_own"]
-    path = write_results("views", env, settings, rows, columns, out_dir=args.out_dir)
-    print(markdown_table(rows, columns))
+    path = write_results("views", env, settings, out.rows, columns, out_dir=args.out_dir)
+    print(markdown_table(out.rows, columns))
     print(f"wrote {path}")

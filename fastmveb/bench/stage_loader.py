@@ -6,7 +6,7 @@ Measures samples/s of, in one run on the same JPEG images and with the same numb
   ffcv once S       decode each WHOLE image once to an S x S canvas + its (H, W) (the GPU cuts the views)
   ffcv center S     the previous decode-once: the largest centred square of each image at S x S
   ffcv per_view     one FFCV RandomResizedCrop decode per view: 2x224, and 2x224 + 6x96 (multi-crop)
-  pil released      torchvision ImageFolder + PIL decode + fastmveb/bench/released/transforms.py views
+  pil released      torchvision ImageFolder + PIL decode + fastmveb/bench/reference/released_transforms.py views
                     (crop, flip, jitter, grayscale, blur, solarize, normalise on the CPU), 2x224 and 2x224 + 6x96
 and, beside each, what the decode does to the crops: glob_up / loc_up = the fraction of global (224 px,
 scale 0.4-1) / local (96 px, scale 0.05-0.4) crops that are upsampled, i.e. whose box covers fewer decoded
@@ -122,25 +122,12 @@ def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) ->
                             "ms_per_batch": 1e3 * dt / (n - warmup)}
 
 
-def main(args) -> None:
-    from fastmveb.bench.released.transforms import released_imagefolder_loader
-    from fastmveb.config import ViewsConfig
-    from fastmveb.data import TrainLoaderOptions, available_cores, train_loader
-
-    device = pick_device(args.device)
-    beton = Path(args.beton)
-    jpeg_root = Path(args.jpeg_root) if args.jpeg_root else beton.parent / "jpeg" / "train"
-    ensure_data(beton, jpeg_root)
-    workers = max(1, min(args.num_workers or available_cores(), available_cores()))
-    bs = args.batch_size or (32 if args.short else 64)
-    min_time = args.min_time or (5.0 if args.short else 20.0)
-    warmup = 2 if args.short else 3
-    only = {s_.strip() for s_ in args.only.split(",") if s_.strip()}
-    load_before = loadavg()
-
-    from fastmveb.config import DataConfig
-    default_s = DataConfig().decode_size
-    n_photos = args.photos if args.photos is not None else (256 if args.short else 512)
+def _cases(beton: Path, jpeg_root: Path, photos: dict, bs: int, workers: int, device) -> list[tuple]:
+    """(name, data label, beton, views, build, (decode, S) for the upsampled columns) of every pipeline timed.
+    PIL first: DataLoader forks its workers, which is safest before ffcv/numba have started threads."""
+    from fastmveb.bench.reference.released_transforms import released_imagefolder_loader
+    from fastmveb.config import DataConfig, ViewsConfig
+    from fastmveb.data import TrainLoaderOptions, train_loader
 
     def ffcv(data, **kw):
         loader = train_loader(data, bs, workers, device, TrainLoaderOptions(seed=0, **kw))
@@ -150,9 +137,8 @@ def main(args) -> None:
         loader = released_imagefolder_loader(jpeg_root, n_local, bs, workers, persistent_workers=True)
         return lambda: iter(loader)
 
+    default_s = DataConfig().decode_size
     two, multi = ViewsConfig(n_local=0), ViewsConfig(n_local=6)
-    # (name, data label, beton, views, build, (decode, S) for the upsampled columns). PIL first: DataLoader
-    # forks its workers, which is safest before ffcv/numba have started threads.
     cases = [
         ("pil released two-view", "synthetic", beton, "2 x 224", lambda: pil(0), ("pil", None)),
         ("pil released multi-crop", "synthetic", beton, "2 x 224 + 6 x 96", lambda: pil(6), ("pil", None)),
@@ -165,24 +151,20 @@ def main(args) -> None:
         ("ffcv per_view multi-crop", "synthetic", beton, "2 x 224 + 6 x 96",
          lambda: ffcv(beton, decode="per_view", views=multi), ("per_view", None)),
     ]
-    if n_photos:
-        photos = ensure_photos(Path(args.photos_dir), n_photos)
-        for m, pb in photos.items():
-            data = f"photos max {m}"
-            cases.append(("ffcv center 256", data, pb, "1 x 256 square (views on GPU)",
-                          lambda pb=pb: ffcv(pb, decode="center", decode_size=256), ("center", 256)))
-            for s_ in (256, 384) if m == 384 else (256, 384, 448, 512):
-                cases.append((f"ffcv once {s_}", data, pb, f"1 x {s_} whole image (views on GPU)",
-                              lambda pb=pb, s_=s_: ffcv(pb, decode="once", decode_size=s_), ("once", s_)))
-            cases.append(("ffcv per_view two-view", data, pb, "2 x 224",
-                          lambda pb=pb: ffcv(pb, decode="per_view", views=two), ("per_view", None)))
-    cases = [c for c in cases if not only or c[0] in only]
-    iters = [build() for *_, build, _ in cases]          # each loader built (and numba-compiled) once
-    runs: list[list[dict]] = [[] for _ in cases]
-    for rnd in range(max(1, args.rounds)):
-        for i, (name, data, *_rest) in enumerate(cases):
-            runs[i].append(measure(iters[i], bs, warmup, min_time, device))
-            print(f"round {rnd + 1}: {name:28s} {data:16s} {runs[i][-1]['samples_per_s']:8.1f} samples/s", flush=True)
+    for m, pb in photos.items():
+        data = f"photos max {m}"
+        cases.append(("ffcv center 256", data, pb, "1 x 256 square (views on GPU)",
+                      lambda pb=pb: ffcv(pb, decode="center", decode_size=256), ("center", 256)))
+        for s_ in (256, 384) if m == 384 else (256, 384, 448, 512):
+            cases.append((f"ffcv once {s_}", data, pb, f"1 x {s_} whole image (views on GPU)",
+                          lambda pb=pb, s_=s_: ffcv(pb, decode="once", decode_size=s_), ("once", s_)))
+        cases.append(("ffcv per_view two-view", data, pb, "2 x 224",
+                      lambda pb=pb: ffcv(pb, decode="per_view", views=two), ("per_view", None)))
+    return cases
+
+
+def _rows(cases: list[tuple], runs: list[list[dict]]) -> list[dict]:
+    """One row per case: the median round, its spread, the upsampled fractions and the ratio against PIL."""
     rows = []
     for (name, data, src, views, _, (decode, s_)), rs in zip(cases, runs):
         rates = sorted(r["samples_per_s"] for r in rs)
@@ -197,6 +179,33 @@ def main(args) -> None:
     for r in rows:
         ref = (base.get(r["views"]) or base.get("2 x 224")) if r["data"] == "synthetic" else None
         r["x_vs_pil"] = r["samples_per_s"] / ref if ref else None
+    return rows
+
+
+def main(args) -> None:
+    from fastmveb.data import available_cores
+
+    device = pick_device(args.device)
+    beton = Path(args.beton)
+    jpeg_root = Path(args.jpeg_root) if args.jpeg_root else beton.parent / "jpeg" / "train"
+    ensure_data(beton, jpeg_root)
+    workers = max(1, min(args.num_workers or available_cores(), available_cores()))
+    bs = args.batch_size or (32 if args.short else 64)
+    min_time = args.min_time or (5.0 if args.short else 20.0)
+    warmup = 2 if args.short else 3
+    only = {s_.strip() for s_ in args.only.split(",") if s_.strip()}
+    load_before = loadavg()
+
+    n_photos = args.photos if args.photos is not None else (256 if args.short else 512)
+    photos = ensure_photos(Path(args.photos_dir), n_photos) if n_photos else {}
+    cases = [c for c in _cases(beton, jpeg_root, photos, bs, workers, device) if not only or c[0] in only]
+    iters = [build() for *_, build, _ in cases]          # each loader built (and numba-compiled) once
+    runs: list[list[dict]] = [[] for _ in cases]
+    for rnd in range(max(1, args.rounds)):
+        for i, (name, data, *_rest) in enumerate(cases):
+            runs[i].append(measure(iters[i], bs, warmup, min_time, device))
+            print(f"round {rnd + 1}: {name:28s} {data:16s} {runs[i][-1]['samples_per_s']:8.1f} samples/s", flush=True)
+    rows = _rows(cases, runs)
     settings = {"beton": str(beton), "jpeg_root": str(jpeg_root), "batch_size": bs, "num_workers": workers,
                 "short": bool(args.short), "warmup_batches": warmup, "min_time_s": min_time,
                 "rounds": max(1, args.rounds),

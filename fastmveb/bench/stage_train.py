@@ -3,10 +3,10 @@
 For each recipe (two-view 2 x G, multi-crop 2 x G + 6 x L) and in one run on the same data, it times:
   fastmveb   FFCV loader (decode once) -> ViewMaker -> fastmveb.step.train_step, built as fastmveb/train.py
              builds it (same run config, Accelerator, precision, channels-last, compilation; see bench/common.py)
-  step       the same step on random device-resident views (bench/step.py with identical settings): the
+  step       the same step on random device-resident views (bench/stage_step.py with identical settings): the
              compute bound; ``e2e_over_step`` = fastmveb / step says how much of it the input side leaves
-  released   the released pipeline re-implemented (fastmveb/bench/released/pipeline.py): PIL views in a torch
-             DataLoader with as many worker processes as FFCV has threads, eager NCHW model under fp16
+  released   the released pipeline re-implemented (fastmveb/bench/reference/released_pipeline.py): PIL views in
+             a torch DataLoader with as many worker processes as FFCV has threads, eager NCHW model under fp16
              autocast (CUDA; on CPU at fastmveb's precision, see --baseline-precision), N x N x d estimator
              with an explicit inverse, per-parameter LARS and EMA, a host sync per step; same model and sizes.
              ``x_vs_released`` = fastmveb / released.
@@ -29,7 +29,7 @@ from fastmveb.bench.common import (DEFAULT_DATA, RECIPES, add_settings_args, ben
                                    default_threads, ensure_data, environment, free, loadavg, make_accelerator,
                                    markdown_table, pick_device, pin_threads, recipe_names, settings_of, step_iters,
                                    sync, write_results)
-from fastmveb.bench.step import measure_step
+from fastmveb.bench.stage_step import measure_step
 from fastmveb.build import uses_compile
 
 COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "fastmveb_samples_per_s", "first_step_s",
@@ -141,7 +141,7 @@ def baseline_precision(arg: str, cfg, device) -> str:
 def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str, warmup: int, steps: int,
                      threads: int | None) -> dict:
     from accelerate.utils import set_seed
-    from fastmveb.bench.released.pipeline import ReleasedStep, released_loader
+    from fastmveb.bench.reference.released_pipeline import ReleasedHyper, ReleasedStep, released_loader
     from fastmveb.model import MVEBModel, make_target
     from fastmveb.optim import lr_at, peak_lr
     threads = pin_threads(threads)
@@ -151,10 +151,10 @@ def measure_released(cfg, device, jpeg_root: Path, workers: int, precision: str,
     model.train()
     lr_peak = peak_lr(cfg.optim.base_lr, cfg.data.global_batch_size)
     lr = lr_at(1000, 10_000, 100, lr_peak, cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
-    step_fn = ReleasedStep(model, target, device, precision, lr=lr, weight_decay=cfg.optim.weight_decay,
-                           momentum=cfg.optim.momentum, trust_coef=cfg.optim.trust_coef,
-                           ema_momentum=cfg.model.ema_momentum, lam=cfg.loss.lam, eta=cfg.loss.eta,
-                           min_tau=cfg.loss.min_tau)
+    hyper = ReleasedHyper(lr=lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                          trust_coef=cfg.optim.trust_coef, ema_momentum=cfg.model.ema_momentum, lam=cfg.loss.lam,
+                          eta=cfg.loss.eta, min_tau=cfg.loss.min_tau)
+    step_fn = ReleasedStep(model, target, device, precision, hyper)
     v = cfg.views
     loader = released_loader(jpeg_root, v.global_size, v.local_size, v.n_local, cfg.data.global_batch_size, workers,
                              v.global_scale, v.local_scale)

@@ -1,7 +1,7 @@
 """Entropy estimator benchmark: ``python -m fastmveb.bench entropy [--short] [--device cpu|cuda]``.
 
-Times fastmveb.entropy.vmf_score against the released algorithm (fastmveb/bench/released/entropy.py: N x N x d
-tensor, top-k median, explicit inverse) for one group of N unit embeddings of width d, and measures the
+Times fastmveb.entropy.vmf_score against the released algorithm (fastmveb/bench/reference/released_entropy.py:
+N x N x d tensor, top-k median, explicit inverse) for one group of N unit embeddings of width d, and measures the
 peak memory of one call. The released algorithm runs only where its estimated memory fits --naive-budget-gib.
 
 Peak memory ("peak_mib"):
@@ -34,8 +34,8 @@ NS_SHORT = [128, 256, 512]
 
 
 def _released():
-    from fastmveb.bench.released import entropy
-    return entropy
+    from fastmveb.bench.reference import released_entropy
+    return released_entropy
 
 
 def vmf_estimated_bytes(N: int, d: int) -> int:
@@ -96,7 +96,7 @@ def _point(method: str, N: int, d: int, device: str, save: str | None, threads: 
     if device == "cuda":
         return measure(method, N, d, device, save, threads)
     # A fresh process per point, so no earlier point's heap hides this one's peak.
-    code = ("import json, sys; from fastmveb.bench.entropy import measure; "
+    code = ("import json, sys; from fastmveb.bench.stage_entropy import measure; "
             f"print('RESULT', json.dumps(measure({method!r}, {N}, {d}, 'cpu', {save!r}, {threads})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -153,7 +153,7 @@ def run(device: str, Ns: list[int], d: int = 2048, threads: int = 0, budget: flo
     settings = {"Ns": Ns, "d": d, "naive_budget_gib": budget, "device": device, "short": bool(short),
                 "threads": threads or torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
                 "vmf": "fastmveb.entropy.vmf_score (float64 inside, float32 in/out)",
-                "released": "fastmveb/bench/released/entropy.py (float32)"}
+                "released": "fastmveb/bench/reference/released_entropy.py (float32)"}
     print(markdown_table(rows, columns))
     path = write_results("entropy", env, settings, rows, columns, out_dir=out_dir)
     print(f"wrote {path}")

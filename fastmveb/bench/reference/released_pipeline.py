@@ -2,18 +2,18 @@
 
 Written from the description in docs/method.md (not copied from the released code). One training step is:
   1. a torch DataLoader (worker processes) reads JPEGs with PIL and makes every view on the CPU, per sample
-     (fastmveb/bench/released/transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
+     (fastmveb/bench/reference/released_transforms.py: crop, flip, jitter, grayscale, blur, solarize, normalise);
   2. the views are copied to the device;
   3. the model (the same backbone + projector as fastmveb) runs eagerly, contiguous (NCHW) memory format, under
      fp16 autocast with a GradScaler on CUDA; the target (EMA copy) sees the two global views;
-  4. the MVEB loss with the released estimator (fastmveb/bench/released/entropy.py: N x N x d kernel-gradient tensor,
-     explicit inverse) on each view's whole per-process batch;
+  4. the MVEB loss with the released estimator (fastmveb/bench/reference/released_entropy.py: N x N x d
+     kernel-gradient tensor, explicit inverse) on each view's whole per-process batch;
   5. a host read of the loss for the NaN check and logging (the released code does this every step);
-  6. backward, per-parameter LARS (fastmveb/bench/released/lars.py), per-parameter EMA update.
+  6. backward, per-parameter LARS (fastmveb/bench/reference/released_lars.py), per-parameter EMA update.
 
     loader = released_loader("data/synthetic/jpeg/train", global_size=224, local_size=96, n_local=6,
                              batch_size=128, num_workers=12)
-    step = ReleasedStep(model, device, precision="fp16", lr=0.3, ...)
+    step = ReleasedStep(model, target, device, precision="fp16", hyper=ReleasedHyper(lr=0.3, ...))
     for views, _ in loader:
         loss = step(views)            # a Python float (the per-step host sync of the released loop)
 
@@ -23,14 +23,16 @@ say which.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
-from fastmveb.bench.released.entropy import released_score
-from fastmveb.bench.released.lars import ReleasedLARS
-from fastmveb.bench.released.transforms import GLOBAL_SCALE, LOCAL_SCALE, ReleasedViews, released_imagefolder_loader
+from fastmveb.bench.reference.released_entropy import released_score
+from fastmveb.bench.reference.released_lars import ReleasedLARS
+from fastmveb.bench.reference.released_transforms import (GLOBAL_SCALE, LOCAL_SCALE, ReleasedViews,
+                                                          released_imagefolder_loader)
 
 
 def released_loader(root, global_size: int, local_size: int, n_local: int, batch_size: int, num_workers: int,
@@ -52,21 +54,35 @@ def released_loss(z_views: list[torch.Tensor], t_views: list[torch.Tensor], lam:
     return -(align + lam * H) / len(z)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReleasedHyper:
+    """The hyperparameters of one released-style step: LARS (lr ... trust_coef), the EMA target's momentum and the
+    loss's (lam, eta, min_tau)."""
+    lr: float = 0.3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coef: float = 0.001
+    ema_momentum: float = 0.996
+    lam: float = 0.01
+    eta: float = 0.01
+    min_tau: float = 0.1
+
+
 class ReleasedStep:
     """One released-style optimisation step on a list of CPU views; returns the loss as a Python float."""
 
     def __init__(self, model: torch.nn.Module, target: torch.nn.Module, device, precision: str = "fp16",
-                 lr: float = 0.3, weight_decay: float = 1e-6, momentum: float = 0.9, trust_coef: float = 0.001,
-                 ema_momentum: float = 0.996, lam: float = 0.01, eta: float = 0.01, min_tau: float = 0.1):
+                 hyper: ReleasedHyper = ReleasedHyper()):
         if precision not in ("fp16", "bf16", "no"):
             raise ValueError(f"precision must be fp16, bf16 or no, got {precision!r}")
         self.model, self.target, self.device = model, target, torch.device(device)
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and self.device.type == "cuda" \
             else None
-        self.opt = ReleasedLARS(model.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                trust_coef=trust_coef)
-        self.m, self.lam, self.eta, self.min_tau = ema_momentum, lam, eta, min_tau
+        h = hyper
+        self.opt = ReleasedLARS(model.parameters(), lr=h.lr, weight_decay=h.weight_decay, momentum=h.momentum,
+                                trust_coef=h.trust_coef)
+        self.m, self.lam, self.eta, self.min_tau = h.ema_momentum, h.lam, h.eta, h.min_tau
 
     def _forward(self, v: list[torch.Tensor]):
         # Views of one size share a backbone call (DINO-style multi-crop wrapper).

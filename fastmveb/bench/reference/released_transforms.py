@@ -5,7 +5,7 @@ cut, jittered and blurred on the CPU, one PIL image at a time, inside DataLoader
 It follows the views table in docs/method.md (global 1 / global 2 / n_local local crops); written here from
 that description, not copied from the released code.
 
-    from fastmveb.bench.released.transforms import released_transform, released_imagefolder_loader
+    from fastmveb.bench.reference.released_transforms import released_transform, released_imagefolder_loader
     views = released_transform(n_local=6)(pil_image)        # list of 2 + 6 float tensors (C, H, W)
     loader = released_imagefolder_loader("tree/train", n_local=0, batch_size=64, num_workers=2)
     for views, labels in loader: ...                         # views: list of (B, C, H, W) tensors
