@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmveb.config import load_config
 
@@ -175,7 +176,7 @@ def test_all_short(small_betons, tmp_path):
     """Every stage in one run, then the combined table (several minutes on 2 cores)."""
     r = bench("all", "--short", "--device", "cpu", "--out-dir", tmp_path, "--beton", small_betons / "train.beton",
               "--jpeg-root", small_betons / "jpeg" / "train", "--photos", 16, "--photos-dir", tmp_path / "photos",
-              timeout=1800)
+              "--batch-size", 8, timeout=1800)
     for stage in ("loader", "views", "entropy", "step", "train", "profile"):
         assert list(tmp_path.glob(f"{stage}-cpu-*.json")), (stage, r.stdout[-3000:])
     text = (tmp_path / "README.md").read_text()
@@ -299,3 +300,15 @@ def test_settings_are_the_flags_defaults_with_keywords_set():
     assert {k: getattr(s, k) for k in vars(s)} == {k: getattr(args, k) for k in vars(s)}
     with pytest.raises(TypeError):
         settings(batch=8)
+
+
+def test_a_loader_without_a_full_batch_is_refused_not_timed_for_ever():
+    """A timed loader whose data holds fewer samples than one batch (drop_last) yields no batch per epoch: the loader
+    stage says so in one line instead of restarting empty epochs for ever (what `bench all --photos 16` at the
+    short batch of 32 did)."""
+    from fastmveb.bench.stage_loader import measure
+    from fastmveb.errors import UserError
+    with pytest.raises(UserError, match="yields no batch of 32.*--batch-size"):
+        measure(lambda: iter(()), 32, warmup=2, min_time=0.1, device="cpu")
+    r = measure(lambda: iter([torch.zeros(1)] * 4), 8, warmup=1, min_time=0.0, device="cpu")
+    assert r["batches"] >= 1 and r["samples_per_s"] > 0

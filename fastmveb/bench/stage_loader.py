@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fastmveb.errors import UserError
+
 from fastmveb.bench.common import (DEFAULT_DATA, ROOT, ensure_data, environment, loadavg, markdown_table,
                                    pick_device, write_photos, write_results)
 
@@ -104,6 +106,7 @@ def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) ->
     t0 = None
     while True:
         it = make_iter()
+        before = n
         for batch in it:
             if isinstance(batch, (tuple, list)) and isinstance(batch[0], list):   # PIL loader: (views, labels)
                 batch = [v.to(device, non_blocking=True) for v in batch[0]]
@@ -120,6 +123,9 @@ def measure(make_iter, batch_size: int, warmup: int, min_time: float, device) ->
                         it.close()   # stop ffcv's producer thread now, not at garbage collection
                     return {"samples_per_s": seen / dt, "batches": n - warmup, "seconds": dt,
                             "ms_per_batch": 1e3 * dt / (n - warmup)}
+        if n == before:   # an epoch without a batch (fewer samples than a batch, drop_last) would loop for ever
+            raise UserError(f"a loader timed here yields no batch of {batch_size}: its data has fewer samples than "
+                            f"one batch; pass a smaller --batch-size or more --photos")
 
 
 def _cases(beton: Path, jpeg_root: Path, photos: dict, bs: int, workers: int, device) -> list[tuple]:
