@@ -104,10 +104,16 @@ def write_beton(samples: list[tuple[str, int]], out: str | Path, options: BetonO
                 sidecar_path(out).unlink(missing_ok=True)   # never an old record next to a new beton
                 # The file list goes first: a failure after the beton is in place must not leave it without one.
                 write_text(files_path(out), "".join(f"{os.path.abspath(samples[i][0])}\n" for i in order))
-            written = 0   # renamed into place: no temporary is left
-            write_sidecar(record, sidecar_path(out))
         except OSError as e:
             raise PrepError(_write_failure(out, written, fail_dir, e)) from None
+        try:
+            write_sidecar(record, sidecar_path(out))
+        except OSError as e:
+            # The beton and its file list are complete and in place; only the record (the cheap checks' reference)
+            # is missing, and the line must say so rather than claim a partial file was removed.
+            raise PrepError(f"cannot write the integrity record of {out} ({e.strerror or e}); the beton and its "
+                            f"file list are complete but unrecorded, so only structural checks apply when it is "
+                            f"opened: free space and rerun with --force to write it with its record") from None
     dt = time.perf_counter() - t0
     return {"file": str(out), "images": n, "classes": len(labels - {NO_LABEL}), "bytes": out.stat().st_size,
             "seconds": dt, "images_per_s": n / dt if dt > 0 else float("inf")}

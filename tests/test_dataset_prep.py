@@ -165,7 +165,8 @@ def test_a_failure_after_the_rename_leaves_the_beton_with_its_file_list(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(writer, "write_sidecar", full)
     out = tmp_path / "out" / "x.beton"
-    with pytest.raises(PrepError, match=r"^disk full while writing .*x\.beton .*free space or choose another --out$"):
+    with pytest.raises(PrepError, match=r"^cannot write the integrity record of .*x\.beton \(No space left on device\); "
+                       r"the beton and its file list are complete but unrecorded.*rerun with --force"):
         writer.write_beton(samples, out, BetonOptions(num_workers=1, progress=False))
     assert out.is_file() and not sidecar_path(out).exists()
     assert sorted(writer.files_path(out).read_text().splitlines()) == sorted(os.path.abspath(p) for p, _ in samples)
