@@ -260,10 +260,14 @@ def _span(figures: list[float]) -> str:
 
 def _newcomer_lines(p: dict) -> list[str]:
     """What a run of the same command elsewhere shows: the figures reported from other machines, and the band."""
-    lines = []
-    for r in p.get("reported", []):
-        lines += [f"Measured elsewhere: seed {r['seed']} gave {r['trained_top1']:.2f}% trained, "
-                  f"{r['random_top1']:.2f}% at random init ({r['machine']}, {r['date']}: {r['how']}).", ""]
+    lines, runs = [], {}
+    for r in p.get("reported", []):           # one line per machine and way of running (a run of several seeds)
+        runs.setdefault((r["machine"], r["date"], r["how"]), []).append(r)
+    for (machine, date, how), rs in runs.items():
+        seeds = "seed" + ("s" if len(rs) > 1 else "") + " " + ", ".join(str(r["seed"]) for r in rs)
+        gave = lambda key: ", ".join(f"{r[key]:.2f}%" for r in rs)   # noqa: E731 -- the two figure lists
+        lines += [f"Measured elsewhere: {seeds} gave {gave('trained_top1')} trained, {gave('random_top1')} at "
+                  f"random init ({machine}, {date}: {how}).", ""]
     first = p["seeds"][0]["seed"]
     random = {r["random_top1"] for r in p["seeds"] + p.get("reported", []) if r["seed"] == first}
     machines = 1 + len({r["machine"] for r in p.get("reported", []) if r["seed"] == first})

@@ -22,7 +22,7 @@ def pytest_configure(config):
 # module's shared trained run is built once) in collection order; a long module handed out last would leave the
 # other worker idle at the end. Measured with --durations: each of these takes 2-6 minutes on one core.
 LONGEST_FIRST = ["test_learning.py", "test_train.py", "test_elastic.py", "test_resolution.py", "test_gpu_check.py",
-                 "test_faults.py", "test_bench.py"]
+                 "test_faults_runs.py", "test_bench.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):
