@@ -86,6 +86,22 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_steps(step, warmup: int, iters: int, device, before_timing=None):
+    """``warmup`` untimed calls of step(), then ``iters`` timed ones (device-synchronised) -> (the last call's
+    result, mean seconds per call). ``before_timing`` runs between the two (e.g. resetting the peak memory)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if before_timing is not None:
+        before_timing()
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(iters):
+        out = step()
+    sync(device)
+    return out, (time.perf_counter() - t0) / iters
+
+
 def time_fn(fn, device, warmup: int = 1, iters: int = 5) -> float:
     """Median seconds per call of fn() (device-synchronised)."""
     for _ in range(warmup):

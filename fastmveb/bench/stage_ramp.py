@@ -26,7 +26,7 @@ import torch
 
 from fastmveb.bench.common import (ROOT, build, default_threads, environment, free, identity_views, loadavg,
                                    make_accelerator, markdown_table, one_process, pick_device, pin_threads,
-                                   random_views, step_iters, sync, write_results)
+                                   random_views, step_iters, sync, timed_steps, write_results)
 from fastmveb.build import uses_compile
 
 DEFAULT_RCS = "rcs/rn50.yaml,rcs/rn50_fast.yaml"
@@ -95,14 +95,7 @@ def measure_schedule(cfg, device: torch.device, warmup: int, iters: int, threads
         sync(device)
         first_s = time.perf_counter() - t0
         added = compiled_graphs() - graphs
-        for _ in range(max(0, warmup - 1)):
-            step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            stats, _, _ = step()
-        sync(device)
-        dt = (time.perf_counter() - t0) / iters
+        (stats, _, _), dt = timed_steps(step, max(0, warmup - 1), iters, device)
         n_local = cfg.views.n_local
         rows.append({"epochs": f"{first}-{last}" if last > first else str(first), "n_epochs": last - first + 1,
                      "global_size": res.global_size, "local_size": res.local_size, "decode_size": res.decode_size,

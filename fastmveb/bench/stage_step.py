@@ -29,7 +29,8 @@ import torch
 from fastmveb.bench.common import (RECIPES, add_settings_args, bench_config, build, default_rc, default_threads,
                                    environment, free, identity_views, loadavg, make_accelerator, markdown_table,
                                    peak_memory, pick_device, pin_threads, random_views, recipe_names,
-                                   reset_peak_memory, settings_of, step_iters, sync, write_results)
+                                   reset_peak_memory, settings_of, step_iters, sync, timed_steps,
+                                   write_results)
 from fastmveb.build import uses_compile
 
 COLUMNS = ["recipe", "views", "arch", "batch", "precision", "compile", "channels_last", "samples_per_s",
@@ -53,15 +54,8 @@ def measure_step(cfg, device: torch.device, warmup: int, iters: int, threads: in
     stats, skip, _ = step()                       # compiles when compiled
     sync(device)
     first = time.perf_counter() - t0
-    for _ in range(max(0, warmup - 1)):
-        step()
-    sync(device)
-    reset_peak_memory(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        stats, skip, _ = step()
-    sync(device)
-    dt = (time.perf_counter() - t0) / iters
+    (stats, skip, _), dt = timed_steps(step, max(0, warmup - 1), iters, device,
+                                       before_timing=lambda: reset_peak_memory(device))
     mem, mem_kind = peak_memory(device)
     loss = float(stats["loss"])                   # after timing: a finite loss says the step really ran
     skipped = bool(skip)
